@@ -1,0 +1,335 @@
+"""LLaMA-family decoder-only language models (LLaMA 1/2/3, Llama 3.1 rope scaling, Mistral).
+
+Pre-norm blocks: x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)); RoPE positions;
+MHA / GQA / MQA; optional sliding-window attention (Mistral); tied or untied output head.
+
+    config = LlamaConfig.from_variant("tiny")
+    model = Llama(config)
+    params = model.init(rng, tokens)["params"]
+    logits = model.apply({"params": params}, tokens)                        # [B, T, vocab]
+    logits, out = model.apply({"params": params}, tokens, return_intermediates=True)
+    cache = model.init_cache(batch, max_len)
+    logits, cache = model.apply({"params": params}, tokens, cache=cache)  # decoding
+
+Param tree: embed/embedding, layers_{i}/{attn_norm, attn/{query,key,value,out},
+mlp_norm, mlp/{gate,up,down}}, final_norm, lm_head (absent when tied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax import configs
+from mmjax.errors import ConfigError, InputError
+from mmjax.nn.attention import Attention
+from mmjax.nn.cache import KVCache
+from mmjax.nn.embeddings import Embed
+from mmjax.nn.linear import DenseGeneral
+from mmjax.nn.mlp import GatedMLP
+from mmjax.nn.norms import RMSNorm
+from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
+from mmjax.ops import masks as masks_lib
+from mmjax.ops.rope import RopeScaling, inverse_frequencies
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None = num_heads (MHA); 1 = MQA
+    head_dim: int | None = None  # None = dim // num_heads
+    mlp_dim: int = 11008
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    max_len: int = 2048
+    sliding_window: int | None = None  # Mistral: keys at most this many positions back
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    activation: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
+    remat: bool = False  # recompute each block in the backward pass
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.dim % self.num_heads:
+            raise ConfigError(
+                f"LlamaConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"LlamaConfig: num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.kv_heads}"
+            )
+        if self.head_size % 2:
+            raise ConfigError(f"LlamaConfig: RoPE needs an even head_dim, got {self.head_size}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", configs.from_dict(RopeScaling, self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ConfigError(f"LlamaConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.dim // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    def replace(self, **kw) -> "LlamaConfig":
+        configs.check_keys("LlamaConfig", kw, {f.name for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return configs.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "LlamaConfig":
+        return configs.from_dict(cls, d)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> "LlamaConfig":
+        if name not in VARIANTS:
+            raise ConfigError(
+                f"unknown LLaMA variant {name!r}{configs.closest_name(name, VARIANTS)}; "
+                f"known: {', '.join(VARIANTS)}"
+            )
+        return cls(**{**VARIANTS[name], **overrides})
+
+    def num_params(self) -> int:
+        e, h, kv, hd = self.dim, self.num_heads, self.kv_heads, self.head_size
+        attn = e * h * hd * 2 + e * kv * hd * 2
+        mlp = 3 * e * self.mlp_dim
+        per_layer = attn + mlp + 2 * e
+        head = 0 if self.tie_embeddings else self.vocab_size * e
+        return self.vocab_size * e + self.num_layers * per_layer + e + head
+
+    def kv_cache_bytes_per_token(self, itemsize: int = 2) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_size * itemsize
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # small configs for tests, demos and CPU experiments
+    "tiny": dict(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=172,
+                 max_len=256),
+    "small": dict(vocab_size=4096, dim=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=688,
+                  max_len=512),
+    # published shapes
+    "llama-7b": dict(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, mlp_dim=11008,
+                     max_len=2048, norm_eps=1e-6),
+    "llama-13b": dict(vocab_size=32000, dim=5120, num_layers=40, num_heads=40, mlp_dim=13824,
+                      max_len=2048, norm_eps=1e-6),
+    "llama2-7b": dict(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, mlp_dim=11008,
+                      max_len=4096, norm_eps=1e-5),
+    "llama2-13b": dict(vocab_size=32000, dim=5120, num_layers=40, num_heads=40, mlp_dim=13824,
+                       max_len=4096, norm_eps=1e-5),
+    "llama2-70b": dict(vocab_size=32000, dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                       mlp_dim=28672, max_len=4096, norm_eps=1e-5),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      mlp_dim=14336, max_len=8192, norm_eps=1e-5, rope_theta=500000.0,
+                      bos_token_id=128000, eos_token_id=128001),
+    "llama3.1-8b": dict(vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                        mlp_dim=14336, max_len=131072, norm_eps=1e-5, rope_theta=500000.0,
+                        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+                        bos_token_id=128000, eos_token_id=(128001, 128008, 128009)),
+    "mistral-7b": dict(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                       mlp_dim=14336, max_len=32768, norm_eps=1e-5, sliding_window=4096),
+}
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its packed document: [batch, seq] -> [batch, seq]."""
+    seq = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
+    """Raise InputError for ids outside [0, vocab_size) (only when the values are concrete)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if tokens.size == 0:
+        raise InputError("token ids: empty input")
+    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    causal: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, segment_ids, positions, cache_kv, cache_index):
+        c = self.config
+        inv_freq = inverse_frequencies(c.head_size, c.rope_theta, c.rope_scaling)
+        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.initializer_range)
+        h = RMSNorm(c.norm_eps, dtype, pdtype, name="attn_norm")(x)
+        a = Attention(
+            num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
+            qkv_bias=c.attention_bias, out_bias=c.attention_bias, dtype=dtype, param_dtype=pdtype,
+            kernel_init=init, implementation=c.attention_impl, name="attn",
+        )(h, mask=mask, causal=self.causal, segment_ids=segment_ids, positions=positions,
+          inv_freq=inv_freq, cache_kv=cache_kv, cache_index=cache_index)
+        if cache_kv is not None:
+            a, cache_kv = a
+        x = constrain(x + a, BATCH_LEN_EMBED)
+        h = RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")(x)
+        h = GatedMLP(c.mlp_dim, c.activation, c.mlp_bias, dtype, pdtype, init, name="mlp")(h)
+        return constrain(x + h, BATCH_LEN_EMBED), cache_kv
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. See the module docstring for the call forms."""
+
+    config: LlamaConfig
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default config.max_len)."""
+        c = self.config
+        return KVCache.create(
+            c.num_layers, batch, max_len or c.max_len, c.kv_heads, c.head_size,
+            jnp.dtype(dtype or c.dtype),
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        input_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_intermediates: bool = False,
+    ):
+        """
+        Args:
+          tokens: [batch, seq] int token ids.
+          positions: [batch, seq] position ids; default: 0.. per row, counting only real tokens
+            (input_mask), restarting at each packed document (segment_ids), or continuing the
+            cache.
+          input_mask: [batch, seq] bool, False for padding (padding keys are never attended).
+          segment_ids: [batch, seq] int, packed documents (no attention across documents).
+          attention_mask: extra bool mask broadcastable to [batch, heads, seq, kv_len]
+            (prefix-LM or any custom pattern), ANDed with the causal mask.
+          cache: a KVCache from `init_cache`; the new tokens are appended and attend the cache.
+          return_intermediates: also return a dict of named activations.
+        Returns:
+          logits [batch, seq, vocab] float32; then the new cache if `cache` was given; then the
+          intermediates dict if asked: `hidden_states` (embeddings and each layer's output,
+          num_layers + 1 arrays, as Hugging Face orders them but unnormalised), `final_hidden`
+          (after the final norm).
+        """
+        c = self.config
+        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        if tokens.ndim != 2:
+            raise InputError(f"Llama: tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise InputError(f"Llama: tokens must be integer ids, got dtype {tokens.dtype}")
+        check_token_ids(tokens, c.vocab_size)
+        b, t = tokens.shape
+        for name, arr in (("positions", positions), ("input_mask", input_mask),
+                          ("segment_ids", segment_ids)):
+            if arr is not None and tuple(arr.shape) != (b, t):
+                raise InputError(f"Llama: {name} must have shape {(b, t)}, got {tuple(arr.shape)}")
+        if cache is None and t > c.max_len:
+            raise InputError(f"Llama: sequence length {t} exceeds max_len={c.max_len}")
+
+        embed = Embed(c.vocab_size, c.dim, dtype, pdtype, nn.initializers.normal(c.initializer_range),
+                      name="embed")
+        x = constrain(embed(tokens), BATCH_LEN_EMBED)
+
+        if cache is not None:
+            if segment_ids is not None:
+                raise InputError("Llama: segment_ids (packing) cannot be combined with a KV cache")
+            if input_mask is None:
+                input_mask = jnp.ones((b, t), bool)
+            cache_index = cache.index
+            cache, default_pos, mask = cache.advance(input_mask)
+            if positions is None:
+                positions = default_pos
+            else:  # caller's positions win: keep the cache's record of them in step
+                cache = cache.replace(positions=jax.lax.dynamic_update_slice(
+                    cache.positions, positions.astype(jnp.int32), (0, cache_index)))
+            kv_positions = cache.positions
+            causal = False
+        else:
+            cache_index = None
+            mask = None if input_mask is None else masks_lib.padding_mask(input_mask)
+            if positions is None:
+                if segment_ids is not None:
+                    positions = segment_positions(segment_ids)
+                elif input_mask is not None:
+                    positions = jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1, 0)
+                else:
+                    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            kv_positions = positions
+            causal = True
+        if c.sliding_window is not None:
+            window = masks_lib.sliding_window_mask(positions, kv_positions, c.sliding_window)
+            mask = masks_lib.and_masks(mask, window[:, None])
+        mask = masks_lib.and_masks(mask, attention_mask)
+
+        layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
+        hidden_states = [x]
+        new_k, new_v = [], []
+        for i in range(c.num_layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, cache_kv = layer_cls(c, causal, name=f"layers_{i}")(
+                x, mask, segment_ids, positions, cache_kv, cache_index
+            )
+            hidden_states.append(x)
+            if cache is not None:
+                new_k.append(cache_kv[0])
+                new_v.append(cache_kv[1])
+        h = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = DenseGeneral(c.vocab_size, ("embed", "vocab"), dtype=dtype, param_dtype=pdtype,
+                                  kernel_init=nn.initializers.normal(c.initializer_range),
+                                  name="lm_head")(h)
+        logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+
+        outputs: tuple = (logits,)
+        if cache is not None:
+            outputs += (cache.replace(k=tuple(new_k), v=tuple(new_v)),)
+        if return_intermediates:
+            outputs += ({"hidden_states": tuple(hidden_states), "final_hidden": h},)
+        return outputs[0] if len(outputs) == 1 else outputs
