@@ -1,0 +1,1 @@
+"""Data: sentencepiece tokenizers and grain pipelines (text packing, mixtures, sharding)."""

@@ -1,0 +1,57 @@
+"""Training: experiment configs, optimizer, train state and step, the loop, checkpoints.
+
+    from mmjax.train import run
+    metrics = run("experiments/llm_text.py", workdir=None, steps=None, stop_at=None, mesh=None,
+                  overrides=["optimizer.learning_rate=1e-3"], json_output=False)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from mmjax.train.experiment import (
+    DataConfig,
+    ExperimentConfig,
+    OptimizerConfig,
+    SampleConfig,
+    apply_overrides,
+    load_experiment,
+)
+
+
+def run(
+    config_path: str, *, workdir: str | None = None, steps: int | None = None,
+    stop_at: int | None = None, mesh: str | None = None, overrides: Sequence[str] = (),
+    json_output: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment in `config_path`; return the final metrics.
+
+    `steps` overrides the run's total steps (the LR schedule spans them); `stop_at` saves and
+    returns after that step as if preempted; `workdir` defaults to `workdirs/<name>`.
+    """
+    from mmjax.errors import ConfigError
+    from mmjax.train.loop import train
+
+    cfg = load_experiment(config_path, list(overrides))
+    if steps is not None:
+        if steps <= 0:
+            raise ConfigError(f"--steps must be positive, got {steps}")
+        cfg = cfg.replace(steps=steps)
+    if stop_at is not None and stop_at <= 0:
+        raise ConfigError(f"--stop-at must be positive, got {stop_at}")
+    workdir = workdir or os.path.join("workdirs", cfg.name)
+    return train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh, json_output=json_output)
+
+
+def load_for_inference(workdir: str):
+    """(module, params, tokenizer) from a training workdir's latest checkpoint."""
+    from mmjax.train.inference import load_for_inference as _load
+
+    return _load(workdir)
+
+
+__all__ = [
+    "DataConfig", "ExperimentConfig", "OptimizerConfig", "SampleConfig", "apply_overrides",
+    "load_experiment", "load_for_inference", "run",
+]

@@ -1,0 +1,222 @@
+"""Experiment configs: a dataclass tree, loaded from a Python file, overridden by `--set k=v`.
+
+An experiment file (e.g. `experiments/llm_text.py`) defines `get_config() -> ExperimentConfig`
+and a docstring giving the command, the expected runtime and the expected result.
+
+    cfg = load_experiment("experiments/llm_text.py", ["optimizer.learning_rate=1e-3"])
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from typing import Any, Sequence
+
+from mmjax import configs
+from mmjax.errors import ConfigError, InputError
+from mmjax.models.llama import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW + linear warmup + cosine decay, global-norm clipping, accumulation, masks."""
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # cosine decays to learning_rate * end_lr_ratio at the last step
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0  # global-norm clip; None = off
+    grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide by it)
+    # Regexes over '/'-joined param paths. Matching params get no weight decay: norm scales,
+    # biases (1-D, decay only pulls them to 0 for no reason) and the embedding table (decay on
+    # rare-token rows would shrink them just for being rare).
+    no_decay: tuple[str, ...] = (r"(^|/)bias$", r"_norm/scale$", r"(^|/)norm/scale$", r"^embed/")
+    freeze: tuple[str, ...] = ()  # params matching any regex are frozen (zero update)
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Text data: corpus, tokenizer training, packing and batching."""
+
+    corpus: str = "pydoc"  # pydoc | shakespeare | vim | a path to a text file
+    vocab_size: int = 2048  # sentencepiece vocabulary (the model's vocab_size follows it)
+    tokenizer_type: str = "bpe"  # bpe | unigram
+    seq_len: int = 128
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Text sampled at an interval and at the end of training."""
+
+    prompt: str = "The "
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a run needs. Intervals are in steps; 0 disables."""
+
+    name: str = "experiment"
+    model: LlamaConfig = dataclasses.field(default_factory=lambda: LlamaConfig.from_variant("tiny"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the start and the end
+    eval_at_start: bool = True
+    sample_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # the latest N ...
+    keep_best_metric: str | None = "val_loss"  # ... plus the best one by this metric (min)
+    max_eval_batches: int | None = None  # None: the whole validation split
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be positive, got {self.steps}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.data.batch_size % self.optimizer.grad_accum_steps:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by "
+                f"optimizer.grad_accum_steps={self.optimizer.grad_accum_steps}"
+            )
+        if self.data.seq_len > self.model.max_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}"
+            )
+
+    def replace(self, **kw) -> "ExperimentConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return configs.to_dict(self)
+
+
+# --- loading and overriding ------------------------------------------------------------------
+
+def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Import `path`, call its `get_config()`, apply `--set key=value` overrides."""
+    if not os.path.isfile(path):
+        raise InputError(f"experiment config {path!r} does not exist")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"mmjax_experiment_{name}", path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"experiment config {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"experiment config {path!r} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(
+            f"{path}: get_config() must return an ExperimentConfig, got {type(cfg).__name__}"
+        )
+    return apply_overrides(cfg, overrides)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'optimizer.learning_rate=1e-3' -> ('optimizer.learning_rate', 0.001).
+
+    Values are Python literals (numbers, strings, None, tuples, lists, dicts, booleans); a value
+    that is not a literal is taken as a plain string (`data.corpus=shakespeare`).
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return key, value
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Apply each `dotted.key=value` to a (frozen) dataclass tree, validating as it goes."""
+    for item in overrides:
+        key, value = parse_override(item)
+        cfg = _set_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _set_path(obj: Any, parts: list[str], value: Any, full_key: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    head = parts[0]
+    if head not in fields:
+        prefix = full_key[: len(full_key) - len(".".join(parts))]
+        choices = [prefix + f for f in fields]
+        raise ConfigError(
+            f"--set {full_key}: unknown config key{configs.closest_name(full_key, choices)}; "
+            f"{type(obj).__name__} has: {', '.join(fields)}"
+        )
+    current = getattr(obj, head)
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"--set {full_key}: {head!r} is a value, not a group of settings")
+        new = _set_path(current, parts[1:], value, full_key)
+    else:
+        hint = typing.get_type_hints(type(obj)).get(head)
+        new = _coerce(value, current, hint, full_key)
+    try:
+        return dataclasses.replace(obj, **{head: new})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--set {full_key}={value!r}: {e}") from None
+
+
+def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
+    """Make `value` fit the field: ints for floats, tuples for lists, dicts for dataclasses."""
+    if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        return configs.from_dict(type(current), value)
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ConfigError(f"--set {key}: expected True or False, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if value != int(value):
+            raise ConfigError(f"--set {key}: expected an integer, got {value!r}")
+        return int(value)
+    if value is not None and hint is not None:
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(
+            t for t in ((typing.get_origin(m) or m) for m in members) if isinstance(t, type)
+        )
+        ok = isinstance(value, allowed) or (float in allowed and isinstance(value, int))
+        if allowed and not ok:
+            raise ConfigError(
+                f"--set {key}: expected {' or '.join(a.__name__ for a in allowed)}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+    return value

@@ -1,0 +1,52 @@
+"""Load a trained workdir for inference: (module, params, tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+
+from mmjax.errors import InputError
+from mmjax.models.llama import Llama, LlamaConfig
+from mmjax.train.checkpointing import Checkpointer
+from mmjax.train.state import abstract_boxed_params
+from mmjax.train.loop import CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE
+
+
+def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
+    """The model module, the latest checkpoint's params and the sentencepiece tokenizer.
+
+    Raises InputError when `workdir` is not a training workdir or holds no checkpoint.
+    """
+    model_file = os.path.join(workdir, MODEL_FILE)
+    if not os.path.isfile(model_file):
+        raise InputError(f"{workdir!r} is not a training workdir (no {MODEL_FILE})")
+    with open(model_file) as f:
+        spec = json.load(f)
+    if spec.get("family") != "llama":
+        raise InputError(f"{model_file}: unsupported model family {spec.get('family')!r}")
+    config = LlamaConfig.from_dict(spec["config"])
+    model = Llama(config)
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise InputError(f"{workdir!r} holds no checkpoint yet ({ckpt_dir} missing)")
+    ckpt = Checkpointer(ckpt_dir, keep=1000)
+    try:
+        if ckpt.latest_step() is None:
+            raise InputError(f"{workdir!r} holds no checkpoint yet")
+        abstract = nn.meta.unbox(abstract_boxed_params(model, 1))
+        params = ckpt.restore_params(None, abstract)
+    finally:
+        ckpt.close()
+    tokenizer = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+    return model, params, tokenizer
+
+
+def load_tokenizer(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise InputError(f"no tokenizer at {path}")
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=path)

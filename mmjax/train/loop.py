@@ -1,0 +1,279 @@
+"""The training loop: resume, step, log, evaluate, sample, checkpoint, stop cleanly.
+
+    metrics = train(cfg, workdir, stop_at=None, mesh_spec=None)
+
+Workdir layout: `checkpoints/` (Orbax), `tokenizer.model`, `mmjax_model.json`
+({"family", "config"}), `experiment.json`, `metrics.jsonl`, `tensorboard/`, `samples.txt`,
+`loss_curve.png`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from mmjax.models.llama import Llama
+from mmjax.parallel.mesh import make_mesh
+from mmjax.train import text_data
+from mmjax.train.checkpointing import Checkpointer
+from mmjax.train.errors import CheckpointError, NonFiniteLossError
+from mmjax.train.experiment import ExperimentConfig
+from mmjax.train.metrics import MetricsWriter, Progress, read_metrics
+from mmjax.train.optimizer import make_optimizer
+from mmjax.train.plots import plot_loss_curve
+from mmjax.train.state import abstract_boxed_params, abstract_train_state, count_params, create_train_state, state_shardings
+from mmjax.train.step import make_eval_step, make_train_step, shard_batch
+
+MODEL_FILE = "mmjax_model.json"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits after the current step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # second signal: give up waiting
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_workdir_writable(workdir: str) -> None:
+    """Raise CheckpointError when `workdir` cannot be created or written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
+
+
+def evaluate(eval_step: Callable, params: Any, data: text_data.TextData, mesh, max_batches=None
+             ) -> dict[str, float]:
+    """Validation loss (nats/token), perplexity and bits per UTF-8 byte over the split."""
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(data.eval_batches()):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, c = eval_step(params, shard_batch(batch, mesh))
+        total += float(s)
+        count += float(c)
+    if count == 0:
+        return {}
+    loss = total / count
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": count}
+    if max_batches is None and data.val_bytes:
+        out["val_bpb"] = total / math.log(2) / data.val_bytes
+    return out
+
+
+def train(
+    cfg: ExperimentConfig, workdir: str, *, stop_at: int | None = None,
+    mesh_spec: str | None = None, json_output: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) `cfg` in `workdir`; return the final metrics."""
+    is_main = jax.process_index() == 0
+    out = sys.stderr if json_output else sys.stdout
+
+    def log(msg: str) -> None:
+        if is_main:
+            print(msg, file=out, flush=True)
+
+    workdir = os.path.abspath(workdir)
+    check_workdir_writable(workdir)
+    t_start = time.perf_counter()
+
+    data = text_data.build(cfg.data, workdir, log=log)
+    model_cfg = cfg.model.replace(
+        vocab_size=data.vocab_size, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
+        pad_token_id=data.pad_id,
+    )
+    cfg = cfg.replace(model=model_cfg)
+    if is_main:
+        _write_json(os.path.join(workdir, MODEL_FILE), {"family": "llama", "config": model_cfg.to_dict()})
+        _write_json(os.path.join(workdir, "experiment.json"), cfg.to_dict())
+
+    mesh = make_mesh(mesh_spec) if mesh_spec else None
+    model = Llama(model_cfg)
+    seq_len = cfg.data.seq_len
+    abstract_boxed = abstract_boxed_params(model, seq_len)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed)
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=cfg.keep_checkpoints,
+                        best_metric=cfg.keep_best_metric)
+    shardings = state_shardings(model, tx, seq_len, mesh) if mesh is not None else None
+
+    train_iter = data.train_iterator()
+    latest = ckpt.latest_step()
+    history: dict[str, Any] = {}
+    if latest is not None:
+        abstract = abstract_train_state(model, tx, seq_len=seq_len, shardings=shardings)
+        state, iter_state, meta = ckpt.restore(latest, abstract)
+        if iter_state is not None:
+            train_iter.set_state(iter_state)
+        history = dict(meta.get("metrics") or {})
+        log(f"resumed from {ckpt.directory} at step {latest}")
+    else:
+        state, _ = create_train_state(model, tx, seq_len=seq_len, seed=cfg.seed, mesh=mesh)
+    step = int(jax.device_get(state.step))
+    log(f"model: LLaMA {count_params(state.params) / 1e6:.2f}M params (dim={model_cfg.dim}, "
+        f"layers={model_cfg.num_layers}, heads={model_cfg.num_heads}, vocab={model_cfg.vocab_size},"
+        f" dtype={model_cfg.dtype}); batch {cfg.data.batch_size} x {seq_len} tokens; "
+        f"{cfg.steps} steps")
+
+    train_step = make_train_step(model, tx, schedule, grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                                 mesh=mesh, shardings=shardings)
+    eval_step = make_eval_step(model, mesh=mesh)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    final: dict[str, Any] = {"step": step}
+    sample_text = None
+
+    def run_eval(tag: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        m = evaluate(eval_step, state.params, data, mesh, cfg.max_eval_batches)
+        writer.write(step, m)
+        bpb = f", {m['val_bpb']:.3f} bits/byte" if "val_bpb" in m else ""
+        log(f"[{tag}] step {step}: val loss {m.get('val_loss', float('nan')):.4f}, "
+            f"perplexity {m.get('val_ppl', float('nan')):.2f}{bpb} ({time.perf_counter() - t0:.1f}s)")
+        return m
+
+    def run_sample() -> str | None:
+        text = text_data.sample_text(model, state.params, data, cfg.sample, seed=cfg.seed + step)
+        if text is not None and is_main:
+            with open(os.path.join(workdir, "samples.txt"), "a") as f:
+                f.write(f"--- step {step} ---\n{text}\n")
+            writer.write_text(step, "sample", text)
+        return text
+
+    def save(metrics: dict[str, Any] | None = None, force: bool = True) -> None:
+        ckpt.save(step, state, data_state=train_iter.get_state(), metrics=metrics,
+                  config=cfg.to_dict(), force=force)
+
+    if step == 0 and cfg.eval_at_start:
+        start_metrics = run_eval("start")
+        final.update({f"start_{k}": v for k, v in start_metrics.items()})
+    else:
+        final.update({k: v for k, v in history.items() if k.startswith("start_")})
+
+    stopped_by: str | None = None
+    tokens_per_step = cfg.data.batch_size * seq_len
+    progress = Progress(step, cfg.steps, enabled=is_main)
+    last_log = time.perf_counter()
+    steps_since_log, tokens_since_log = 0, 0.0
+    pending = None  # (step, metrics on device) of the last dispatched step
+    train_loss = history.get("train_loss")
+
+    def resolve() -> None:
+        nonlocal pending, train_loss
+        if pending is None:
+            return
+        at, m = pending
+        pending = None
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            ckpt.wait()
+            kept = ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {at}; training stopped. The last good checkpoint "
+                f"({'step ' + str(kept) if kept is not None else 'none'}) in {ckpt.directory} "
+                "was kept; lower the learning rate or check the data.", at)
+        train_loss = loss
+
+    try:
+        with _StopSignal() as stop:
+            while step < cfg.steps:
+                batch = next(train_iter)
+                state, metrics = train_step(state, shard_batch(batch, mesh))
+                resolve()  # the previous step's loss, read while this one runs
+                step += 1
+                pending = (step, metrics)
+                steps_since_log += 1
+                tokens_since_log += tokens_per_step
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    resolve()
+                    now = time.perf_counter()
+                    tps = tokens_since_log / max(now - last_log, 1e-9)
+                    host = jax.device_get(metrics)
+                    writer.write(step, {"train_loss": train_loss, "learning_rate": host["learning_rate"],
+                                        "grad_norm": host["grad_norm"], "tokens_per_sec": tps})
+                    progress.update(steps_since_log, int(tokens_since_log), loss=train_loss)
+                    last_log, steps_since_log, tokens_since_log = now, 0, 0.0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    resolve()
+                    run_eval("eval")
+                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                    resolve()
+                    text = run_sample()
+                    if text is not None:
+                        progress.write(f"[sample] step {step}: {text!r}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    resolve()
+                    save({**final, "train_loss": train_loss})
+                if stop_at is not None and step >= stop_at and step < cfg.steps:
+                    stopped_by = f"--stop-at {stop_at}"
+                    break
+                if stop.received is not None:
+                    stopped_by = signal.Signals(stop.received).name
+                    break
+            resolve()
+            progress.update(steps_since_log, int(tokens_since_log), loss=train_loss or float("nan"))
+            progress.close()
+            final.update({"step": step, "train_loss": train_loss})
+            if stopped_by is not None:
+                save({"train_loss": train_loss, **final})
+                ckpt.wait()
+                log(f"stopped by {stopped_by} after step {step}; checkpoint saved in "
+                    f"{ckpt.directory}; run the same command again to resume")
+                final["stopped"] = stopped_by
+            else:
+                end = run_eval("end")
+                final.update(end)
+                save({"train_loss": train_loss, **final})
+                sample_text = run_sample()
+                if sample_text is not None:
+                    log(f"[sample] {sample_text}")
+                ckpt.wait()
+    finally:
+        progress.close()
+        writer.close()
+        with contextlib.suppress(Exception):
+            ckpt.close()
+    if is_main:
+        plot_loss_curve(read_metrics(workdir), os.path.join(workdir, "loss_curve.png"), cfg.name)
+    final["wall_time_s"] = time.perf_counter() - t_start
+    final["workdir"] = workdir
+    if sample_text is not None:
+        final["sample"] = sample_text
+    return final
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)

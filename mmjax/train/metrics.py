@@ -1,0 +1,89 @@
+"""Where metrics go: a JSONL file, TensorBoard event files and a tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricsWriter:
+    """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        record = {"step": int(step), "time": round(time.time(), 3), **scalars}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All records of `workdir/metrics.jsonl` (empty when absent)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A tqdm bar over steps showing loss and tokens/s (ETA comes from tqdm)."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool = True):
+        self._bar = tqdm(
+            total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+            disable=not enabled, file=sys.stderr, smoothing=0.1,
+        )
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def update(self, n_steps: int, tokens: int, **postfix: float) -> None:
+        self._tokens += tokens
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        shown = {k: f"{v:.4g}" for k, v in postfix.items()}
+        shown["tok/s"] = f"{self._tokens / elapsed:,.0f}"
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(n_steps)
+
+    def write(self, line: str) -> None:
+        self._bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return not isinstance(v, (str, bytes, dict, list, tuple))
+    except (TypeError, ValueError):
+        return False

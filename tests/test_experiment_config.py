@@ -1,0 +1,72 @@
+"""Experiment configs: loading a file, --set overrides, unknown keys with suggestions."""
+
+import os
+
+import pytest
+
+from mmjax.errors import ConfigError, InputError
+from mmjax.train.experiment import ExperimentConfig, apply_overrides, load_experiment, parse_override
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
+
+
+def test_llm_text_config_loads_and_documents_itself():
+    cfg = load_experiment(LLM_TEXT)
+    assert isinstance(cfg, ExperimentConfig) and cfg.name == "llm_text"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llm_text", LLM_TEXT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = mod.__doc__ or ""
+    assert "mmjax train experiments/llm_text.py" in doc
+    assert "runtime" in doc.lower() and "val_bpb" in doc
+
+
+def test_nested_overrides_are_parsed_as_literals():
+    cfg = load_experiment(LLM_TEXT, [
+        "optimizer.learning_rate=1e-4", "model.num_layers=3", "data.corpus=shakespeare",
+        "optimizer.freeze=['^embed/']", "steps=7", "optimizer.grad_clip=None", "model.dtype='float32'",
+    ])
+    assert cfg.optimizer.learning_rate == 1e-4
+    assert cfg.model.num_layers == 3
+    assert cfg.data.corpus == "shakespeare"
+    assert cfg.optimizer.freeze == ("^embed/",)
+    assert cfg.steps == 7 and cfg.optimizer.grad_clip is None
+
+
+def test_int_given_for_float_field_is_converted():
+    cfg = apply_overrides(ExperimentConfig(), ["optimizer.learning_rate=1"])
+    assert isinstance(cfg.optimizer.learning_rate, float)
+
+
+def test_unknown_key_suggests_closest_name():
+    with pytest.raises(ConfigError, match=r"did you mean 'optimizer.learning_rate'"):
+        apply_overrides(ExperimentConfig(), ["optimizer.learning_rat=1e-3"])
+    with pytest.raises(ConfigError, match=r"did you mean 'model.num_layers'"):
+        apply_overrides(ExperimentConfig(), ["model.num_layer=2"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        apply_overrides(ExperimentConfig(), ["nonsense=1"])
+
+
+def test_bad_values_are_config_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("steps")
+    with pytest.raises(ConfigError, match="expected an integer"):
+        apply_overrides(ExperimentConfig(), ["steps=2.5"])
+    with pytest.raises(ConfigError, match="expected"):
+        apply_overrides(ExperimentConfig(), ["data.seq_len='long'"])
+    with pytest.raises(ConfigError, match="must be positive"):
+        apply_overrides(ExperimentConfig(), ["model.dim=0"])
+    with pytest.raises(ConfigError, match="not a group"):
+        apply_overrides(ExperimentConfig(), ["steps.x=1"])
+
+
+def test_missing_config_file_is_input_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_experiment(str(tmp_path / "nope.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="get_config"):
+        load_experiment(str(bad))
