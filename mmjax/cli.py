@@ -96,7 +96,10 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from mmjax.bench import run
 
-    result = run(args.name)
+    from mmjax.train.experiment import parse_override
+
+    overrides = dict(parse_override(item) for item in (args.set or []))
+    result = run(args.name, **overrides)
     if args.json:
         _print_json(result)
     else:
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks against a reference run in the same process")
     p.add_argument("name", help="decode, train, attention, clip, ...")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a benchmark argument, e.g. --set batch_sizes=[1] --set new_tokens=16")
     p.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     p.set_defaults(func=cmd_bench)
     return parser
