@@ -23,6 +23,7 @@ from mmjax.errors import InputError
 # name -> "module:function"; the function takes keyword overrides and returns the result dict.
 BENCHMARKS: dict[str, str] = {
     "decode": "mmjax.bench.decode:run",
+    "train": "mmjax.bench.train:run",
 }
 
 
