@@ -1,0 +1,78 @@
+"""Hugging Face checkpoints <-> mmjax models.
+
+    module, params = from_hf("path/to/hf_dir")          # LLaMA / Mistral save_pretrained dir
+    logits = module.apply({"params": params}, tokens)
+    to_hf(module, params, "path/to/out_dir")              # config.json + model.safetensors
+
+`from_hf` returns plain (unboxed) float32 params as a nested dict of jax arrays. Conversion is
+strict: config keys mmjax does not understand raise `UnsupportedModelError`, missing,
+unexpected or wrongly shaped tensors raise `InputError` (see `mmjax.convert.llama`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.convert import hf_io, registry
+
+
+def read_hf(path: str):
+    """(converter, hf_config dict, mmjax config, params as numpy) for an HF directory."""
+    hf_config = hf_io.read_config(path)
+    converter = registry.for_hf_config(hf_config)
+    config = converter.config_from_hf(hf_config)
+    tensors = hf_io.read_weights(path)
+    params = converter.params_from_hf(tensors, config)
+    return converter, hf_config, config, params
+
+
+def from_hf(path: str) -> tuple[Any, dict[str, Any]]:
+    """(mmjax module, params) for the Hugging Face checkpoint directory `path`."""
+    from mmjax.models import build_model
+
+    converter, _, config, np_params = read_hf(path)
+    module, _ = build_model(converter.family, config)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), np_params)
+    return module, params
+
+
+def to_hf(module_or_config: Any, params: Mapping[str, Any], out_dir: str, *,
+          family: str | None = None, model_type: str | None = None) -> None:
+    """Write `params` of a model (a module with `.config`, or its config) as an HF directory.
+
+    family: mmjax family name; default: found from the config's class (e.g. LlamaConfig ->
+      "llama"). model_type: the HF model_type to write (default: the converter's best fit,
+      e.g. "mistral" for a sliding-window LLaMA).
+    """
+    import flax.linen as nn
+    import numpy as np
+
+    config = getattr(module_or_config, "config", module_or_config)
+    family = family or _family_of(config)
+    converter = registry.for_family(family)
+    hf_config = converter.config_to_hf(config, model_type)
+    plain = nn.meta.unbox(params)
+    if isinstance(plain, Mapping) and set(plain) == {"params"}:
+        plain = plain["params"]
+    np_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), plain)
+    tensors = converter.params_to_hf(np_params, config)
+    hf_io.write_hf_dir(out_dir, hf_config, tensors)
+
+
+def _family_of(config: Any) -> str:
+    from mmjax.errors import UnsupportedModelError
+    from mmjax.models import FAMILIES
+
+    for name, loader in FAMILIES.items():
+        config_cls, _ = loader()
+        if isinstance(config, config_cls):
+            return name
+    raise UnsupportedModelError(
+        f"to_hf: cannot tell the model family of {type(config).__name__}; pass family=..."
+    )
+
+
+__all__ = ["from_hf", "to_hf", "read_hf"]

@@ -1,0 +1,155 @@
+"""Read and write Hugging Face checkpoint directories without PyTorch.
+
+A directory written by `save_pretrained` holds `config.json` and the weights, either in one
+`model.safetensors` or in shards listed by `model.safetensors.index.json`. Tensors are read
+with `safetensors.numpy` and returned as float32 numpy arrays; bfloat16 tensors (which numpy
+cannot name) are decoded from the file's raw bytes with `ml_dtypes` (exact: every bfloat16
+value is a float32 value). `pytorch_model.bin` (pickle) checkpoints are not read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmjax.errors import InputError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# safetensors dtype names -> numpy dtypes (BF16 is handled separately)
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_config(hf_dir: str) -> dict[str, Any]:
+    """The parsed `config.json` of `hf_dir`. InputError when the dir or file is missing or bad."""
+    if not os.path.exists(hf_dir):
+        raise InputError(f"Hugging Face directory {hf_dir!r} does not exist")
+    if not os.path.isdir(hf_dir):
+        raise InputError(f"{hf_dir!r} is not a directory (expected a save_pretrained directory)")
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise InputError(f"{hf_dir!r} has no {CONFIG_FILE} (expected a save_pretrained directory)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def weight_files(hf_dir: str) -> list[str]:
+    """Paths of the safetensors files holding the weights of `hf_dir`."""
+    single = os.path.join(hf_dir, WEIGHTS_FILE)
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: unreadable shard index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        paths = [os.path.join(hf_dir, name) for name in files]
+        missing = [name for name, p in zip(files, paths) if not os.path.isfile(p)]
+        if missing:
+            raise InputError(f"{hf_dir!r}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}")
+        return paths
+    if any(os.path.isfile(os.path.join(hf_dir, name)) for name in PICKLE_FILES):
+        raise InputError(
+            f"{hf_dir!r} holds only pytorch_model.bin weights; mmjax reads safetensors only "
+            "(re-save with save_pretrained(..., safe_serialization=True))"
+        )
+    raise InputError(f"{hf_dir!r} has no {WEIGHTS_FILE} or {INDEX_FILE}")
+
+
+def read_weights(hf_dir: str) -> dict[str, np.ndarray]:
+    """All tensors of `hf_dir` as float32 numpy arrays (integer/bool tensors keep their dtype)."""
+    tensors: dict[str, np.ndarray] = {}
+    for path in weight_files(hf_dir):
+        for name, arr in read_safetensors(path).items():
+            if name in tensors:
+                raise InputError(f"{hf_dir!r}: tensor {name!r} appears in more than one shard")
+            tensors[name] = arr
+    return tensors
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file -> {name: array}; floating tensors become float32."""
+    header, data_start = _read_header(path)
+    needs_raw = any(isinstance(v, dict) and v.get("dtype") not in _NUMPY_DTYPES
+                    for k, v in header.items() if k != "__metadata__")
+    if not needs_raw:
+        from safetensors.numpy import load_file
+
+        try:
+            raw = load_file(path)
+        except Exception as e:  # noqa: BLE001 - a corrupt file becomes one clear error
+            raise InputError(f"cannot read {path}: {e}") from None
+        return {k: _to_float32(v) for k, v in raw.items()}
+    return {name: _read_raw_tensor(path, name, info, data_start)
+            for name, info in header.items() if name != "__metadata__"}
+
+
+def _read_header(path: str) -> tuple[dict[str, Any], int]:
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError(f"header size {size} is implausible")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    return header, 8 + size
+
+
+def _read_raw_tensor(path: str, name: str, info: Mapping[str, Any], data_start: int) -> np.ndarray:
+    dtype_name = info.get("dtype")
+    if dtype_name == "BF16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    elif dtype_name in _NUMPY_DTYPES:
+        dtype = np.dtype(_NUMPY_DTYPES[dtype_name])
+    else:
+        raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
+    shape = tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - begin != count * dtype.itemsize:
+        raise InputError(f"{path}: tensor {name!r} byte range does not match shape {shape} {dtype_name}")
+    arr = np.fromfile(path, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+    return _to_float32(arr)
+
+
+def _to_float32(arr: np.ndarray) -> np.ndarray:
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        return arr
+    return np.asarray(arr, dtype=np.float32)
+
+
+def write_hf_dir(out_dir: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+    """Write `config.json` and `model.safetensors` (one file; floating tensors as float32)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    arrays = {k: np.ascontiguousarray(_to_float32(np.asarray(v))) for k, v in tensors.items()}
+    save_file(arrays, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
