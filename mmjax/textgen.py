@@ -48,19 +48,19 @@ def generate_text(
 
     model, params, tokenizer = load_for_inference(workdir)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    bos = tokenizer.bos_id()
+    bos = tokenizer.bos_id
     ids = [([bos] if bos >= 0 else []) + list(tokenizer.encode(p)) for p in prompts]
-    pad = tokenizer.pad_id()
+    pad = tokenizer.pad_id
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        num_beams=num_beams, eos_token_id=tokenizer.eos_id(), pad_token_id=max(pad, 0),
+        num_beams=num_beams, eos_token_id=tokenizer.eos_id, pad_token_id=max(pad, 0),
     )
     out = generate(model, params, ids, config, rng=jax.random.key(seed))
     texts = []
     for prompt_ids, row, n in zip(ids, np.asarray(out.tokens), np.asarray(out.lengths)):
         new = [int(t) for t in row[: int(n)]]
-        if tokenizer.eos_id() in new:
-            new = new[: new.index(tokenizer.eos_id())]
+        if tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
         # Decode prompt and continuation together: sentencepiece drops the word-boundary
         # space of a sequence's first piece, which would glue the continuation to the prompt.
         texts.append(tokenizer.decode([t for t in prompt_ids if t != bos] + new))

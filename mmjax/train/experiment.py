@@ -59,6 +59,9 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 32
     seed: int = 0
+    doc_min_chars: int = 2000  # paragraphs merged into documents of at least this many chars
+    shuffle_window: int = 256  # packed rows shuffled together
+    tokenizer_sentences: int = 0  # train the tokenizer on a seeded sample of N lines (0 = all)
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "batch_size"):

@@ -45,8 +45,8 @@ def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
 
 
 def load_tokenizer(path: str) -> Any:
+    from mmjax.data.tokenizer import Tokenizer
+
     if not os.path.isfile(path):
         raise InputError(f"no tokenizer at {path}")
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=path)
+    return Tokenizer.load(path)
