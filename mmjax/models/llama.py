@@ -63,6 +63,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
     remat: bool = False  # recompute each block in the backward pass
+    dropout: float = 0.0  # residual dropout (embeddings, attention and MLP outputs) in training
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
@@ -78,6 +79,8 @@ class LlamaConfig:
                 f"LlamaConfig: num_heads={self.num_heads} must be a multiple of "
                 f"num_kv_heads={self.kv_heads}"
             )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LlamaConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.head_size % 2:
             raise ConfigError(f"LlamaConfig: RoPE needs an even head_dim, got {self.head_size}")
         if isinstance(self.rope_scaling, dict):
@@ -191,6 +194,7 @@ def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
 class DecoderLayer(nn.Module):
     config: LlamaConfig
     causal: bool = True
+    deterministic: bool = True  # False: apply config.dropout (needs a "dropout" rng)
 
     @nn.compact
     def __call__(self, x, mask, segment_ids, positions, cache_kv, cache_index):
@@ -207,10 +211,11 @@ class DecoderLayer(nn.Module):
           inv_freq=inv_freq, cache_kv=cache_kv, cache_index=cache_index)
         if cache_kv is not None:
             a, cache_kv = a
-        x = constrain(x + a, BATCH_LEN_EMBED)
+        drop = nn.Dropout(c.dropout, deterministic=self.deterministic or c.dropout == 0.0)
+        x = constrain(x + drop(a), BATCH_LEN_EMBED)
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")(x)
         h = GatedMLP(c.mlp_dim, c.activation, c.mlp_bias, dtype, pdtype, init, name="mlp")(h)
-        return constrain(x + h, BATCH_LEN_EMBED), cache_kv
+        return constrain(x + drop(h), BATCH_LEN_EMBED), cache_kv
 
 
 class Llama(nn.Module):
@@ -237,6 +242,7 @@ class Llama(nn.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         return_intermediates: bool = False,
+        deterministic: bool = True,
     ):
         """
         Args:
@@ -250,6 +256,7 @@ class Llama(nn.Module):
             (prefix-LM or any custom pattern), ANDed with the causal mask.
           cache: a KVCache from `init_cache`; the new tokens are appended and attend the cache.
           return_intermediates: also return a dict of named activations.
+          deterministic: False applies `config.dropout` (pass `rngs={"dropout": key}`).
         Returns:
           logits [batch, seq, vocab] float32; then the new cache if `cache` was given; then the
           intermediates dict if asked: `hidden_states` (embeddings and each layer's output,
@@ -274,6 +281,8 @@ class Llama(nn.Module):
         embed = Embed(c.vocab_size, c.dim, dtype, pdtype, nn.initializers.normal(c.initializer_range),
                       name="embed")
         x = constrain(embed(tokens), BATCH_LEN_EMBED)
+        if c.dropout > 0.0 and not deterministic:
+            x = nn.Dropout(c.dropout, deterministic=False)(x)
 
         if cache is not None:
             if segment_ids is not None:
@@ -311,7 +320,7 @@ class Llama(nn.Module):
         new_k, new_v = [], []
         for i in range(c.num_layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, cache_kv = layer_cls(c, causal, name=f"layers_{i}")(
+            x, cache_kv = layer_cls(c, causal, deterministic, name=f"layers_{i}")(
                 x, mask, segment_ids, positions, cache_kv, cache_index
             )
             hidden_states.append(x)

@@ -22,11 +22,17 @@ Batch = dict[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def lm_loss_sums(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of next-token NLL over counted targets, number of counted targets), float32 []."""
+def lm_loss_sums(
+    model: nn.Module, params: Any, batch: Batch, dropout_rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token NLL over counted targets, number of counted targets), float32 [].
+
+    With `dropout_rng` the model runs in training mode (its config's dropout applies)."""
+    train = dropout_rng is not None and getattr(model.config, "dropout", 0.0) > 0.0
     logits = model.apply(
         {"params": params}, batch["inputs"],
         positions=batch["positions"], segment_ids=batch["segment_ids"],
+        **({"deterministic": False, "rngs": {"dropout": dropout_rng}} if train else {}),
     )  # [batch, seq, vocab] float32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = batch["loss_mask"].astype(jnp.float32)
@@ -45,13 +51,13 @@ def make_train_step(
     scanned, summing per-token gradients, so the result equals the one big-batch step.
     """
 
-    def grads_of(params, batch):
-        def f(p, b):
-            total, count = lm_loss_sums(model, p, b)
+    def grads_of(params, batch, rng):
+        def f(p, b, r):
+            total, count = lm_loss_sums(model, p, b, r)
             return total, count
 
         if grad_accum_steps == 1:
-            (total, count), grads = jax.value_and_grad(f, has_aux=True)(params, batch)
+            (total, count), grads = jax.value_and_grad(f, has_aux=True)(params, batch, rng)
             return total, count, grads
 
         def split(x):
@@ -59,25 +65,28 @@ def make_train_step(
 
         micro = jax.tree_util.tree_map(split, batch)
 
-        def body(carry, mb):
+        def body(carry, xs):
             total_acc, count_acc, g_acc = carry
-            (total, count), g = jax.value_and_grad(f, has_aux=True)(params, mb)
+            mb, i = xs
+            (total, count), g = jax.value_and_grad(f, has_aux=True)(
+                params, mb, jax.random.fold_in(rng, i))
             return (total_acc + total, count_acc + count,
                     jax.tree_util.tree_map(jnp.add, g_acc, g)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         (total, count, grads), _ = jax.lax.scan(
-            body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros), micro
+            body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+            (micro, jnp.arange(grad_accum_steps)),
         )
         return total, count, grads
 
     def step(state: TrainState, batch: Batch):
-        total, count, grads = grads_of(state.params, batch)
+        rng, dropout_rng = jax.random.split(state.rng)
+        total, count, grads = grads_of(state.params, batch, dropout_rng)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        rng, _ = jax.random.split(state.rng)
         metrics = {
             "loss": total / denom,
             "grad_norm": optax.tree.norm(grads),
