@@ -180,3 +180,19 @@ def test_config_errors():
         LlamaConfig.from_variant("llama9-1t")
     c = LlamaConfig.from_variant("llama3.1-8b")
     assert LlamaConfig.from_dict(c.to_dict()) == c
+
+
+def test_dropout_only_in_training_mode():
+    config = LlamaConfig.from_variant("tiny", dropout=0.3)
+    model = Llama(config)
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    plain = Llama(config.replace(dropout=0.0)).apply({"params": params}, tokens)
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens), plain)
+    a = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    b = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    c = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, plain) and not np.allclose(a, c)
+    with pytest.raises(ConfigError, match="dropout"):
+        LlamaConfig.from_variant("tiny", dropout=1.0)
