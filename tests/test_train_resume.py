@@ -63,6 +63,9 @@ def test_stop_and_resume_gives_the_same_losses_as_one_run(corpus, tmp_path):
                  "samples.txt"):
         assert os.path.isfile(tmp_path / "b" / name), name
     assert os.listdir(tmp_path / "b" / "tensorboard")
+    # running a finished job again re-evaluates without training or failing on the saved step
+    again = run(LLM_TEXT, workdir=str(tmp_path / "b"), steps=8, overrides=tiny_overrides(corpus))
+    assert again["step"] == 8 and again["val_loss"] == pytest.approx(resumed["val_loss"], rel=1e-6)
 
 
 def _train_cmd(corpus, workdir, steps, **extra):

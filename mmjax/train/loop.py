@@ -171,6 +171,8 @@ def train(
         return text
 
     def save(metrics: dict[str, Any] | None = None, force: bool = True) -> None:
+        if ckpt.latest_step() == step:  # e.g. re-running a finished job: already saved
+            return
         ckpt.save(step, state, data_state=train_iter.get_state(), metrics=metrics,
                   config=cfg.to_dict(), force=force)
 
