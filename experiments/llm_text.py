@@ -12,7 +12,8 @@ tokenizer is trained on the training split and saved with the checkpoint.
 
 Model: LLaMA (RMSNorm, RoPE, GQA 8 query / 4 key-value heads, SwiGLU, tied embeddings),
 dim 256, 4 layers, 3.43M parameters, fp32 params with bf16 compute, residual dropout 0.1
-(the corpus is small: without it validation loss turns up after ~300 steps); AdamW (lr 3e-3,
+(the corpus is small and the model overfits it: final train loss 3.05 vs validation 3.94
+nats/token; at 450 steps dropout 0.1 gave val_bpb 1.737); AdamW (lr 3e-3,
 wd 0.1), 50 warmup steps then cosine to 10%; 450 steps of 32 x 128 tokens (~14 epochs of
 the 128k-token training split, packed documents with segment ids).
 
