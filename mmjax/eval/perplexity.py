@@ -14,6 +14,7 @@ direct one-pass computation.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -64,13 +65,7 @@ def perplexity(
     plan = window_plan(len(tokens), window, stride)
     width = max(e - s for s, e, _ in plan)
 
-    @jax.jit
-    def nll_sums(params, inputs, targets, weights):
-        logits = model.apply({"params": params}, inputs)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        return jnp.sum(nll * weights)
-
+    nll_sums = _weighted_nll_fn(model)
     total, count = 0.0, 0
     for i in range(0, len(plan), batch_size):
         chunk = plan[i:i + batch_size]
@@ -88,6 +83,21 @@ def perplexity(
     mean = total / count
     return {"nll_sum": total, "num_tokens": count, "nll_mean": mean,
             "ppl": math.exp(min(mean, 700.0)), "num_windows": len(plan)}
+
+
+@functools.lru_cache(maxsize=16)
+def _weighted_nll_fn(model):
+    """Jitted sum of weighted next-token NLLs for `model`, kept so repeated calls (and every
+    batch of one call) reuse the compiled program instead of re-tracing a fresh closure."""
+
+    @jax.jit
+    def nll_sums(params, inputs, targets, weights):
+        logits = model.apply({"params": params}, inputs)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+        return jnp.sum(nll * weights)
+
+    return nll_sums
 
 
 def bits_per_byte(nll_sum: float, num_bytes: int) -> float:

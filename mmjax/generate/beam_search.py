@@ -2,13 +2,16 @@
 
 Each prompt keeps `num_beams` live beams. The prompt is prefilled once per row and its cache
 repeated per beam; every step scores all `num_beams x vocab` continuations by their summed
-log-probability, keeps the best `2 x num_beams` candidates, moves candidates that end in EOS into
-the row's finished set (scored `sum log p / length ** length_penalty`, length = generated tokens
-including the EOS), and continues with the best `num_beams` others, gathering their parents'
-cache rows. A row stops when it has `num_beams` finished hypotheses and no live beam can beat
-the worst of them any more (for length_penalty >= 0 a live beam's score can only fall); all
-stop at `max_new_tokens`, where live beams are scored as if finished. The best hypothesis per
-row is returned.
+log-probability and keeps the best `(1 + max(1, #eos ids)) x num_beams` candidates (enough that
+`num_beams` of them do not end in EOS). As in Hugging Face `generate` (and fairseq), a candidate
+ending in EOS finishes a hypothesis only if it ranks among the best `num_beams` candidates of
+its step; it is scored `sum log p / length ** length_penalty`, length = generated tokens
+including the EOS, and the row keeps its best `num_beams` finished hypotheses. The search
+continues with the best `num_beams` candidates that do not end in EOS, gathering their
+parents' cache rows. A row stops once it has `num_beams` finished hypotheses and its best live
+beam, scored at its current length, does not beat the worst of them (Hugging Face's default
+`early_stopping=False` heuristic); all stop at `max_new_tokens`, where live beams compete as if
+finished. The best hypothesis per row is returned.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
     lp = config.length_penalty
     ngram = config.no_repeat_ngram_size
     pad = config.pad_token_id
+    n_cand = (1 + max(1, len(eos))) * k  # candidates per step: k of them never end in EOS
 
     def norm(score, length):
         return score / (length.astype(jnp.float32) ** lp)
@@ -47,6 +51,7 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
             lambda x: jnp.repeat(x, k, axis=0) if x.ndim >= 1 else x, cache)
         logits = jnp.repeat(logits[:, -1], k, axis=0)  # [b*k, V]
         vocab = logits.shape[-1]
+        n_top = min(n_cand, k * vocab)
         history = jnp.repeat(jnp.zeros((b, total), jnp.int32).at[:, :t].set(tokens), k, axis=0)
         valid = jnp.repeat(jnp.zeros((b, total), bool).at[:, :t].set(mask), k, axis=0)
 
@@ -63,20 +68,23 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
         def step(s):
             i = s["i"]
             logits = s["logits"].astype(jnp.float32)
-            if ngram:
-                logits = no_repeat_ngram_mask(logits, s["history"], s["valid"], t + i, ngram)
+            # the model's own log-probs; banned n-gram completions become -inf without
+            # renormalising the rest (as HF), so scores stay sums of model log-probs
             logp = jax.nn.log_softmax(logits, -1)
+            if ngram:
+                logp = no_repeat_ngram_mask(logp, s["history"], s["valid"], t + i, ngram)
             logp = jnp.where(jnp.isfinite(logp), logp, NEG).reshape(b, k, vocab)
             cand = (s["scores"][:, :, None] + logp).reshape(b, k * vocab)
-            top_scores, top_idx = jax.lax.top_k(cand, 2 * k)  # [b, 2k]
+            top_scores, top_idx = jax.lax.top_k(cand, n_top)  # [b, n_top], best first
             parent, tok = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
             ends = is_eos(tok, eos)
+            in_top_k = jnp.arange(n_top) < k  # only these may finish a hypothesis
             length = i + 1
             parent_seqs = jnp.take_along_axis(s["seqs"], parent[:, :, None], axis=1)
             cand_seqs = parent_seqs.at[:, :, i].set(tok)
 
             # finished: the old set plus candidates ending in EOS, best k by normalised score
-            new_fin = jnp.where(ends & (top_scores > NEG / 2),
+            new_fin = jnp.where(ends & in_top_k[None, :] & (top_scores > NEG / 2),
                                 norm(top_scores, jnp.full_like(tok, length)), NEG)
             new_fin = jnp.where(s["done"][:, None], NEG, new_fin)
             all_scores = jnp.concatenate([s["fin_scores"], new_fin], axis=1)
@@ -99,9 +107,9 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
             history = s["history"][flat_parent].at[:, t + i].set(beam_tok.reshape(-1))
             valid = s["valid"][flat_parent].at[:, t + i].set(True)
 
-            # a row is done once k hypotheses are finished and no live beam can beat the worst
-            best_live = norm(scores[:, 0], jnp.full((b,), length)) if lp >= 0 else \
-                scores[:, 0] / (jnp.float32(n_new) ** lp)
+            # a row is done once k hypotheses are finished and its best live beam, scored at the
+            # current length, does not beat the worst of them (HF's early_stopping=False rule)
+            best_live = norm(scores[:, 0], jnp.full((b,), length))
             done = s["done"] | ((fin_scores[:, -1] > NEG / 2) & (best_live <= fin_scores[:, -1]))
             logits, cache = model.apply({"params": params}, beam_tok.reshape(-1, 1), cache=cache)
             return dict(i=i + 1, logits=logits[:, -1], cache=cache, history=history, valid=valid,

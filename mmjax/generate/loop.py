@@ -4,7 +4,8 @@
     out = generate(model, params, [[1, 5, 9], [1, 7]], GenerationConfig(max_new_tokens=32))
     out.tokens   # int32 [batch, max_new_tokens]: new tokens; pad_token_id after a row's EOS
     out.lengths  # int32 [batch]: new tokens per row, EOS included
-    out.scores   # float32 [batch]: sum of the chosen tokens' log-probs (beam: the beam score)
+    out.scores   # float32 [batch]: sum of the chosen tokens' log-probs under the model (before
+                 # temperature / top-k / top-p / n-gram bans); beam: the normalised beam score
 
 Prompts are left-padded to a multiple of `prompt_bucket`, so prompts of different lengths
 in one bucket reuse the compiled program; the cache holds `bucket + max_new_tokens` slots.
@@ -32,7 +33,8 @@ from mmjax.generate.processors import choose_next, no_repeat_ngram_mask
 class GenerationConfig:
     """How to decode. temperature 0 = greedy; num_beams > 1 = beam search (deterministic).
 
-    eos_token_id: None = the model config's EOS ids; an int or a tuple of ints; () = never stop.
+    eos_token_id: None = the model config's EOS ids; an int or a sequence of ints (stored as a
+      tuple); () = never stop.
     length_penalty: beam scores are sum(log p) / (generated length ** length_penalty).
     no_repeat_ngram_size: 0 = off; n > 0 bans any token completing an n-gram seen before
       (prompt included), for greedy, sampling and beam search alike.
@@ -51,6 +53,10 @@ class GenerationConfig:
     prompt_bucket: int = 16
 
     def __post_init__(self):
+        eos = self.eos_token_id
+        if eos is not None and not isinstance(eos, (int, np.integer)):
+            # any sequence of ids -> a tuple, so the config stays hashable (it keys the jit cache)
+            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in eos))
         if self.max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -179,10 +185,11 @@ def _decode_fn(model, config: GenerationConfig, eos: tuple[int, ...]):
 
         def choose(logits, rng, history, valid, filled):
             logits = logits.astype(jnp.float32)
+            model_logp = jax.nn.log_softmax(logits, -1)  # scores: the model's own log-probs
             if ngram:
                 logits = no_repeat_ngram_mask(logits, history, valid, filled, ngram)
             tok = pick(logits, rng)
-            logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+            logp = jnp.take_along_axis(model_logp, tok[:, None], -1)[:, 0]
             return tok, logp
 
         rng, sub = jax.random.split(rng)
