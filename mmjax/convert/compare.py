@@ -130,9 +130,117 @@ def _compare_causal_lm(hf_dir, module, config, np_params, batch, seq_len, seed, 
     return diffs, extra
 
 
+def _random_images(rng, batch: int, vision_config) -> np.ndarray:
+    """Normalised-looking random images, NCHW as transformers takes them."""
+    h, w = vision_config.image_hw
+    return rng.normal(size=(batch, vision_config.channels, h, w)).astype(np.float32)
+
+
+def _max_abs_all(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def _compare_image_encoder(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """ViTModel (pooler output) / ViTForImageClassification (logits) and every hidden state on
+    random images (mmjax gets them NHWC)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmjax.convert import hf_io
+
+    arch = (hf_io.read_config(hf_dir).get("architectures") or ["ViTModel"])[0]
+    images = _random_images(np.random.default_rng(seed), batch, config)
+    hf_model = getattr(transformers, arch).from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf_model(pixel_values=torch.from_numpy(images), output_hidden_states=True)
+    params = jax.tree_util.tree_map(jnp.asarray, np_params)
+    apply = jax.jit(lambda p, x: module.apply({"params": p}, x, return_intermediates=True))
+    with jax.default_matmul_precision("highest"):
+        output, inter = apply(params, jnp.asarray(images.transpose(0, 2, 3, 1)))
+    layer_diffs = [_max_abs_all(a, b.numpy()) for a, b in zip(inter["hidden_states"], ref.hidden_states)]
+    if len(inter["hidden_states"]) != len(ref.hidden_states):
+        raise MmjaxError(f"hidden state count differs: mmjax {len(inter['hidden_states'])}, "
+                         f"reference {len(ref.hidden_states)}")
+    diffs = {"embeddings": layer_diffs[0], "hidden_states": max(layer_diffs)}
+    if config.num_classes:
+        diffs["logits"] = _max_abs_all(output, ref.logits.numpy())
+    else:
+        diffs["last_hidden_state"] = _max_abs_all(inter["final_hidden"], ref.last_hidden_state.numpy())
+        diffs["pooler_output"] = _max_abs_all(output, ref.pooler_output.numpy())
+    extra = {"hidden_state_diffs": layer_diffs,
+             "inputs": {"batch": batch, "image_size": list(config.image_hw), "seed": seed}}
+    return diffs, extra
+
+
+def _clip_text_inputs(rng, batch: int, seq_len: int, text_config) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [batch, seq_len] with the end-of-text token at a different place per row and
+    right padding after it, and the matching attention mask."""
+    c = text_config
+    vocab = c.vocab_size
+    pad = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < vocab else 0
+    if c.eos_pooling == "argmax":
+        end_id = vocab - 1  # pooled at the largest id
+        tokens = rng.integers(0, vocab - 1, size=(batch, seq_len))
+    else:
+        end_id = c.eos_token_id
+        if not 0 <= end_id < vocab:
+            raise InputError(f"eos_token_id {end_id} is outside the vocabulary [0, {vocab})")
+        tokens = rng.integers(0, vocab, size=(batch, seq_len))
+        tokens[tokens == end_id] = (end_id + 1) % vocab
+    mask = np.ones((batch, seq_len), bool)
+    for i in range(batch):
+        end = seq_len - 1 - (i * max(1, seq_len // 4)) % seq_len
+        tokens[i, end] = end_id
+        tokens[i, end + 1:] = pad
+        mask[i, end + 1:] = False
+    return tokens.astype(np.int64), mask
+
+
+def _compare_clip(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """CLIPModel: normalised image and text embeddings, logits_per_image, both towers' hidden
+    states (text ones on real tokens), with right-padded text of different lengths."""
+    import jax
+    import jax.numpy as jnp
+
+    seq_len = min(seq_len, config.text.max_len)
+    rng = np.random.default_rng(seed)
+    images = _random_images(rng, batch, config.vision)
+    tokens, mask = _clip_text_inputs(rng, batch, seq_len, config.text)
+    hf_model = transformers.CLIPModel.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images),
+                       attention_mask=torch.from_numpy(mask.astype(np.int64)), output_hidden_states=True)
+    params = jax.tree_util.tree_map(jnp.asarray, np_params)
+    apply = jax.jit(lambda p, x, t, m: module.apply({"params": p}, x, t, input_mask=m,
+                                                    return_intermediates=True))
+    with jax.default_matmul_precision("highest"):
+        out, inter = apply(params, jnp.asarray(images.transpose(0, 2, 3, 1)),
+                           jnp.asarray(tokens, jnp.int32), jnp.asarray(mask))
+    vref, tref = ref.vision_model_output, ref.text_model_output
+    vision_diffs = [_max_abs_all(a, b.numpy()) for a, b in zip(inter["vision"]["hidden_states"], vref.hidden_states)]
+    text_diffs = [_max_abs(a, b.numpy(), mask) for a, b in zip(inter["text"]["hidden_states"], tref.hidden_states)]
+    diffs = {
+        "image_embeds": _max_abs_all(out["image_embeds"], ref.image_embeds.numpy()),
+        "text_embeds": _max_abs_all(out["text_embeds"], ref.text_embeds.numpy()),
+        "logits_per_image": _max_abs_all(out["logits_per_image"], ref.logits_per_image.numpy()),
+        "vision_hidden_states": max(vision_diffs),
+        "text_hidden_states": max(text_diffs),
+        "text_last_hidden_state": _max_abs(inter["text"]["final_hidden"], tref.last_hidden_state.numpy(), mask),
+    }
+    extra = {"vision_hidden_state_diffs": vision_diffs, "text_hidden_state_diffs": text_diffs,
+             "inputs": {"batch": batch, "seq_len": seq_len, "image_size": list(config.vision.image_hw),
+                        "seed": seed, "text_lengths": mask.sum(1).tolist()},
+             "reference_logits_max_abs": float(np.abs(ref.logits_per_image.numpy()).max())}
+    return diffs, extra
+
+
 # converter.task -> function running the reference and mmjax and returning (diffs, extra)
 _RUNNERS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] = {
     "causal_lm": _compare_causal_lm,
+    "image_encoder": _compare_image_encoder,
+    "contrastive_image_text": _compare_clip,
 }
 
 

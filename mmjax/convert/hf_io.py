@@ -151,5 +151,7 @@ def write_hf_dir(out_dir: str, config: Mapping[str, Any], tensors: Mapping[str, 
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
         f.write("\n")
-    arrays = {k: np.ascontiguousarray(_to_float32(np.asarray(v))) for k, v in tensors.items()}
+    # (reshape: np.ascontiguousarray turns 0-d tensors, e.g. CLIP's logit_scale, into 1-d)
+    arrays = {k: np.ascontiguousarray(_to_float32(np.asarray(v))).reshape(np.shape(v))
+              for k, v in tensors.items()}
     save_file(arrays, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})

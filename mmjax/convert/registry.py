@@ -46,6 +46,8 @@ class Converter:
 _MODEL_TYPES: dict[str, str] = {
     "llama": "mmjax.convert.llama",
     "mistral": "mmjax.convert.llama",
+    "vit": "mmjax.convert.vit",
+    "clip": "mmjax.convert.clip",
 }
 
 

@@ -14,9 +14,23 @@ def _llama():
     return LlamaConfig, Llama
 
 
+def _vit():
+    from mmjax.models.vit import ViT, ViTConfig
+
+    return ViTConfig, ViT
+
+
+def _clip():
+    from mmjax.models.clip import CLIP, CLIPConfig
+
+    return CLIPConfig, CLIP
+
+
 # family name -> lazy loader of (config class, module class)
 FAMILIES: dict[str, Callable[[], tuple[type, type]]] = {
     "llama": _llama,
+    "vit": _vit,
+    "clip": _clip,
 }
 
 

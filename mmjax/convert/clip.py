@@ -1,0 +1,266 @@
+"""Hugging Face `CLIPModel` <-> mmjax `CLIP`.
+
+Config: the top level and both sub-configs (`text_config`, `vision_config`) are checked key by
+key like `mmjax.convert.llama`: every key is mapped to a field or on an explicit list of keys
+that do not change the function computed at inference; anything else raises
+`UnsupportedModelError` naming the key (with its sub-config).
+
+Decisions on keys accepted without a field:
+  * `attention_dropout` (>= 0): training only; the converted model computes `eval()` mode.
+  * `initializer_factor`, sub-config `projection_dim` (read only by the `...WithProjection`
+    models; `CLIPModel` uses the top-level one), `logit_scale_init_value` (the checkpoint's
+    `logit_scale` tensor is what counts; it is kept as `logit_scale_init`), `bos_token_id`,
+    `pad_token_id`: initialisation and tokenizer bookkeeping.
+  * `eos_token_id` picks the text pooling exactly as transformers does: 2 (the value of
+    configs written before transformers PR #24773) -> the position of the largest token id
+    (`eos_pooling="argmax"`), anything else -> the first occurrence of that id.
+
+Weights: as `mmjax.convert.vit`, with CLIP's names (`self_attn.{q,k,v,out}_proj`,
+`layer_norm1/2`, `mlp.fc1/fc2`), `pre_layrnorm` -> `vision/pre_norm`, `post_layernorm` ->
+`vision/final_norm` (mmjax normalises every token, HF only the pooled [CLS] one: the pooled
+feature is the same), projections `[proj, dim]` -> `[dim, proj]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmjax.convert.vit import (HARMLESS_KEYS, VisionTensorRule, activation_from_hf, activation_to_hf,
+                               apply_rules_from_hf, apply_rules_to_hf, architecture_of,
+                               check_config_keys, check_dropout, encoder_layer_rules)
+from mmjax.errors import ConfigError, UnsupportedModelError
+from mmjax.models.clip import CLIP_VISION_LAYOUT, CLIPConfig, CLIPTextConfig
+from mmjax.models.vit import ViTConfig
+
+ARCHITECTURES = ("CLIPModel",)
+LEGACY_EOS_ID = 2  # transformers pools at argmax(token id) when eos_token_id == 2
+
+_TOP_KEYS = {"text_config", "vision_config", "projection_dim", "logit_scale_init_value",
+             "initializer_factor"}
+_TEXT_KEYS = {  # HF key -> CLIPTextConfig field (None: handled separately)
+    "vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_size": "mlp_dim",
+    "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+    "max_position_embeddings": "max_len", "layer_norm_eps": "norm_eps",
+    "initializer_range": "initializer_range", "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+    "hidden_act": None, "attention_dropout": None, "initializer_factor": None, "projection_dim": None,
+}
+_VISION_KEYS = {  # HF key -> ViTConfig field
+    "hidden_size": "dim", "intermediate_size": "mlp_dim", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "num_channels": "channels", "image_size": "image_size",
+    "patch_size": "patch_size", "layer_norm_eps": "norm_eps", "initializer_range": "initializer_range",
+    "hidden_act": None, "attention_dropout": None, "initializer_factor": None, "projection_dim": None,
+}
+# transformers CLIPTextConfig / CLIPVisionConfig / CLIPConfig class defaults
+_TEXT_DEFAULTS = dict(vocab_size=49408, dim=512, mlp_dim=2048, num_layers=12, num_heads=8, max_len=77,
+                      norm_eps=1e-5, initializer_range=0.02, bos_token_id=49406, eos_token_id=49407,
+                      pad_token_id=1)
+_VISION_DEFAULTS = dict(dim=768, mlp_dim=3072, num_layers=12, num_heads=12, channels=3, image_size=224,
+                        patch_size=32, norm_eps=1e-5, initializer_range=0.02)
+_DEFAULT_PROJECTION_DIM = 512
+_DEFAULT_LOGIT_SCALE_INIT = 2.6592
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def _sub(hf: Mapping[str, Any], key: str, model_type: str) -> Mapping[str, Any]:
+    sub = hf.get(key) or {}
+    if not isinstance(sub, Mapping):
+        raise UnsupportedModelError(f"clip config.json: {key} must be an object, got {sub!r}")
+    if sub.get("model_type", model_type) != model_type:
+        raise UnsupportedModelError(f"clip config.json: {key}.model_type is {sub['model_type']!r}, "
+                                    f"expected {model_type!r}")
+    return sub
+
+
+def text_config_from_hf(hf: Mapping[str, Any], where: str = "text_config") -> CLIPTextConfig:
+    check_config_keys(hf, set(_TEXT_KEYS) | HARMLESS_KEYS, f"clip {where}")
+    kw = dict(_TEXT_DEFAULTS)
+    kw.update({field: hf[k] for k, field in _TEXT_KEYS.items() if field and k in hf})
+    kw["activation"] = activation_from_hf(hf.get("hidden_act", "quick_gelu"), f"{where}.hidden_act")
+    check_dropout(hf, "attention_dropout")
+    eos = kw["eos_token_id"]
+    if isinstance(eos, bool) or not isinstance(eos, int):
+        raise UnsupportedModelError(f"{where}.eos_token_id must be one int (the text is pooled at it), "
+                                    f"got {eos!r}")
+    kw["eos_pooling"] = "argmax" if eos == LEGACY_EOS_ID else "first_eos"
+    try:
+        return CLIPTextConfig(**kw)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"clip {where}: {e}") from None
+
+
+def vision_config_from_hf(hf: Mapping[str, Any], where: str = "vision_config") -> ViTConfig:
+    check_config_keys(hf, set(_VISION_KEYS) | HARMLESS_KEYS, f"clip {where}")
+    kw = dict(CLIP_VISION_LAYOUT)
+    kw.update(_VISION_DEFAULTS)
+    kw.update({field: hf[k] for k, field in _VISION_KEYS.items() if field and k in hf})
+    for key in ("image_size", "patch_size"):
+        if isinstance(kw[key], list):
+            kw[key] = tuple(kw[key])
+    kw["activation"] = activation_from_hf(hf.get("hidden_act", "quick_gelu"), f"{where}.hidden_act")
+    check_dropout(hf, "attention_dropout")
+    try:
+        return ViTConfig(**kw)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"clip {where}: {e}") from None
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> CLIPConfig:
+    """`CLIPConfig` for a parsed `CLIPModel` `config.json` (strict, see the module docstring)."""
+    if hf.get("model_type") != "clip":
+        raise UnsupportedModelError(f"model_type {hf.get('model_type')!r} is not handled by the CLIP "
+                                    "converter; supported: clip")
+    check_config_keys(hf, _TOP_KEYS | HARMLESS_KEYS, "clip config.json")
+    arch = architecture_of(hf, "CLIPModel")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported for model_type 'clip'; "
+                                    f"supported: {', '.join(ARCHITECTURES)}")
+    text = text_config_from_hf(_sub(hf, "text_config", "clip_text_model"))
+    vision = vision_config_from_hf(_sub(hf, "vision_config", "clip_vision_model"))
+    try:
+        return CLIPConfig(
+            vision=vision, text=text,
+            projection_dim=hf.get("projection_dim") or _DEFAULT_PROJECTION_DIM,
+            logit_scale_init=float(hf.get("logit_scale_init_value", _DEFAULT_LOGIT_SCALE_INIT)),
+        )
+    except (ConfigError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"clip config.json: {e}") from None
+
+
+def _check_exportable(config: CLIPConfig) -> None:
+    v = config.vision
+    differ = [f"vision.{k}={getattr(v, k)!r}" for k in ("pool", "posemb", "class_token", "pre_norm",
+                                                         "patch_bias", "qkv_bias")
+              if getattr(v, k) != CLIP_VISION_LAYOUT[k]]
+    if differ:
+        raise UnsupportedModelError(f"cannot export this CLIP to Hugging Face CLIPModel: {', '.join(differ)}")
+    t = config.text
+    if t.eos_pooling == "first_eos" and t.eos_token_id == LEGACY_EOS_ID:
+        raise UnsupportedModelError(
+            "cannot export text eos_pooling='first_eos' with eos_token_id=2: transformers pools "
+            "configs with eos_token_id 2 at the largest token id instead")
+
+
+def config_to_hf(config: CLIPConfig, model_type: str | None = None) -> dict[str, Any]:
+    """`config.json` dict of a `CLIPModel` (transformers 5 layout)."""
+    if model_type not in (None, "clip"):
+        raise UnsupportedModelError(f"cannot export a CLIP as model_type {model_type!r}; supported: clip")
+    _check_exportable(config)
+    t, v = config.text, config.vision
+    text = {
+        "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.dim,
+        "intermediate_size": t.mlp_dim, "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads, "max_position_embeddings": t.max_len,
+        "hidden_act": activation_to_hf(t.activation), "layer_norm_eps": t.norm_eps,
+        "initializer_range": t.initializer_range, "initializer_factor": 1.0, "attention_dropout": 0.0,
+        "projection_dim": config.projection_dim, "bos_token_id": t.bos_token_id,
+        # argmax pooling is what transformers does for eos_token_id 2 (see the module docstring)
+        "eos_token_id": LEGACY_EOS_ID if t.eos_pooling == "argmax" else t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+    }
+    vision = {
+        "model_type": "clip_vision_model", "hidden_size": v.dim, "intermediate_size": v.mlp_dim,
+        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
+        "num_channels": v.channels,
+        "image_size": list(v.image_size) if isinstance(v.image_size, tuple) else v.image_size,
+        "patch_size": list(v.patch_size) if isinstance(v.patch_size, tuple) else v.patch_size,
+        "hidden_act": activation_to_hf(v.activation), "layer_norm_eps": v.norm_eps,
+        "initializer_range": v.initializer_range, "initializer_factor": 1.0, "attention_dropout": 0.0,
+        "projection_dim": config.projection_dim,
+    }
+    hf: dict[str, Any] = {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.projection_dim,
+        "logit_scale_init_value": config.logit_scale_init, "initializer_factor": 1.0,
+        "text_config": text, "vision_config": vision, "dtype": "float32",
+    }
+    try:
+        hf["transformers_version"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return hf
+
+
+# --- weights --------------------------------------------------------------------------------
+
+_CLIP_LAYER_NAMES = {
+    "ln1": "layer_norm1", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+    "o": "self_attn.out_proj", "ln2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+}
+
+
+def tensor_rules(c: CLIPConfig) -> list[VisionTensorRule]:
+    """Every tensor of an HF `CLIPModel` checkpoint of `c`."""
+    R = VisionTensorRule
+    t, v = c.text, c.vision
+    ph, pw = v.patch_hw
+    rules = [R("logit_scale", ("logit_scale",), (), "copy")]
+    tp, vp = "text_model.", "vision_model."
+    rules += [
+        R(tp + "embeddings.token_embedding.weight", ("text", "embed", "embedding"), (t.vocab_size, t.dim), "copy"),
+        R(tp + "embeddings.position_embedding.weight", ("text", "pos_embedding", "embedding"),
+          (t.max_len, t.dim), "copy"),
+    ]
+    for i in range(t.num_layers):
+        rules += [dataclass_prefix(r, "text") for r in encoder_layer_rules(
+            f"{tp}encoder.layers.{i}.", f"layers_{i}", t.dim, t.num_heads, t.mlp_dim, True, _CLIP_LAYER_NAMES)]
+    rules += [R(tp + "final_layer_norm.weight", ("text", "final_norm", "scale"), (t.dim,), "copy"),
+              R(tp + "final_layer_norm.bias", ("text", "final_norm", "bias"), (t.dim,), "copy"),
+              R("text_projection.weight", ("text_projection", "kernel"), (c.projection_dim, t.dim), "linear")]
+    rules += [
+        R(vp + "embeddings.class_embedding", ("vision", "cls"), (v.dim,), "copy"),
+        R(vp + "embeddings.patch_embedding.weight", ("vision", "patch_embed", "kernel"),
+          (v.dim, v.channels, ph, pw), "patch"),
+        R(vp + "embeddings.position_embedding.weight", ("vision", "pos_embedding", "embedding"),
+          (v.num_tokens, v.dim), "copy"),
+        R(vp + "pre_layrnorm.weight", ("vision", "pre_norm", "scale"), (v.dim,), "copy"),
+        R(vp + "pre_layrnorm.bias", ("vision", "pre_norm", "bias"), (v.dim,), "copy"),
+    ]
+    for i in range(v.num_layers):
+        rules += [dataclass_prefix(r, "vision") for r in encoder_layer_rules(
+            f"{vp}encoder.layers.{i}.", f"layers_{i}", v.dim, v.num_heads, v.mlp_dim, True, _CLIP_LAYER_NAMES)]
+    rules += [R(vp + "post_layernorm.weight", ("vision", "final_norm", "scale"), (v.dim,), "copy"),
+              R(vp + "post_layernorm.bias", ("vision", "final_norm", "bias"), (v.dim,), "copy"),
+              R("visual_projection.weight", ("visual_projection", "kernel"), (c.projection_dim, v.dim),
+                "linear")]
+    return rules
+
+
+def dataclass_prefix(rule: VisionTensorRule, prefix: str) -> VisionTensorRule:
+    """`rule` with its mmjax path moved under `prefix`."""
+    return dataclasses.replace(rule, path=(prefix,) + rule.path)
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: CLIPConfig) -> dict[str, Any]:
+    """mmjax CLIP params (nested dict of float32 numpy arrays) from HF `CLIPModel` tensors.
+    `position_ids` buffers written by old transformers versions are derived data and skipped."""
+    tensors = {k: w for k, w in tensors.items() if not k.endswith("embeddings.position_ids")}
+    return apply_rules_from_hf(tensors, tensor_rules(config))
+
+
+def params_to_hf(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
+    """HF `CLIPModel` tensors from plain mmjax CLIP params."""
+    _check_exportable(config)
+    return apply_rules_to_hf(params, tensor_rules(config))
+
+
+def _make_converter():
+    from mmjax.convert.registry import Converter
+
+    return Converter(
+        family="clip",
+        model_types=("clip",),
+        architectures=ARCHITECTURES,
+        task="contrastive_image_text",
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        params_from_hf=params_from_hf,
+        params_to_hf=params_to_hf,
+    )
+
+
+CONVERTER = _make_converter()

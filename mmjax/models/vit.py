@@ -1,0 +1,363 @@
+"""Vision Transformer (ViT): images -> patch tokens -> pre-norm transformer encoder.
+
+    config = ViTConfig.from_variant("B/16", num_classes=1000)
+    model = ViT(config)
+    params = model.init(rng, images)["params"]          # images [B, H, W, C] float (NHWC)
+    logits = model.apply({"params": params}, images)    # [B, num_classes]
+    feats, out = model.apply({"params": params}, images, return_intermediates=True)
+
+With `num_classes=0` the output is the pooled feature ([B, dim], or [B, representation] when
+a pre-logits layer is configured). `out` holds named activations: `hidden_states` (the
+encoder input and every block's output, num_layers + 1 arrays [B, tokens, dim], before the
+final norm -- LLaVA reads the penultimate one, BLIP-2 / Flamingo the patch tokens),
+`final_hidden` (all tokens after the final norm), `pooled`, `pre_logits` and `logits`.
+
+Layout: [CLS] (when `class_token`) followed by the patch tokens in row-major grid order.
+Learned positions cover every token, [CLS] included (as Hugging Face stores them); 2-D
+sin-cos positions cover the patches and leave [CLS] without a position (as big_vision).
+
+Param tree: patch_embed/{kernel [ph*pw*C, dim], bias}, cls [dim], pos_embedding/embedding
+[tokens, dim] (learned only), pre_norm (CLIP's "pre_layrnorm"), layers_{i}/{attn_norm,
+attn/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}}, final_norm, pre_logits (optional),
+head (optional).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import configs
+from mmjax.errors import ConfigError, InputError
+from mmjax.nn.attention import Attention
+from mmjax.nn.embeddings import LearnedPositions
+from mmjax.nn.linear import DenseGeneral
+from mmjax.nn.mlp import ACTIVATIONS, MLP
+from mmjax.nn.norms import LayerNorm
+from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
+
+POOLS = ("cls", "gap")
+POSEMBS = ("learned", "sincos2d")
+
+
+def _pair(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ConfigError(f"expected one int or a pair (height, width), got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    image_size: int | tuple[int, int] = 224  # one side, or (height, width)
+    patch_size: int | tuple[int, int] = 16
+    channels: int = 3
+    dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    pool: str = "cls"  # "cls": the [CLS] token; "gap": mean of the patch tokens
+    posemb: str = "learned"  # "learned" table or fixed "sincos2d"
+    class_token: bool = True
+    pre_norm: bool = False  # LayerNorm on the embeddings before the encoder (CLIP)
+    patch_bias: bool = True  # bias of the patch projection (HF ViT: yes, CLIP: no)
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    activation: str = "gelu"
+    num_classes: int = 0  # 0 = no classification head, return features
+    representation: int | None = None  # width of a Dense+tanh pre-logits layer (HF ViT pooler)
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
+    remat: bool = False  # recompute each block in the backward pass
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            pair = _pair(getattr(self, name))
+            if min(pair) <= 0:
+                raise ConfigError(f"ViTConfig.{name} must be positive, got {value!r}")
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        if h % ph or w % pw:
+            raise ConfigError(
+                f"ViTConfig: image_size {h}x{w} is not divisible by patch_size {ph}x{pw}; "
+                "crop or resize the images, or pick a patch size that divides them"
+            )
+        for name in ("channels", "dim", "num_layers", "num_heads", "mlp_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ConfigError(f"ViTConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.pool not in POOLS:
+            raise ConfigError(f"ViTConfig.pool {self.pool!r}{configs.closest_name(self.pool, POOLS)}; "
+                              f"known: {', '.join(POOLS)}")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("ViTConfig: pool='cls' needs class_token=True")
+        if self.posemb not in POSEMBS:
+            raise ConfigError(f"ViTConfig.posemb {self.posemb!r}{configs.closest_name(self.posemb, POSEMBS)}; "
+                              f"known: {', '.join(POSEMBS)}")
+        if self.posemb == "sincos2d" and self.dim % 4:
+            raise ConfigError(f"ViTConfig: sincos2d positions need dim divisible by 4, got {self.dim}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"ViTConfig.activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if self.num_classes < 0:
+            raise ConfigError(f"ViTConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.representation is not None and self.representation <= 0:
+            raise ConfigError(f"ViTConfig.representation must be positive or None, got {self.representation}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ConfigError(f"ViTConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along (height, width)."""
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        return h // ph, w // pw
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + int(self.class_token)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def features_dim(self) -> int:
+        """Width of the output when num_classes == 0."""
+        return self.representation or self.dim
+
+    def replace(self, **kw) -> "ViTConfig":
+        configs.check_keys("ViTConfig", kw, {f.name for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return configs.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "ViTConfig":
+        return configs.from_dict(cls, d)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> "ViTConfig":
+        """"tiny" (tests), or "<size>/<patch>" with size in Ti, S, M, B, L, H, g, G ("B/16")."""
+        if name in TEST_VARIANTS:
+            return cls(**{**TEST_VARIANTS[name], **overrides})
+        match = re.fullmatch(r"(\w+)/(\d+)", name)
+        if not match or match.group(1) not in WIDTHS:
+            known = list(TEST_VARIANTS) + [f"{k}/16" for k in WIDTHS]
+            raise ConfigError(
+                f"unknown ViT variant {name!r}{configs.closest_name(name, known)}; known: "
+                f"{', '.join(TEST_VARIANTS)}, or <size>/<patch> with size in {', '.join(WIDTHS)}"
+            )
+        dim, layers, mlp, heads = WIDTHS[match.group(1)]
+        base = dict(dim=dim, num_layers=layers, mlp_dim=mlp, num_heads=heads,
+                    patch_size=int(match.group(2)))
+        return cls(**{**base, **overrides})
+
+    def num_params(self) -> int:
+        d, m = self.dim, self.mlp_dim
+        ph, pw = self.patch_hw
+        n = ph * pw * self.channels * d + (d if self.patch_bias else 0)
+        n += d * int(self.class_token)
+        n += self.num_tokens * d if self.posemb == "learned" else 0
+        n += 2 * d if self.pre_norm else 0
+        attn = 4 * d * d + (3 * d if self.qkv_bias else 0) + d
+        n += self.num_layers * (attn + 2 * d * m + m + d + 4 * d) + 2 * d
+        width = d
+        if self.representation:
+            n += d * self.representation + self.representation
+            width = self.representation
+        if self.num_classes:
+            n += width * self.num_classes + self.num_classes
+        return n
+
+
+# size name -> (width, depth, mlp width, heads), the shapes of the ViT / big_vision papers
+WIDTHS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+TEST_VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(image_size=32, patch_size=8, dim=64, num_layers=2, num_heads=4, mlp_dim=128),
+}
+
+
+def sincos2d_positions(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embeddings [grid_h * grid_w, dim] (row-major grid).
+
+    A quarter of the channels each holds sin(x w), cos(x w), sin(y w), cos(y w) with the
+    frequencies w = temperature ** -(k / (dim/4 - 1)), k = 0 .. dim/4 - 1.
+    """
+    quarter = dim // 4
+    k = np.arange(quarter, dtype=np.float64) / max(quarter - 1, 1)
+    freq = temperature ** -k
+    ys, xs = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    ax = xs.reshape(-1, 1) * freq[None]
+    ay = ys.reshape(-1, 1) * freq[None]
+    return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], axis=1).astype(np.float32)
+
+
+def patchify(images: jax.Array, patch_hw: tuple[int, int]) -> jax.Array:
+    """[B, H, W, C] -> [B, (H/ph) * (W/pw), ph * pw * C]: row-major patches, each flattened in
+    (row, column, channel) order -- a stride-`patch` convolution is a Dense on these."""
+    b, h, w, c = images.shape
+    ph, pw = patch_hw
+    x = images.reshape(b, h // ph, ph, w // pw, pw, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // ph) * (w // pw), ph * pw * c)
+
+
+def check_images(images: Any, config: ViTConfig, who: str = "ViT") -> None:
+    """InputError unless `images` is a float [batch, height, width, channels] array of the
+    configured resolution."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != 4:
+        raise InputError(f"{who}: images must be [batch, height, width, channels], got shape {shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise InputError(f"{who}: images must be floating point (rescaled and normalised), "
+                         f"got dtype {images.dtype}")
+    h, w = config.image_hw
+    if shape[3] != config.channels:
+        hint = " (channels-first NCHW input? mmjax takes NHWC)" if shape[1] == config.channels else ""
+        raise InputError(f"{who}: images have {shape[3]} channels in the last axis, the model takes "
+                         f"{config.channels}{hint}; got shape {shape}")
+    if shape[1:3] != (h, w):
+        raise InputError(f"{who}: images are {shape[1]}x{shape[2]}, the model takes {h}x{w} "
+                         f"(patch size {config.patch_hw[0]}x{config.patch_hw[1]}); resize them first")
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    Bidirectional by default (ViT); `causal=True` for a text tower. `mask`: extra boolean mask
+    broadcastable to [batch, heads, seq, seq] (e.g. padding).
+    Params: attn_norm, attn/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    causal: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    initializer_range: float = 0.02
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        dim = x.shape[-1]
+        init = nn.initializers.normal(self.initializer_range)
+        norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(**norm, name="attn_norm")(x)
+        h = Attention(
+            num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=dim // self.num_heads,
+            qkv_bias=self.qkv_bias, out_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=init, implementation=self.attention_impl, name="attn",
+        )(h, mask=mask, causal=self.causal)
+        x = constrain(x + h, BATCH_LEN_EMBED)
+        h = LayerNorm(**norm, name="mlp_norm")(x)
+        h = MLP(self.mlp_dim, self.activation, True, self.dtype, self.param_dtype, init, name="mlp")(h)
+        return constrain(x + h, BATCH_LEN_EMBED)
+
+
+class ViT(nn.Module):
+    """Vision Transformer. See the module docstring for the call forms."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
+        """
+        Args:
+          images: [batch, height, width, channels] float, already rescaled and normalised.
+          return_intermediates: also return a dict of named activations (module docstring).
+        Returns:
+          logits [batch, num_classes] float32 when num_classes > 0, else the pooled features
+          [batch, features_dim] float32; then the intermediates dict if asked.
+        """
+        c = self.config
+        check_images(images, c)
+        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.initializer_range)
+        b = images.shape[0]
+
+        x = patchify(images.astype(dtype), c.patch_hw)
+        x = DenseGeneral(c.dim, ("patch", "embed"), use_bias=c.patch_bias, dtype=dtype,
+                         param_dtype=pdtype, kernel_init=init, name="patch_embed")(x)
+        if c.posemb == "sincos2d":
+            x = x + jnp.asarray(sincos2d_positions(*c.grid, c.dim), dtype)[None]
+        if c.class_token:
+            cls = self.param("cls", nn.with_logical_partitioning(init, ("embed",)), (c.dim,), pdtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, c.dim)), x], axis=1)
+        if c.posemb == "learned":
+            pos = LearnedPositions(c.num_tokens, c.dim, dtype, pdtype, init, name="pos_embedding")
+            x = x + pos(jnp.arange(c.num_tokens))[None]
+        if c.pre_norm:
+            x = LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="pre_norm")(x)
+        x = constrain(x, BATCH_LEN_EMBED)
+
+        block_cls = nn.remat(EncoderBlock) if c.remat else EncoderBlock
+        hidden_states = [x]
+        for i in range(c.num_layers):
+            x = block_cls(
+                num_heads=c.num_heads, mlp_dim=c.mlp_dim, activation=c.activation, norm_eps=c.norm_eps,
+                qkv_bias=c.qkv_bias, dtype=dtype, param_dtype=pdtype,
+                initializer_range=c.initializer_range, attention_impl=c.attention_impl,
+                name=f"layers_{i}",
+            )(x)
+            hidden_states.append(x)
+        encoded = LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+
+        if c.pool == "cls":
+            pooled = encoded[:, 0]
+        else:  # gap over the patch tokens
+            pooled = jnp.mean(encoded[:, int(c.class_token):].astype(jnp.float32), axis=1).astype(dtype)
+        out = {"hidden_states": tuple(hidden_states), "final_hidden": encoded, "pooled": pooled}
+        features = pooled
+        if c.representation:
+            features = jnp.tanh(DenseGeneral(c.representation, ("embed", "mlp"), use_bias=True,
+                                             dtype=dtype, param_dtype=pdtype, kernel_init=init,
+                                             name="pre_logits")(pooled))
+        out["pre_logits"] = features
+        result = features.astype(jnp.float32)
+        if c.num_classes:
+            logits = DenseGeneral(c.num_classes, ("embed", "vocab"), use_bias=True, dtype=dtype,
+                                  param_dtype=pdtype, kernel_init=init, name="head")(features)
+            result = out["logits"] = logits.astype(jnp.float32)
+        if return_intermediates:
+            return result, out
+        return result

@@ -1,0 +1,288 @@
+"""Hugging Face ViT / CLIP <-> mmjax: float32 parity with the PyTorch reference, round trips,
+strict configs, and `mmjax compare` on ViT and CLIP directories.
+
+Each case builds a random-weight transformers model (every tensor randomised, norms and biases
+included, so a swapped or dropped tensor shows), saves it with `save_pretrained` and converts
+it with `from_hf`. Reference outputs come from the PyTorch model object, never from mmjax.
+Images are NCHW for transformers and NHWC for mmjax.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from mmjax.convert import from_hf, to_hf  # noqa: E402
+from mmjax.errors import InputError, UnsupportedModelError  # noqa: E402
+
+TOL = 1e-4
+VIT_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+VIT_CASES = {
+    # ViTModel with its pooler, exact GELU, 32px / patch 8
+    "vit_model": ("ViTModel", dict(image_size=32, patch_size=8)),
+    # classifier, non-square image whose sides are not powers of two, QuickGELU, no qkv bias
+    "vit_classifier": ("ViTForImageClassification", dict(
+        image_size=[24, 40], patch_size=8, hidden_act="quick_gelu", qkv_bias=False, num_labels=7)),
+}
+CLIP_TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=98, pad_token_id=0)
+CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+CLIP_CASES = {
+    # pooled at the first eos id (99), QuickGELU, 32px / patch 8
+    "clip_eos": (dict(eos_token_id=99), dict(image_size=32, patch_size=8)),
+    # legacy eos_token_id 2: pooled at the largest id; GELU; 30px / patch 6 (a 5x5 grid)
+    "clip_legacy": (dict(eos_token_id=2, hidden_act="gelu"),
+                    dict(image_size=30, patch_size=6, hidden_act="gelu")),
+}
+
+
+def randomise(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "logit_scale":
+                p.fill_(2.9)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def build_hf(name, seed):
+    if name in VIT_CASES:
+        arch, over = VIT_CASES[name]
+        return randomise(getattr(transformers, arch)(transformers.ViTConfig(**VIT_BASE, **over)), seed)
+    text, vision = CLIP_CASES[name]
+    config = transformers.CLIPConfig(text_config={**CLIP_TEXT, **text},
+                                     vision_config={**CLIP_VISION, **vision}, projection_dim=32)
+    return randomise(transformers.CLIPModel(config), seed)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """case name -> (hf model, hf dir, mmjax module, params); built once per case."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = build_hf(name, seed=len(cache))
+            path = str(tmp_path_factory.mktemp(name))
+            model.save_pretrained(path)
+            module, params = from_hf(path)
+            cache[name] = (model, path, module, params)
+        return cache[name]
+
+    return get
+
+
+def nchw_images(model_config, batch=3, seed=0):
+    size = model_config.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.random.default_rng(seed).normal(size=(batch, 3, h, w)).astype(np.float32)
+
+
+def maxdiff(a, b, mask=None):
+    d = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+    return float(d[mask].max() if mask is not None else d.max())
+
+
+@pytest.mark.parametrize("name", list(VIT_CASES))
+def test_vit_matches_transformers(saved, name):
+    model, _, module, params = saved(name)
+    x = nchw_images(model.config)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(x), output_hidden_states=True)
+    with jax.default_matmul_precision("highest"):
+        out, inter = jax.jit(lambda p, im: module.apply({"params": p}, im, return_intermediates=True))(
+            params, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    if name == "vit_classifier":
+        assert module.config.num_classes == 7 and module.config.image_hw == (24, 40)
+        ref_out = ref.logits.numpy()
+    else:
+        ref_out = ref.pooler_output.numpy()
+        assert maxdiff(inter["final_hidden"], ref.last_hidden_state.numpy()) <= TOL
+    assert out.shape == ref_out.shape
+    assert np.abs(ref_out).max() > 0.1  # not a comparison between near-zeros
+    assert maxdiff(out, ref_out) <= TOL, f"{name}: output max |diff| {maxdiff(out, ref_out):.3e}"
+    assert len(inter["hidden_states"]) == len(ref.hidden_states)
+    for i, (a, b) in enumerate(zip(inter["hidden_states"], ref.hidden_states)):
+        assert maxdiff(a, b.numpy()) <= TOL, f"{name}: hidden state {i}"
+
+
+def clip_text(config, batch=3, seq=14, seed=1):
+    """Right-padded ids (rows of different lengths), the end-of-text token last in each row."""
+    t = config.text_config
+    rng = np.random.default_rng(seed)
+    legacy = t.eos_token_id == 2
+    end_id = t.vocab_size - 1 if legacy else t.eos_token_id
+    tokens = rng.integers(3, 97, size=(batch, seq))
+    if legacy:  # a 2 early in the row: argmax pooling must not stop there
+        tokens[:, 1] = 2
+    mask = np.ones((batch, seq), bool)
+    for i in range(batch):
+        end = seq - 1 - 4 * i
+        tokens[i, end] = end_id
+        tokens[i, end + 1:] = t.pad_token_id
+        mask[i, end + 1:] = False
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", list(CLIP_CASES))
+def test_clip_matches_transformers(saved, name):
+    model, _, module, params = saved(name)
+    x = nchw_images(model.config.vision_config)
+    tokens, mask = clip_text(model.config)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(x),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64)), output_hidden_states=True)
+    with jax.default_matmul_precision("highest"):
+        out, inter = jax.jit(lambda p, im, t, m: module.apply(
+            {"params": p}, im, t, input_mask=m, return_intermediates=True))(
+            params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(tokens, jnp.int32), jnp.asarray(mask))
+    expected_pooling = "argmax" if name == "clip_legacy" else "first_eos"
+    assert module.config.text.eos_pooling == expected_pooling
+    np.testing.assert_array_equal(inter["text"]["eos_index"], mask.sum(1) - 1)
+    assert np.abs(ref.logits_per_image.numpy()).max() > 1.0
+    for key in ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text"):
+        ref_value = getattr(ref, key).numpy()
+        assert out[key].shape == ref_value.shape
+        assert maxdiff(out[key], ref_value) <= TOL, f"{name}: {key} max |diff| {maxdiff(out[key], ref_value):.3e}"
+    vref, tref = ref.vision_model_output, ref.text_model_output
+    assert len(inter["vision"]["hidden_states"]) == len(vref.hidden_states)
+    for i, (a, b) in enumerate(zip(inter["vision"]["hidden_states"], vref.hidden_states)):
+        assert maxdiff(a, b.numpy()) <= TOL, f"{name}: vision hidden state {i}"
+    assert len(inter["text"]["hidden_states"]) == len(tref.hidden_states)
+    for i, (a, b) in enumerate(zip(inter["text"]["hidden_states"], tref.hidden_states)):
+        assert maxdiff(a, b.numpy(), mask) <= TOL, f"{name}: text hidden state {i}"
+    assert maxdiff(inter["text"]["final_hidden"], tref.last_hidden_state.numpy(), mask) <= TOL
+    # before normalisation: CLIPModel's tower outputs carry the projected pooled features
+    with jax.default_matmul_precision("highest"):
+        raw_img = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), normalize=False,
+                               method=type(module).encode_image)
+    assert maxdiff(raw_img, vref.pooler_output.numpy()) <= TOL
+
+
+def test_clip_pooling_rule_matters(saved):
+    """Pooling at the wrong position moves the text embeddings (the parity test is not vacuous)."""
+    model, _, module, params = saved("clip_legacy")
+    tokens, _ = clip_text(model.config)
+    c = module.config
+    wrong = module.clone(config=c.replace(text=c.text.__class__(**{**c.text.__dict__, "eos_pooling": "first_eos"})))
+    encode = lambda m: np.asarray(m.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
+                                          method=type(module).encode_text))
+    assert maxdiff(encode(module), encode(wrong)) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["vit_model", "vit_classifier", "clip_eos", "clip_legacy"])
+def test_round_trip_gives_identical_tensors(saved, name, tmp_path):
+    model, path, module, params = saved(name)
+    to_hf(module, params, str(tmp_path))
+    original, exported = load_file(os.path.join(path, "model.safetensors")), load_file(
+        str(tmp_path / "model.safetensors"))
+    assert sorted(original) == sorted(exported)
+    for key in original:
+        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    # transformers reads the exported config back as the same architecture and shapes
+    with open(os.path.join(path, "config.json")) as f:
+        src = json.load(f)
+    back = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    assert back.architectures == src["architectures"]
+    if name.startswith("clip"):
+        assert back.text_config.eos_token_id == src["text_config"]["eos_token_id"]
+        assert back.vision_config.image_size == src["vision_config"]["image_size"]
+    else:
+        assert back.num_labels == model.config.num_labels or name == "vit_model"
+    module2, params2 = from_hf(str(tmp_path))
+    assert module2.config == module.config
+
+
+def _edit_config(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    edit(cfg)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return dst
+
+
+def test_unknown_config_keys_are_named(saved, tmp_path):
+    _, vit_path, _, _ = saved("vit_model")
+    _, clip_path, _, _ = saved("clip_eos")
+    bad = _edit_config(vit_path, str(tmp_path / "a"), lambda c: c.update(use_mask_tokn=True))
+    with pytest.raises(UnsupportedModelError, match="use_mask_tokn"):
+        from_hf(bad)
+    bad = _edit_config(vit_path, str(tmp_path / "b"), lambda c: c.update(pooler_act="relu"))
+    with pytest.raises(UnsupportedModelError, match="pooler_act"):
+        from_hf(bad)
+    bad = _edit_config(clip_path, str(tmp_path / "c"), lambda c: c["text_config"].update(rope_theta=1.0))
+    with pytest.raises(UnsupportedModelError, match="text_config.*rope_theta"):
+        from_hf(bad)
+    bad = _edit_config(clip_path, str(tmp_path / "d"), lambda c: c["vision_config"].update(hidden_act="mish"))
+    with pytest.raises(UnsupportedModelError, match="vision_config.hidden_act 'mish'"):
+        from_hf(bad)
+    bad = _edit_config(clip_path, str(tmp_path / "e"), lambda c: c.update(architectures=["CLIPSegModel"]))
+    with pytest.raises(UnsupportedModelError, match="CLIPSegModel"):
+        from_hf(bad)
+    bad = _edit_config(vit_path, str(tmp_path / "f"), lambda c: c.update(image_size=30))
+    with pytest.raises(UnsupportedModelError, match="not divisible by patch_size"):
+        from_hf(bad)
+
+
+def test_missing_and_misshaped_tensors_are_named(saved, tmp_path):
+    _, path, _, _ = saved("clip_eos")
+    import shutil
+
+    for case in ("missing", "shape"):
+        dst = tmp_path / case
+        shutil.copytree(path, dst)
+        tensors = load_file(str(dst / "model.safetensors"))
+        if case == "missing":
+            del tensors["vision_model.pre_layrnorm.bias"]
+            match = "lacks 1 tensor.*vision_model.pre_layrnorm.bias"
+        else:
+            tensors["text_projection.weight"] = np.zeros((16, 64), np.float32)
+            match = "text_projection.weight: shape \\(16, 64\\)"
+        save_file(tensors, str(dst / "model.safetensors"))
+        with pytest.raises(InputError, match=match):
+            from_hf(str(dst))
+
+
+def test_features_only_vit_without_pooler_is_not_exported(saved, tmp_path):
+    _, _, module, params = saved("vit_model")
+    config = module.config.replace(representation=None)
+    plain = {k: v for k, v in params.items() if k != "pre_logits"}
+    with pytest.raises(UnsupportedModelError, match="pooler"):
+        to_hf(config, plain, str(tmp_path))
+
+
+def run_cli(*argv):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "mmjax", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_compare_cli_on_vit_and_clip_dirs(saved):
+    _, vit_path, _, _ = saved("vit_classifier")
+    _, clip_path, _, _ = saved("clip_eos")
+    for path, keys in ((vit_path, {"logits", "hidden_states"}),
+                       (clip_path, {"image_embeds", "text_embeds", "logits_per_image",
+                                    "vision_hidden_states", "text_hidden_states"})):
+        result = run_cli("compare", path, "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["passed"] is True and report["max_abs_diff"] <= TOL
+        assert keys <= set(report["diffs"])
