@@ -31,12 +31,15 @@ Overrides: `--set model.num_layers=2 --set optimizer.learning_rate=1e-3 --set da
 """
 
 from mmjax.models.llama import LlamaConfig
-from mmjax.train.experiment import DataConfig, ExperimentConfig, OptimizerConfig, SampleConfig
+from mmjax.tasks.lm import SampleConfig
+from mmjax.tasks.text_data import TextDataConfig
+from mmjax.train.experiment import ExperimentConfig, OptimizerConfig
 
 
 def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         name="llm_text",
+        task="lm",
         model=LlamaConfig(
             vocab_size=2048,  # replaced by the trained tokenizer's size
             dim=256,
@@ -52,7 +55,7 @@ def get_config() -> ExperimentConfig:
             param_dtype="float32",
             dropout=0.1,
         ),
-        data=DataConfig(corpus="pydoc", vocab_size=2048, tokenizer_type="bpe", seq_len=128,
+        data=TextDataConfig(corpus="pydoc", vocab_size=2048, tokenizer_type="bpe", seq_len=128,
                         batch_size=32, seed=0),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=50, end_lr_ratio=0.1,
                                   weight_decay=0.1, grad_clip=1.0),

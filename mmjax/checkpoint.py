@@ -20,10 +20,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from mmjax.errors import InputError
 
@@ -33,11 +32,6 @@ FORMAT = "mmjax-model"
 VERSION = 1
 
 # family -> example inputs for `module.init`, used to check restored param shapes
-_EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple]] = {
-    "llama": lambda config: (jnp.zeros((1, 1), jnp.int32),),
-}
-
-
 def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MODEL_FILE))
 
@@ -153,13 +147,11 @@ def load_model_dir(path: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _check_shapes(family: str, module: Any, config: Any, params: Any, where: str) -> None:
-    import flax.linen as nn
+    from mmjax.models import EXAMPLE_INPUTS, abstract_params
 
-    make_inputs = _EXAMPLE_INPUTS.get(family)
-    if make_inputs is None:
+    if family not in EXAMPLE_INPUTS:
         return
-    expected = jax.eval_shape(module.init, jax.random.key(0), *make_inputs(config))
-    expected = nn.meta.unbox(expected)["params"]
+    expected = abstract_params(family, module, config)
     want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     missing = sorted(set(want) - set(got))

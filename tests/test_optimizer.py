@@ -9,13 +9,15 @@ from mmjax.errors import ConfigError
 from mmjax.models.llama import Llama, LlamaConfig
 from mmjax.train.experiment import OptimizerConfig
 from mmjax.train.optimizer import decay_mask, make_optimizer, make_schedule, param_paths, regex_mask
+from mmjax.tasks.lm import lm_init_fn
 from mmjax.train.state import abstract_boxed_params, create_train_state
 
 
 def _params():
     model = Llama(LlamaConfig.from_variant("tiny", attention_bias=True))
-    state, _ = create_train_state(model, make_optimizer(OptimizerConfig(), 10,
-                                  abstract_boxed_params(model, 8))[0], seq_len=8, seed=0)
+    init_fn = lm_init_fn(model, 8)
+    tx = make_optimizer(OptimizerConfig(), 10, abstract_boxed_params(init_fn))[0]
+    state, _ = create_train_state(init_fn, tx, seed=0)
     return state.params
 
 

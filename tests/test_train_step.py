@@ -9,18 +9,21 @@ from mmjax.models.llama import Llama, LlamaConfig
 from mmjax.parallel.mesh import make_mesh
 from mmjax.train.experiment import OptimizerConfig
 from mmjax.train.optimizer import make_optimizer
+from mmjax.tasks.lm import lm_init_fn, lm_loss_fn, lm_loss_sums
 from mmjax.train.state import abstract_boxed_params, create_train_state
-from mmjax.train.step import lm_loss_sums, make_train_step, shard_batch
+from mmjax.train.step import make_train_step, shard_batch
 
 T = 16
 
 
 def _setup(accum=1, mesh=None, model_cfg=None, eps=1e-8):
     model = Llama(model_cfg or LlamaConfig.from_variant("tiny"))
+    init_fn = lm_init_fn(model, T)
     tx, sched = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, eps=eps), 10,
-                               abstract_boxed_params(model, T))
-    state, sh = create_train_state(model, tx, seq_len=T, seed=0, mesh=mesh)
-    step = make_train_step(model, tx, sched, grad_accum_steps=accum, mesh=mesh, shardings=sh)
+                               abstract_boxed_params(init_fn))
+    state, sh = create_train_state(init_fn, tx, seed=0, mesh=mesh)
+    step = make_train_step(lm_loss_fn(model), tx, sched, grad_accum_steps=accum, mesh=mesh,
+                           shardings=sh)
     return model, state, step
 
 
@@ -45,7 +48,7 @@ def test_grad_accumulation_equals_big_batch_step():
     s4, m4 = step4(s4, shard_batch(batch, None))
     assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-6)
     assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-5)
-    assert float(m1["tokens"]) == float(m4["tokens"]) == batch["loss_mask"].sum()
+    assert float(m1["count"]) == float(m4["count"]) == batch["loss_mask"].sum()
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s4.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

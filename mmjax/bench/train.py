@@ -107,6 +107,7 @@ def _mmjax_trainer(spec, batches, seed):
     import jax.numpy as jnp
 
     from mmjax.models.llama import Llama, LlamaConfig
+    from mmjax.tasks.lm import lm_init_fn, lm_loss_fn
     from mmjax.train.experiment import OptimizerConfig
     from mmjax.train.optimizer import make_optimizer
     from mmjax.train.state import abstract_boxed_params, count_params, create_train_state
@@ -117,9 +118,10 @@ def _mmjax_trainer(spec, batches, seed):
     model = Llama(config)
     opt = OptimizerConfig(learning_rate=LR, warmup_steps=0, end_lr_ratio=1.0, b1=B1, b2=B2,
                           eps=EPS, weight_decay=WD, grad_clip=1.0, no_decay=())
-    tx, schedule = make_optimizer(opt, 1000, abstract_boxed_params(model, seq_len))
-    state, _ = create_train_state(model, tx, seq_len=seq_len, seed=seed)
-    step_fn = make_train_step(model, tx, schedule)
+    init_fn = lm_init_fn(model, seq_len)
+    tx, schedule = make_optimizer(opt, 1000, abstract_boxed_params(init_fn))
+    state, _ = create_train_state(init_fn, tx, seed=seed)
+    step_fn = make_train_step(lm_loss_fn(model), tx, schedule)
     host = []
     for b in batches:
         bsz = b.shape[0]

@@ -21,6 +21,7 @@ rounding alone; the per-output diffs in the report show where.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any, Callable
@@ -278,10 +279,12 @@ def export_dir(ckpt_dir: str, hf_out_dir: str) -> None:
         model_type = (info.get("metadata") or {}).get("hf_model_type")
     elif os.path.isfile(os.path.join(ckpt_dir, "mmjax_model.json")):
         from mmjax.train.inference import load_for_inference
-        from mmjax.train.loop import TOKENIZER_FILE
+        from mmjax.train.loop import MODEL_FILE, TOKENIZER_FILE
 
         module, params, _ = load_for_inference(ckpt_dir)
-        config, family, model_type = module.config, "llama", None
+        with open(os.path.join(ckpt_dir, MODEL_FILE)) as f:
+            family = json.load(f)["family"]
+        config, model_type = module.config, None
         tokenizer_file = os.path.join(ckpt_dir, TOKENIZER_FILE)
     elif not os.path.isdir(ckpt_dir):
         raise InputError(f"checkpoint directory {ckpt_dir!r} does not exist")

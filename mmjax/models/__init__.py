@@ -26,11 +26,25 @@ def _clip():
     return CLIPConfig, CLIP
 
 
+def _clip_text():
+    from mmjax.models.clip import CLIPTextConfig, TextTransformer
+
+    return CLIPTextConfig, TextTransformer
+
+
+def _siglip():
+    from mmjax.models.siglip import SigLIP, SiglipConfig
+
+    return SiglipConfig, SigLIP
+
+
 # family name -> lazy loader of (config class, module class)
 FAMILIES: dict[str, Callable[[], tuple[type, type]]] = {
     "llama": _llama,
     "vit": _vit,
     "clip": _clip,
+    "clip_text": _clip_text,
+    "siglip": _siglip,
 }
 
 
@@ -40,6 +54,50 @@ def get_family(family: str) -> tuple[type, type]:
             f"unknown model family {family!r}{closest_name(family, FAMILIES)}; known: {', '.join(FAMILIES)}"
         )
     return FAMILIES[family]()
+
+
+def _example_vision(config) -> tuple:
+    import jax.numpy as jnp
+
+    h, w = config.image_hw
+    return (jnp.zeros((1, h, w, config.channels), jnp.float32),)
+
+
+def _example_clip(config) -> tuple:
+    import jax.numpy as jnp
+
+    return _example_vision(config.vision) + (jnp.zeros((1, 1), jnp.int32),)
+
+
+def _example_tokens(config) -> tuple:
+    import jax.numpy as jnp
+
+    return (jnp.zeros((1, 1), jnp.int32),)
+
+
+# family -> config -> positional inputs of a smallest `module.init` call (param shapes only)
+EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple]] = {
+    "llama": _example_tokens,
+    "vit": _example_vision,
+    "clip": _example_clip,
+}
+
+
+def example_inputs(family: str, config: Any) -> tuple:
+    """Inputs with which `module.init` builds every param of `family` (batch 1)."""
+    if family not in EXAMPLE_INPUTS:
+        raise UnsupportedModelError(f"model family {family!r} has no example inputs registered")
+    return EXAMPLE_INPUTS[family](config)
+
+
+def abstract_params(family: str, module: Any, config: Any) -> Any:
+    """Unboxed ShapeDtypeStructs of `module`'s params (no computation, no memory)."""
+    import flax.linen as nn
+    import jax
+
+    args = example_inputs(family, config)
+    boxed = jax.eval_shape(lambda r: module.init(r, *args)["params"], jax.random.PRNGKey(0))
+    return nn.meta.unbox(boxed)
 
 
 def build_model(family: str, config: dict[str, Any] | Any):

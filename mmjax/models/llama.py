@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
@@ -185,7 +186,8 @@ def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
         return
     if tokens.size == 0:
         raise InputError("token ids: empty input")
-    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    host = np.asarray(tokens)  # concrete: check on the host (jnp ops would trace under jit)
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= vocab_size:
         bad = hi if hi >= vocab_size else lo
         raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -76,3 +77,12 @@ def logical_sharding(tree: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence = DEFAULT_RULES):
+    """Make `mesh` the current mesh and `rules` the logical-axis rules (for jit, logical
+    constraints and sharded init): `with activate(mesh): state = jitted(...)`."""
+    validate_rules(rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh

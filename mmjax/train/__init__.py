@@ -1,5 +1,8 @@
 """Training: experiment configs, optimizer, train state and step, the loop, checkpoints.
 
+The loop is model-agnostic: an experiment's `task` (`mmjax.train.task.TASKS`) supplies the
+model, the data, the loss and the evaluation.
+
     from mmjax.train import run
     metrics = run("experiments/llm_text.py", workdir=None, steps=None, stop_at=None, mesh=None,
                   overrides=["optimizer.learning_rate=1e-3"], json_output=False)
@@ -10,14 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from mmjax.train.experiment import (
-    DataConfig,
-    ExperimentConfig,
-    OptimizerConfig,
-    SampleConfig,
-    apply_overrides,
-    load_experiment,
-)
+from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, apply_overrides, load_experiment
 
 
 def run(
@@ -51,7 +47,5 @@ def load_for_inference(workdir: str):
     return _load(workdir)
 
 
-__all__ = [
-    "DataConfig", "ExperimentConfig", "OptimizerConfig", "SampleConfig", "apply_overrides",
-    "load_experiment", "load_for_inference", "run",
-]
+__all__ = ["ExperimentConfig", "OptimizerConfig", "apply_overrides", "load_experiment",
+           "load_for_inference", "run"]

@@ -31,13 +31,17 @@ class Checkpointer:
 
     def __init__(
         self, directory: str, *, keep: int = 2, best_metric: str | None = None,
-        async_save: bool = True,
+        best_mode: str = "min", async_save: bool = True,
     ):
         self.directory = os.path.abspath(directory)
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         policies = [_pp.LatestN(keep)]
         if best_metric:
+            # BestN sorts by the metric (descending when reverse=True) and keeps the LAST n:
+            # reverse=True keeps the smallest value, reverse=False the largest.
             policies.append(_pp.BestN(
-                get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
+                get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "min"), n=1,
                 keep_checkpoints_without_metrics=False,
             ))
         self.best_metric = best_metric

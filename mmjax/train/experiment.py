@@ -50,45 +50,20 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Text data: corpus, tokenizer training, packing and batching."""
-
-    corpus: str = "pydoc"  # pydoc | shakespeare | vim | a path to a text file
-    vocab_size: int = 2048  # sentencepiece vocabulary (the model's vocab_size follows it)
-    tokenizer_type: str = "bpe"  # bpe | unigram
-    seq_len: int = 128
-    batch_size: int = 32
-    seed: int = 0
-    doc_min_chars: int = 2000  # paragraphs merged into documents of at least this many chars
-    shuffle_window: int = 256  # packed rows shuffled together
-    tokenizer_sentences: int = 0  # train the tokenizer on a seeded sample of N lines (0 = all)
-
-    def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    """Text sampled at an interval and at the end of training."""
-
-    prompt: str = "The "
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int | None = 40
-    top_p: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything a run needs. Intervals are in steps; 0 disables."""
+    """Everything a run needs. Intervals are in steps; 0 disables.
+
+    `task` names what is trained (`mmjax.train.task.TASKS`: "lm", ...); `model` is that task's
+    model config dataclass, `data` its data config and `sample` its sampling config (None = the
+    task's defaults, filled in on construction; the task validates the whole config).
+    """
 
     name: str = "experiment"
-    model: LlamaConfig = dataclasses.field(default_factory=lambda: LlamaConfig.from_variant("tiny"))
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    task: str = "lm"
+    model: Any = dataclasses.field(default_factory=lambda: LlamaConfig.from_variant("tiny"))
+    data: Any = None
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    sample: Any = None
     steps: int = 1000
     seed: int = 0
     log_every: int = 10
@@ -97,7 +72,8 @@ class ExperimentConfig:
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # the latest N ...
-    keep_best_metric: str | None = "val_loss"  # ... plus the best one by this metric (min)
+    keep_best_metric: str | None = "val_loss"  # ... plus the best one by this metric
+    keep_best_mode: str = "min"  # "min" (a loss) or "max" (an accuracy)
     max_eval_batches: int | None = None  # None: the whole validation split
 
     def __post_init__(self):
@@ -105,14 +81,22 @@ class ExperimentConfig:
             raise ConfigError(f"steps must be positive, got {self.steps}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.data.batch_size % self.optimizer.grad_accum_steps:
+        if self.keep_best_mode not in ("min", "max"):
+            raise ConfigError(f"keep_best_mode must be 'min' or 'max', got {self.keep_best_mode!r}")
+        # the task's default data / sample configs, then its own validation
+        from mmjax.train.task import task_class
+
+        task = task_class(self.task)
+        if self.data is None and task.data_config_class is not None:
+            object.__setattr__(self, "data", task.data_config_class())
+        if self.sample is None and task.sample_config_class is not None:
+            object.__setattr__(self, "sample", task.sample_config_class())
+        task.validate_config(self)
+        batch = getattr(self.data, "batch_size", None)
+        if batch is not None and batch % self.optimizer.grad_accum_steps:
             raise ConfigError(
-                f"data.batch_size={self.data.batch_size} is not divisible by "
+                f"data.batch_size={batch} is not divisible by "
                 f"optimizer.grad_accum_steps={self.optimizer.grad_accum_steps}"
-            )
-        if self.data.seq_len > self.model.max_len:
-            raise ConfigError(
-                f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}"
             )
 
     def replace(self, **kw) -> "ExperimentConfig":
@@ -121,8 +105,6 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return configs.to_dict(self)
 
-
-# --- loading and overriding ------------------------------------------------------------------
 
 def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Import `path`, call its `get_config()`, apply `--set key=value` overrides."""

@@ -1,4 +1,4 @@
-"""Load a trained workdir for inference: (module, params, tokenizer)."""
+"""Load a trained workdir for inference: (module, params, tokenizer or None)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any
 import flax.linen as nn
 
 from mmjax.errors import InputError
-from mmjax.models.llama import Llama, LlamaConfig
+from mmjax.models import abstract_params, build_model
 from mmjax.train.checkpointing import Checkpointer
-from mmjax.train.state import abstract_boxed_params
 from mmjax.train.loop import CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE
 
 
 def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
-    """The model module, the latest checkpoint's params and the sentencepiece tokenizer.
+    """The model module, the latest checkpoint's params and the workdir's sentencepiece
+    tokenizer (None when the run had none, e.g. an image classifier).
 
     Raises InputError when `workdir` is not a training workdir or holds no checkpoint.
     """
@@ -25,10 +25,8 @@ def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
         raise InputError(f"{workdir!r} is not a training workdir (no {MODEL_FILE})")
     with open(model_file) as f:
         spec = json.load(f)
-    if spec.get("family") != "llama":
-        raise InputError(f"{model_file}: unsupported model family {spec.get('family')!r}")
-    config = LlamaConfig.from_dict(spec["config"])
-    model = Llama(config)
+    family = spec.get("family")
+    model, config = build_model(family, spec.get("config") or {})
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise InputError(f"{workdir!r} holds no checkpoint yet ({ckpt_dir} missing)")
@@ -36,11 +34,11 @@ def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
     try:
         if ckpt.latest_step() is None:
             raise InputError(f"{workdir!r} holds no checkpoint yet")
-        abstract = nn.meta.unbox(abstract_boxed_params(model, 1))
-        params = ckpt.restore_params(None, abstract)
+        params = ckpt.restore_params(None, abstract_params(family, model, config))
     finally:
         ckpt.close()
-    tokenizer = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+    tok_path = os.path.join(workdir, TOKENIZER_FILE)
+    tokenizer = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
     return model, params, tokenizer
 
 

@@ -2,9 +2,10 @@
 
     metrics = train(cfg, workdir, stop_at=None, mesh_spec=None)
 
-Workdir layout: `checkpoints/` (Orbax), `tokenizer.model`, `mmjax_model.json`
-({"family", "config"}), `experiment.json`, `metrics.jsonl`, `tensorboard/`, `samples.txt`,
-`loss_curve.png`.
+It knows nothing of model families: `cfg.task` names a `mmjax.train.task.Task` that builds the
+model, the data, the loss and the evaluation. Workdir layout: `checkpoints/` (Orbax),
+`mmjax_model.json` ({"family", "config"}), `experiment.json`, `metrics.jsonl`, `tensorboard/`,
+`samples.txt`, `loss_curve.png`, plus the task's own files (e.g. `tokenizer.model`).
 """
 
 from __future__ import annotations
@@ -17,22 +18,26 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import numpy as np
 
-from mmjax.models.llama import Llama
 from mmjax.parallel.mesh import make_mesh
-from mmjax.train import text_data
 from mmjax.train.checkpointing import Checkpointer
 from mmjax.train.errors import CheckpointError, NonFiniteLossError
 from mmjax.train.experiment import ExperimentConfig
 from mmjax.train.metrics import MetricsWriter, Progress, read_metrics
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.plots import plot_loss_curve
-from mmjax.train.state import abstract_boxed_params, abstract_train_state, count_params, create_train_state, state_shardings
-from mmjax.train.step import make_eval_step, make_train_step, shard_batch
+from mmjax.train.state import (
+    abstract_boxed_params,
+    abstract_train_state,
+    count_params,
+    create_train_state,
+    state_shardings,
+)
+from mmjax.train.step import make_train_step, shard_batch
+from mmjax.train.task import build_task
 
 MODEL_FILE = "mmjax_model.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -74,25 +79,6 @@ def check_workdir_writable(workdir: str) -> None:
         raise CheckpointError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
-def evaluate(eval_step: Callable, params: Any, data: text_data.TextData, mesh, max_batches=None
-             ) -> dict[str, float]:
-    """Validation loss (nats/token), perplexity and bits per UTF-8 byte over the split."""
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(data.eval_batches()):
-        if max_batches is not None and i >= max_batches:
-            break
-        s, c = eval_step(params, shard_batch(batch, mesh))
-        total += float(s)
-        count += float(c)
-    if count == 0:
-        return {}
-    loss = total / count
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": count}
-    if max_batches is None and data.val_bytes:
-        out["val_bpb"] = total / math.log(2) / data.val_bytes
-    return out
-
-
 def train(
     cfg: ExperimentConfig, workdir: str, *, stop_at: int | None = None,
     mesh_spec: str | None = None, json_output: bool = False,
@@ -109,70 +95,66 @@ def train(
     check_workdir_writable(workdir)
     t_start = time.perf_counter()
 
-    data = text_data.build(cfg.data, workdir, log=log)
-    model_cfg = cfg.model.replace(
-        vocab_size=data.vocab_size, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
-        pad_token_id=data.pad_id,
-    )
-    cfg = cfg.replace(model=model_cfg)
+    task = build_task(cfg, workdir, log)
     if is_main:
-        _write_json(os.path.join(workdir, MODEL_FILE), {"family": "llama", "config": model_cfg.to_dict()})
+        _write_json(os.path.join(workdir, MODEL_FILE),
+                    {"family": task.family, "config": task.model_config.to_dict()})
         _write_json(os.path.join(workdir, "experiment.json"), cfg.to_dict())
 
     mesh = make_mesh(mesh_spec) if mesh_spec else None
-    model = Llama(model_cfg)
-    seq_len = cfg.data.seq_len
-    abstract_boxed = abstract_boxed_params(model, seq_len)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed_params(task.init_params))
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=cfg.keep_checkpoints,
-                        best_metric=cfg.keep_best_metric)
-    shardings = state_shardings(model, tx, seq_len, mesh) if mesh is not None else None
+                        best_metric=cfg.keep_best_metric, best_mode=cfg.keep_best_mode)
+    shardings = state_shardings(task.init_params, tx, mesh) if mesh is not None else None
 
-    train_iter = data.train_iterator()
+    train_iter = task.train_iterator()
     latest = ckpt.latest_step()
     history: dict[str, Any] = {}
     if latest is not None:
-        abstract = abstract_train_state(model, tx, seq_len=seq_len, shardings=shardings)
+        abstract = abstract_train_state(task.init_params, tx, shardings=shardings)
         state, iter_state, meta = ckpt.restore(latest, abstract)
         if iter_state is not None:
             train_iter.set_state(iter_state)
         history = dict(meta.get("metrics") or {})
         log(f"resumed from {ckpt.directory} at step {latest}")
     else:
-        state, _ = create_train_state(model, tx, seq_len=seq_len, seed=cfg.seed, mesh=mesh)
+        state, _ = create_train_state(task.init_params, tx, seed=cfg.seed, mesh=mesh)
     step = int(jax.device_get(state.step))
-    log(f"model: LLaMA {count_params(state.params) / 1e6:.2f}M params (dim={model_cfg.dim}, "
-        f"layers={model_cfg.num_layers}, heads={model_cfg.num_heads}, vocab={model_cfg.vocab_size},"
-        f" dtype={model_cfg.dtype}); batch {cfg.data.batch_size} x {seq_len} tokens; "
-        f"{cfg.steps} steps")
+    describe = getattr(task, "describe", lambda: type(task.model).__name__)()
+    log(f"model: {count_params(state.params) / 1e6:.2f}M params ({describe}); {cfg.steps} steps"
+        + (f" on mesh {dict(mesh.shape)}" if mesh is not None else ""))
 
-    train_step = make_train_step(model, tx, schedule, grad_accum_steps=cfg.optimizer.grad_accum_steps,
+    train_step = make_train_step(task.loss, tx, schedule,
+                                 grad_accum_steps=cfg.optimizer.grad_accum_steps,
                                  mesh=mesh, shardings=shardings)
-    eval_step = make_eval_step(model, mesh=mesh)
     writer = MetricsWriter(workdir, enabled=is_main)
     final: dict[str, Any] = {"step": step}
     sample_text = None
 
     def run_eval(tag: str) -> dict[str, float]:
         t0 = time.perf_counter()
-        m = evaluate(eval_step, state.params, data, mesh, cfg.max_eval_batches)
+        m = task.evaluate(state.params, mesh, final=(tag == "end"))
+        evals_at[step] = m
         writer.write(step, m)
-        bpb = f", {m['val_bpb']:.3f} bits/byte" if "val_bpb" in m else ""
-        log(f"[{tag}] step {step}: val loss {m.get('val_loss', float('nan')):.4f}, "
-            f"perplexity {m.get('val_ppl', float('nan')):.2f}{bpb} ({time.perf_counter() - t0:.1f}s)")
+        log(f"[{tag}] step {step}: {format_metrics(m)} ({time.perf_counter() - t0:.1f}s)")
         return m
 
     def run_sample() -> str | None:
-        text = text_data.sample_text(model, state.params, data, cfg.sample, seed=cfg.seed + step)
+        text = task.sample(state.params, step)
         if text is not None and is_main:
             with open(os.path.join(workdir, "samples.txt"), "a") as f:
                 f.write(f"--- step {step} ---\n{text}\n")
             writer.write_text(step, "sample", text)
         return text
 
+    evals_at: dict[int, dict[str, float]] = {}  # step -> evaluation metrics at that step
+
     def save(metrics: dict[str, Any] | None = None, force: bool = True) -> None:
+        """Checkpoint `state`; the metrics include this step's evaluation when there was one,
+        so the best-checkpoint policy can rank it."""
         if ckpt.latest_step() == step:  # e.g. re-running a finished job: already saved
             return
+        metrics = {**(metrics or {}), **evals_at.get(step, {})}
         ckpt.save(step, state, data_state=train_iter.get_state(), metrics=metrics,
                   config=cfg.to_dict(), force=force)
 
@@ -183,10 +165,11 @@ def train(
         final.update({k: v for k, v in history.items() if k.startswith("start_")})
 
     stopped_by: str | None = None
-    tokens_per_step = cfg.data.batch_size * seq_len
-    progress = Progress(step, cfg.steps, enabled=is_main)
+    units_per_step = task.units_per_step
+    rate_key = f"{task.unit}_per_sec"
+    progress = Progress(step, cfg.steps, enabled=is_main, unit=task.unit)
     last_log = time.perf_counter()
-    steps_since_log, tokens_since_log = 0, 0.0
+    steps_since_log, units_since_log = 0, 0.0
     pending = None  # (step, metrics on device) of the last dispatched step
     train_loss = history.get("train_loss")
 
@@ -215,16 +198,16 @@ def train(
                 step += 1
                 pending = (step, metrics)
                 steps_since_log += 1
-                tokens_since_log += tokens_per_step
+                units_since_log += units_per_step
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     resolve()
                     now = time.perf_counter()
-                    tps = tokens_since_log / max(now - last_log, 1e-9)
-                    host = jax.device_get(metrics)
-                    writer.write(step, {"train_loss": train_loss, "learning_rate": host["learning_rate"],
-                                        "grad_norm": host["grad_norm"], "tokens_per_sec": tps})
-                    progress.update(steps_since_log, int(tokens_since_log), loss=train_loss)
-                    last_log, steps_since_log, tokens_since_log = now, 0, 0.0
+                    rate = units_since_log / max(now - last_log, 1e-9)
+                    host = {k: float(v) for k, v in jax.device_get(metrics).items()
+                            if k not in ("loss", "count")}
+                    writer.write(step, {"train_loss": train_loss, **host, rate_key: rate})
+                    progress.update(steps_since_log, int(units_since_log), loss=train_loss)
+                    last_log, steps_since_log, units_since_log = now, 0, 0.0
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     resolve()
                     run_eval("eval")
@@ -243,7 +226,7 @@ def train(
                     stopped_by = signal.Signals(stop.received).name
                     break
             resolve()
-            progress.update(steps_since_log, int(tokens_since_log), loss=train_loss or float("nan"))
+            progress.update(steps_since_log, int(units_since_log), loss=train_loss or float("nan"))
             progress.close()
             final.update({"step": step, "train_loss": train_loss})
             if stopped_by is not None:
@@ -272,6 +255,17 @@ def train(
     if sample_text is not None:
         final["sample"] = sample_text
     return final
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """'val_loss 3.9412, val_ppl 51.30, val_bpb 1.737' (counts without decimals)."""
+    parts = []
+    for k, v in m.items():
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4g}" if abs(v) < 1e4 else f"{k} {v:.0f}")
+        else:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts) or "no metrics"
 
 
 def _write_json(path: str, obj: Any) -> None:

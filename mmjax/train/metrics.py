@@ -56,21 +56,25 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar over steps showing loss and tokens/s (ETA comes from tqdm)."""
+    """A tqdm bar over steps showing loss and throughput in the task's unit (tok/s, img/s);
+    tqdm shows the step rate and the ETA."""
 
-    def __init__(self, start: int, total: int, *, enabled: bool = True):
+    _SHORT = {"tokens": "tok", "images": "img", "examples": "ex"}
+
+    def __init__(self, start: int, total: int, *, enabled: bool = True, unit: str = "tokens"):
+        self._rate_name = f"{self._SHORT.get(unit, unit)}/s"
         self._bar = tqdm(
             total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
             disable=not enabled, file=sys.stderr, smoothing=0.1,
         )
         self._t0 = time.perf_counter()
-        self._tokens = 0
+        self._units = 0
 
-    def update(self, n_steps: int, tokens: int, **postfix: float) -> None:
-        self._tokens += tokens
+    def update(self, n_steps: int, units: int, **postfix: float) -> None:
+        self._units += units
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         shown = {k: f"{v:.4g}" for k, v in postfix.items()}
-        shown["tok/s"] = f"{self._tokens / elapsed:,.0f}"
+        shown[self._rate_name] = f"{self._units / elapsed:,.0f}"
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(n_steps)
 

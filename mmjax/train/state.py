@@ -1,15 +1,18 @@
 """Train state (params, optimizer state, step, RNG) and its creation, optionally pre-sharded.
 
-    state, shardings = create_train_state(model, tx, seq_len=128, seed=0, mesh=None)
+    init_params = lambda rng: model.init(rng, tokens)["params"]   # boxed, logical axis names
+    state, shardings = create_train_state(init_params, tx, seed=0, mesh=None)
 
-With a mesh, params come from `logical_sharding(jax.eval_shape(init))` and the optimizer state
+`init_params(rng)` returns the model's params still boxed in `nn.LogicallyPartitioned` (what
+`model.init` gives for mmjax layers), so their logical axis names decide the layout. With a
+mesh, params come from `logical_sharding(jax.eval_shape(init_params))` and the optimizer state
 inherits each param's sharding (Adam moments mirror params; counters are replicated), so the
 whole state is created already laid out: nothing is materialised on one device first.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -18,8 +21,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.parallel.mesh import logical_sharding
+from mmjax.parallel.mesh import activate, logical_sharding
 from mmjax.parallel.rules import DEFAULT_RULES
+
+InitFn = Callable[[jax.Array], Any]  # rng -> boxed param tree
 
 
 @flax.struct.dataclass
@@ -30,22 +35,16 @@ class TrainState:
     rng: jax.Array  # uint32 [2] raw PRNG key, split once per step
 
 
-def _init_params(model: nn.Module, rng: jax.Array, seq_len: int) -> Any:
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(rng, tokens)["params"]  # boxed in nn.LogicallyPartitioned
-
-
-def abstract_boxed_params(model: nn.Module, seq_len: int) -> Any:
+def abstract_boxed_params(init_params: InitFn) -> Any:
     """The param tree's shapes, still boxed with their logical axis names."""
-    return jax.eval_shape(lambda r: _init_params(model, r, seq_len), jax.random.PRNGKey(0))
+    return jax.eval_shape(init_params, jax.random.PRNGKey(0))
 
 
 def state_shardings(
-    model: nn.Module, tx: optax.GradientTransformation, seq_len: int, mesh: Mesh,
-    rules=DEFAULT_RULES,
+    init_params: InitFn, tx: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES,
 ) -> TrainState:
     """A TrainState-shaped tree of NamedShardings for `mesh`."""
-    boxed = abstract_boxed_params(model, seq_len)
+    boxed = abstract_boxed_params(init_params)
     param_sh = logical_sharding(boxed, mesh, rules)
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -78,42 +77,34 @@ def _dict_keys(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+def _fresh_state(init_params: InitFn, tx: optax.GradientTransformation, rng: jax.Array
+                 ) -> TrainState:
+    params_rng, state_rng = jax.random.split(rng)
+    params = nn.meta.unbox(init_params(params_rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
+
+
 def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, *, seq_len: int, seed: int,
+    init_params: InitFn, tx: optax.GradientTransformation, *, seed: int,
     mesh: Mesh | None = None, rules=DEFAULT_RULES,
 ) -> tuple[TrainState, TrainState | None]:
     """Fresh state (params from `seed`) and its shardings (None without a mesh)."""
-
-    def init(rng):
-        params_rng, state_rng = jax.random.split(rng)
-        params = nn.meta.unbox(_init_params(model, params_rng, seq_len))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
-        )
-
     rng = jax.random.PRNGKey(seed)
+    init = lambda r: _fresh_state(init_params, tx, r)  # noqa: E731
     if mesh is None:
         return jax.jit(init)(rng), None
-    shardings = state_shardings(model, tx, seq_len, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
+    shardings = state_shardings(init_params, tx, mesh, rules)
+    with activate(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
 
 def abstract_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, *, seq_len: int,
-    shardings: TrainState | None = None,
+    init_params: InitFn, tx: optax.GradientTransformation, *, shardings: TrainState | None = None,
 ) -> TrainState:
     """ShapeDtypeStructs of the state (with shardings when given): the target of a restore."""
-
-    def init(rng):
-        params = nn.meta.unbox(_init_params(model, rng, seq_len))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-            rng=jax.random.PRNGKey(0),
-        )
-
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda r: _fresh_state(init_params, tx, r), jax.random.PRNGKey(0))
     if shardings is None:
         return abstract
     return jax.tree_util.tree_map(

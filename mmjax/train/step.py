@@ -1,145 +1,153 @@
-"""The loss, the jit-compiled train step (with micro-batch accumulation) and the eval step.
+"""The jit-compiled train step (with micro-batch accumulation) and eval step, for any loss.
 
-A batch is a dict of [batch, seq] arrays: `inputs`, `targets` (inputs shifted by one),
-`segment_ids` (packed documents; no attention across them), `positions` (restart per
-document) and `loss_mask` (1 where a target counts).
+A loss function has the form
+
+    loss_fn(params, batch, rng) -> (total, count, aux)
+
+`total` is a float32 [] sum of per-example (or per-token) losses, `count` how many counted
+([] float32; for a loss that is already a mean, return (loss, 1.0)), `aux` a dict of float32
+[] metrics (averaged over micro-batches). `rng` is a PRNG key in training (dropout, noise) and
+None in evaluation. Writing the loss as (sum, count) makes gradient accumulation and batch
+sharding exact: the step's gradient is that of `sum(total) / sum(count)` over the whole batch.
+
+A batch is a dict of host (numpy) arrays whose leading axis is the batch: `shard_batch` puts it
+on the devices with rows split over the mesh axes ("data", "fsdp").
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmjax.parallel.mesh import activate
 from mmjax.parallel.rules import DEFAULT_RULES
 from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-def lm_loss_sums(
-    model: nn.Module, params: Any, batch: Batch, dropout_rng: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of next-token NLL over counted targets, number of counted targets), float32 [].
-
-    With `dropout_rng` the model runs in training mode (its config's dropout applies)."""
-    train = dropout_rng is not None and getattr(model.config, "dropout", 0.0) > 0.0
-    logits = model.apply(
-        {"params": params}, batch["inputs"],
-        positions=batch["positions"], segment_ids=batch["segment_ids"],
-        **({"deterministic": False, "rngs": {"dropout": dropout_rng}} if train else {}),
-    )  # [batch, seq, vocab] float32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch's rows
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *,
+    loss_fn: LossFn, tx: optax.GradientTransformation, schedule: Callable, *,
     grad_accum_steps: int = 1, mesh: Mesh | None = None, shardings: TrainState | None = None,
     rules=DEFAULT_RULES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated.
 
-    The gradient is that of the mean NLL over all counted tokens of the whole batch; with
-    `grad_accum_steps > 1` the batch is split into that many micro-batches along axis 0 and
-    scanned, summing per-token gradients, so the result equals the one big-batch step.
+    With `grad_accum_steps > 1` the batch is split into that many micro-batches along axis 0
+    and scanned, summing the gradients of the loss sums, so the step equals the big-batch step.
+    metrics: loss (total / count), grad_norm, learning_rate, count, and the loss's aux metrics.
     """
 
-    def grads_of(params, batch, rng):
-        def f(p, b, r):
-            total, count = lm_loss_sums(model, p, b, r)
-            return total, count
+    def value_and_grad(params, batch, rng):
+        def f(p):
+            total, count, aux = loss_fn(p, batch, rng)
+            return total, (count, aux)
 
+        (total, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return total, count, aux, grads
+
+    def grads_of(params, batch, rng):
         if grad_accum_steps == 1:
-            (total, count), grads = jax.value_and_grad(f, has_aux=True)(params, batch, rng)
-            return total, count, grads
+            return value_and_grad(params, batch, rng)
 
         def split(x):
+            if x.shape[0] % grad_accum_steps:
+                raise ValueError(f"batch of {x.shape[0]} rows is not divisible by "
+                                 f"grad_accum_steps={grad_accum_steps}")
             return x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:])
 
         micro = jax.tree_util.tree_map(split, batch)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        aux_shape = jax.eval_shape(lambda: loss_fn(params, first, rng)[2])
 
         def body(carry, xs):
-            total_acc, count_acc, g_acc = carry
+            total_acc, count_acc, aux_acc, g_acc = carry
             mb, i = xs
-            (total, count), g = jax.value_and_grad(f, has_aux=True)(
-                params, mb, jax.random.fold_in(rng, i))
+            total, count, aux, g = value_and_grad(params, mb, jax.random.fold_in(rng, i))
             return (total_acc + total, count_acc + count,
+                    jax.tree_util.tree_map(jnp.add, aux_acc, aux),
                     jax.tree_util.tree_map(jnp.add, g_acc, g)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (total, count, grads), _ = jax.lax.scan(
-            body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+        aux0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+        (total, count, aux, grads), _ = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0, zeros),
             (micro, jnp.arange(grad_accum_steps)),
         )
-        return total, count, grads
+        aux = jax.tree_util.tree_map(lambda a: a / grad_accum_steps, aux)
+        return total, count, aux, grads
 
     def step(state: TrainState, batch: Batch):
-        rng, dropout_rng = jax.random.split(state.rng)
-        total, count, grads = grads_of(state.params, batch, dropout_rng)
-        denom = jnp.maximum(count, 1.0)
+        rng, loss_rng = jax.random.split(state.rng)
+        total, count, aux, grads = grads_of(state.params, batch, loss_rng)
+        denom = jnp.maximum(count, 1e-9)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
+            **aux,
             "loss": total / denom,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
-            "tokens": count,
+            "count": count,
         }
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new, metrics
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
-    batch_sh = batch_sharding(mesh)
     repl = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(
-        step, donate_argnums=(0,),
-        in_shardings=(shardings, {k: batch_sh for k in BATCH_KEYS}),
-        out_shardings=(shardings, repl),
-    )
+    jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_sharding(mesh)),
+                     out_shardings=(shardings, repl))
 
     def run_in_mesh(state, batch):
-        with mesh, nn.logical_axis_rules(rules):
+        with activate(mesh, rules):
             return jitted(state, batch)
 
     return run_in_mesh
 
 
 def make_eval_step(
-    model: nn.Module, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
-) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """`eval_step(params, batch) -> (sum NLL, counted tokens)`, jitted."""
-
-    def f(params, batch):
-        return lm_loss_sums(model, params, batch)
-
+    loss_fn: LossFn, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
+) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """`eval_step(params, batch) -> loss_fn(params, batch, None)`, jitted (on the mesh)."""
+    jitted = jax.jit(lambda params, batch: loss_fn(params, batch, None))
     if mesh is None:
-        return jax.jit(f)
-    jitted = jax.jit(f)
+        return jitted
 
     def run_in_mesh(params, batch):
-        with mesh, nn.logical_axis_rules(rules):
-            return jitted(params, shard_batch(batch, mesh))
+        with activate(mesh, rules):
+            return jitted(params, batch)
 
     return run_in_mesh
 
 
+def in_mesh(fn: Callable, mesh: Mesh | None, rules=DEFAULT_RULES) -> Callable:
+    """`fn` (already jitted) called with `mesh` and `rules` active; `fn` itself without a mesh."""
+    if mesh is None:
+        return fn
+
+    def run(*args, **kwargs):
+        with activate(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over ("data", "fsdp"); sequence and the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    """Rows over ("data", "fsdp"); the other dimensions replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> Batch:
-    """Put a host batch (numpy) on the devices, rows split over ("data", "fsdp")."""
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    """Put a host batch (numpy) on the devices; with a mesh each process passes its own rows,
+    which become its slice of the global batch (rows split over ("data", "fsdp"))."""
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     sh = batch_sharding(mesh)

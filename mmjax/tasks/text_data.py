@@ -1,5 +1,5 @@
 """Text data of an LM training run: the workdir's tokenizer, the packed grain train stream, the
-validation split as eval rows (with its UTF-8 byte count) and text sampling.
+validation split as eval rows (with its UTF-8 byte count).
 
     data = build(cfg.data, workdir)
     it = data.train_iterator()          # next(it) -> batch dict; it.get_state()/set_state()
@@ -28,10 +28,35 @@ import numpy as np
 from mmjax.data.corpora import documents, load_corpus
 from mmjax.data.text import EvalRows, TextPipelineConfig, make_eval_rows, make_text_dataset
 from mmjax.data.tokenizer import Tokenizer
+from mmjax import configs
+from mmjax.errors import ConfigError
 from mmjax.train.errors import DataError
-from mmjax.train.experiment import DataConfig, SampleConfig
 
 TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataConfig:
+    """Text data: corpus, tokenizer training, packing and batching."""
+
+    corpus: str = "pydoc"  # pydoc | shakespeare | vim | a path to a text file
+    vocab_size: int = 2048  # sentencepiece vocabulary (the model's vocab_size follows it)
+    tokenizer_type: str = "bpe"  # bpe | unigram
+    seq_len: int = 128
+    batch_size: int = 32
+    seed: int = 0
+    doc_min_chars: int = 2000  # paragraphs merged into documents of at least this many chars
+    shuffle_window: int = 256  # packed rows shuffled together
+    tokenizer_sentences: int = 0  # train the tokenizer on a seeded sample of N lines (0 = all)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.tokenizer_type not in ("bpe", "unigram"):
+            raise ConfigError(f"data.tokenizer_type {self.tokenizer_type!r}"
+                              f"{configs.closest_name(self.tokenizer_type, ('bpe', 'unigram'))}; "
+                              "known: bpe, unigram")
 
 
 @dataclasses.dataclass
@@ -41,7 +66,7 @@ class TextData:
     tokenizer: Tokenizer
     train_documents: list[str]
     eval_rows: EvalRows
-    config: DataConfig
+    config: TextDataConfig
     seed: int
 
     @property
@@ -87,7 +112,7 @@ class TextData:
                                       process_count=jax.process_count())
 
 
-def build(cfg: DataConfig, workdir: str, log: Callable[[str], None] = print) -> TextData:
+def build(cfg: TextDataConfig, workdir: str, log: Callable[[str], None] = print) -> TextData:
     """Load the corpus, train (or reuse) `workdir/tokenizer.model`, prepare both splits."""
     try:
         train_text, val_text = load_corpus(cfg.corpus)
@@ -122,20 +147,3 @@ def build(cfg: DataConfig, workdir: str, log: Callable[[str], None] = print) -> 
     rows = make_eval_rows(val_text, tokenizer, cfg.seq_len)
     return TextData(tokenizer, docs, rows, cfg, cfg.seed)
 
-
-def sample_text(model, params, data: TextData, cfg: SampleConfig, seed: int = 0) -> str | None:
-    """Continue `cfg.prompt` with the model (KV-cache sampling); returns prompt + continuation."""
-    from mmjax.generate import GenerationConfig, generate
-
-    prompt = [data.bos_id] + data.encode(cfg.prompt)
-    n = min(cfg.max_new_tokens, model.config.max_len - len(prompt))
-    if n <= 0:
-        return None
-    gen = GenerationConfig(max_new_tokens=n, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, eos_token_id=data.eos_id, pad_token_id=data.pad_id,
-                           prompt_bucket=max(len(prompt), 1))
-    out = generate(model, params, [prompt], gen, rng=jax.random.key(seed))
-    new = [int(t) for t in np.asarray(out.tokens)[0][: int(np.asarray(out.lengths)[0])]]
-    if data.eos_id in new:
-        new = new[: new.index(data.eos_id)]
-    return data.decode(prompt[1:] + new)

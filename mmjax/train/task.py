@@ -1,0 +1,115 @@
+"""What an experiment trains: the one interface between the training loop and a model family.
+
+The loop (`mmjax.train.loop`) knows nothing of LLMs, images or captions. An experiment config
+names a task (`ExperimentConfig.task`, e.g. "lm", "contrastive", "classification"); the task
+builds the model from `cfg.model`, the data from `cfg.data`, and supplies the objective and the
+evaluation. A new objective or modality is a new Task subclass registered in `TASKS`; the loop,
+the checkpointing and the CLI stay as they are.
+
+    task = build_task(cfg, workdir, log)     # may train a tokenizer, load a dataset ...
+    params = task.init_params(rng)            # boxed (logical axis names)
+    total, count, aux = task.loss(params, batch, rng)   # see mmjax.train.step
+    metrics = task.evaluate(params, mesh)     # {"val_loss": ..., "zero_shot_accuracy": ...}
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from mmjax import configs
+from mmjax.errors import ConfigError
+
+# task name -> "module:Class" (imported lazily so the loop never imports model families)
+TASKS: dict[str, str] = {
+    "lm": "mmjax.tasks.lm:LanguageModelingTask",
+}
+
+
+class Task:
+    """Base class. Subclasses set `model`, `family` and `model_config` in `__init__` and
+    implement `init_params`, `loss`, `train_iterator` and `evaluate`.
+
+    Attributes:
+      model: the Linen module being trained.
+      family: its name in `mmjax.models.FAMILIES` (recorded in the workdir for inference).
+      model_config: the final model config (e.g. vocab size taken from the trained tokenizer).
+      unit: what the throughput counts ("tokens", "images", "examples").
+      units_per_step: how many of them one optimizer step consumes.
+    """
+
+    model: nn.Module
+    family: str
+    model_config: Any
+    unit: str = "examples"
+    units_per_step: int = 0
+    # the task's config classes; ExperimentConfig fills data / sample with default instances
+    model_config_class: type | None = None
+    data_config_class: type | None = None
+    sample_config_class: type | None = None
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Raise ConfigError for configs this task cannot run (types, cross-field limits)."""
+        for field, expected in (("model", cls.model_config_class), ("data", cls.data_config_class),
+                                ("sample", cls.sample_config_class)):
+            value = getattr(cfg, field)
+            if expected is not None and not isinstance(value, expected):
+                raise ConfigError(f"task {cfg.task!r} needs {field}={expected.__name__}(...), "
+                                  f"got {type(value).__name__}")
+
+    def __init__(self, cfg: Any, workdir: str, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.workdir = workdir
+        self.log = log
+
+    # --- required --------------------------------------------------------------------------
+    def init_params(self, rng: jax.Array) -> Any:
+        """The model's params for `rng`, still boxed with their logical axis names."""
+        raise NotImplementedError
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None
+             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """(sum of losses, count, aux metrics); `rng` None = evaluation (no dropout)."""
+        raise NotImplementedError
+
+    def train_iterator(self) -> Iterator[dict[str, Any]]:
+        """Endless host batches (dicts of numpy arrays, this process's rows) with
+        `get_state()` / `set_state(state)` (JSON-able) for exact resume."""
+        raise NotImplementedError
+
+    def evaluate(self, params: Any, mesh: Mesh | None, *, final: bool = False) -> dict[str, float]:
+        """Evaluation metrics; `final` marks the end of training (may add costlier metrics).
+        A `val_loss` key (lower is better) feeds the default best-checkpoint policy."""
+        raise NotImplementedError
+
+    # --- optional --------------------------------------------------------------------------
+    def sample(self, params: Any, step: int) -> str | None:
+        """Something a person can judge (generated text, predicted captions), or None."""
+        return None
+
+    def shard_example_batch(self) -> dict[str, Any] | None:
+        """One host batch for ahead-of-time compilation (memory analysis); None = skip."""
+        return None
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}{configs.closest_name(name, TASKS)}; "
+                          f"known: {', '.join(sorted(TASKS))}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_task(cfg: Any, workdir: str, log: Callable[[str], None] = print) -> Task:
+    """The task named by `cfg.task`, built for this run (data prepared, model configured)."""
+    task = task_class(cfg.task)(cfg, workdir, log)
+    for attr in ("model", "family", "model_config"):
+        if not hasattr(task, attr):
+            raise TypeError(f"task {cfg.task!r} did not set .{attr} in __init__")
+    return task
+
