@@ -20,20 +20,32 @@ and keys (self-attention), or a pair `(q_segment_ids [batch, q_len], kv_segment_
 [batch, kv_len])`. A query attends only to keys with the same id.
 
 A query row that can attend to nothing (all of its keys masked) returns zeros.
+
+Implementations (all differentiable with `jax.grad`, all give the same numbers):
+  "xla"    the reference: plain XLA with the [q_len, kv_len] score matrix materialised.
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, half precision).
+  "flash"  the Pallas kernel in `mmjax.kernels.flash_attention`: O(seq) memory, causal key tiles
+           skipped; Triton on GPU, Mosaic on TPU, interpret mode on CPU (correct, slow).
+  "ring"   `mmjax.kernels.ring_attention`: the sequence sharded over `seq_axis` of `mesh`.
+  None     the best for the platform: cuDNN or flash on GPU, flash on TPU, xla on CPU.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from mmjax.errors import InputError
+
 IMPLEMENTATIONS = ("xla", "cudnn", "flash", "ring")
+FLASH_MAX_HEAD_DIM = 256  # = mmjax.kernels.flash_attention.MAX_HEAD_DIM
 
 
-class AttentionInputError(ValueError):
+class AttentionInputError(InputError):
     """Raised for attention inputs whose shapes, dtypes or options don't fit together."""
 
 
@@ -153,20 +165,91 @@ def attention_reference(query, key, value, mask=None, scale=None):
     return out.reshape(b, t, n, h).astype(query.dtype)
 
 
-def _default_implementation(query) -> str:
+def _flash_limits(query, key) -> str | None:
+    """Why the flash kernel can't take these inputs (None when it can)."""
+    if query.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {query.dtype} (the kernel takes float32, bfloat16, float16)"
+    if query.shape[-1] > FLASH_MAX_HEAD_DIM:
+        return f"head_dim {query.shape[-1]} (the kernel's limit is {FLASH_MAX_HEAD_DIM})"
+    return None
+
+
+def _cudnn_fits(query, key, mask, segment_ids) -> bool:
+    """cuDNN's fused kernel: half precision, head_dim a multiple of 8 up to 128, and no mask
+    array to materialise (plain or causal attention)."""
+    h = query.shape[-1]
+    return (query.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+            and mask is None and segment_ids is None)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _default_implementation(query, key, mask, segment_ids) -> str:
+    """Best implementation for the platform: cuDNN or flash on GPU, flash on TPU, xla on CPU.
+
+    On GPU, cuDNN takes half-precision inputs without a mask array (its fused kernel is the
+    fastest known there); flash takes the rest (fp32, segment ids, masks). Inputs the flash kernel
+    can't take fall back to xla with a one-time warning."""
     platform = jax.default_backend()
-    if platform == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+    if platform not in ("gpu", "tpu"):
+        return "xla"
+    if platform == "gpu" and _cudnn_fits(query, key, mask, segment_ids):
         return "cudnn"
-    return "xla"
+    why = _flash_limits(query, key)
+    if why is not None:
+        _warn_once(f"mmjax attention: flash kernel does not support {why}; using 'xla'")
+        return "xla"
+    return "flash"
 
 
-def _cudnn_attention(query, key, value, mask, scale):
+def _cudnn_attention(query, key, value, mask, scale, causal, segment_ids):
+    t, s = query.shape[1], key.shape[1]
+    if causal and t == s and mask is None and segment_ids is None:
+        full_mask, is_causal = None, True  # cuDNN's own causal mask, nothing materialised
+    else:
+        full_mask, is_causal = combine_masks(t, s, mask=mask, causal=causal, segment_ids=segment_ids), False
     try:
         return jax.nn.dot_product_attention(
-            query, key, value, mask=mask, scale=scale, implementation="cudnn"
+            query, key, value, mask=full_mask, scale=scale, is_causal=is_causal, implementation="cudnn"
         )
     except (RuntimeError, ValueError, NotImplementedError) as e:  # no GPU, unsupported dtype ...
         raise AttentionInputError(f"attention: implementation='cudnn' is not usable here: {e}") from e
+
+
+def _flash_attention(query, key, value, mask, scale, causal, segment_ids):
+    from mmjax.kernels import flash_attention as flash
+
+    why = _flash_limits(query, key)
+    if why is not None:
+        raise AttentionInputError(f"attention: implementation='flash' does not support {why}; "
+                                  "use implementation='xla'")
+    return flash.flash_attention(query, key, value, causal=causal, segment_ids=segment_ids,
+                                 mask=mask, scale=scale)
+
+
+def _ring_attention(query, key, value, mask, scale, causal, segment_ids, mesh, seq_axis):
+    from mmjax.kernels import ring_attention as ring
+
+    if mesh is None:
+        raise AttentionInputError("attention: implementation='ring' needs mesh= (a jax.sharding.Mesh "
+                                  f"with the sequence axis {seq_axis!r})")
+    if mask is not None:
+        raise AttentionInputError(
+            "attention: implementation='ring' takes causal= and segment_ids=, not a mask array; "
+            "express padding as its own segment id (padding tokens then see only each other)"
+        )
+    try:
+        return ring.ring_attention(query, key, value, mesh=mesh, seq_axis=seq_axis, causal=causal,
+                                   segment_ids=segment_ids, scale=scale)
+    except InputError as e:
+        raise AttentionInputError(str(e)) from e
 
 
 def attention(
@@ -190,33 +273,29 @@ def attention(
       causal: add a (bottom-right aligned) causal mask.
       segment_ids: packed-document ids, [batch, seq] or a (q, kv) pair.
       scale: logit scale, default 1/sqrt(head_dim).
-      implementation: "xla", "cudnn", "flash", "ring" or None (best for the platform).
+      implementation: "xla", "cudnn", "flash", "ring" or None (best for the platform: cuDNN or
+        flash on GPU, flash on TPU, xla on CPU). "flash" runs the Pallas kernel (interpret mode
+        on CPU: correct but slow); "ring" shards the sequence over `seq_axis` of `mesh` (no
+        `mask` array: use causal / segment_ids).
       mesh, seq_axis: for "ring", the mesh and the axis the sequence is sharded over.
     Returns:
       [batch, q_len, heads, head_dim] in the input dtype.
     """
     _check_inputs(query, key, value, mask, segment_ids)
     if implementation is None:
-        implementation = _default_implementation(query)
+        implementation = _default_implementation(query, key, mask, segment_ids)
     if implementation not in IMPLEMENTATIONS:
         raise AttentionInputError(
             f"attention: unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS} or None"
         )
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if implementation == "flash":
+        return _flash_attention(query, key, value, mask, scale, causal, segment_ids)
+    if implementation == "ring":
+        return _ring_attention(query, key, value, mask, scale, causal, segment_ids, mesh, seq_axis)
+    if implementation == "cudnn":
+        return _cudnn_attention(query, key, value, mask, scale, causal, segment_ids)
     t, s = query.shape[1], key.shape[1]
     full_mask = combine_masks(t, s, mask=mask, causal=causal, segment_ids=segment_ids)
-    if implementation == "xla":
-        return attention_reference(query, key, value, full_mask, scale)
-    if implementation == "cudnn":
-        return _cudnn_attention(query, key, value, full_mask, scale)
-    try:
-        if implementation == "flash":
-            from mmjax.kernels import flash_attention as flash  # noqa: F401
-        else:
-            from mmjax.kernels import ring_attention as ring  # noqa: F401
-    except ImportError:
-        raise AttentionInputError(
-            f"attention: implementation={implementation!r} is not built yet in this version of "
-            "mmjax (use 'xla' or 'cudnn')"
-        ) from None
-    raise AttentionInputError(f"attention: implementation={implementation!r} is not wired yet")
-
+    return attention_reference(query, key, value, full_mask, scale)
