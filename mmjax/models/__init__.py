@@ -80,6 +80,8 @@ EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple]] = {
     "llama": _example_tokens,
     "vit": _example_vision,
     "clip": _example_clip,
+    "clip_text": _example_tokens,
+    "siglip": _example_clip,
 }
 
 

@@ -21,11 +21,19 @@ at the largest token id (OpenAI's original vocabulary puts end-of-text last; Hug
 this rule for configs whose `eos_token_id` is 2), with "first_eos" at the first `eos_token_id`.
 
 The temperature is a learned scalar `logit_scale` = t (init ln(1/0.07)); the forward pass
-uses exp(t) as is, like the PyTorch reference. OpenAI clamps exp(t) at 100 during training:
-`clamp_logit_scale(params, config)` does that after an optimizer step.
+multiplies the cosine similarities by min(exp(t), logit_scale_max = 100) -- OpenAI's clamp,
+applied where the value is used so any training loop gets it (the PyTorch reference does not
+clamp in the forward pass; the two agree for every t <= ln 100, which is where OpenAI's
+training keeps t). `clamp_logit_scale(params, config)` also clips the parameter itself after
+an optimizer step. `logit_bias_init` (None by default) adds SigLIP's learned bias b:
+logits = scale * cos + b, for training with `mmjax.ops.losses.siglip_loss`; the losses
+themselves live in `mmjax.ops.losses` (`clip_loss` is the symmetric ITC loss).
+
+The text tower (`TextTransformer`, config `CLIPTextConfig`) is also SigLIP's: `causal=False`
+and `eos_pooling="last"` (pooled at the last position) give SigLIP's text encoder.
 
 Param tree: vision/... (ViT), text/{embed, pos_embedding, layers_{i}, final_norm},
-visual_projection/kernel, text_projection/kernel, logit_scale.
+visual_projection/kernel, text_projection/kernel, logit_scale (, logit_bias).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 from mmjax.ops import masks as masks_lib
 
-EOS_POOLINGS = ("first_eos", "argmax")
+EOS_POOLINGS = ("first_eos", "argmax", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +70,9 @@ class CLIPTextConfig:
     mlp_dim: int = 2048
     activation: str = "quick_gelu"
     norm_eps: float = 1e-5
-    eos_pooling: str = "first_eos"  # "first_eos": first eos_token_id; "argmax": largest token id
+    eos_pooling: str = "first_eos"  # "first_eos": first eos_token_id; "argmax": largest token id;
+    # "last": the last position (SigLIP, whose text is padded to max_len)
+    causal: bool = True  # causal self-attention (CLIP); False = bidirectional (SigLIP)
     bos_token_id: int | None = 49406
     eos_token_id: int | None = 49407
     pad_token_id: int | None = 1
@@ -96,6 +106,17 @@ class CLIPTextConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def replace(self, **kw) -> "CLIPTextConfig":
+        configs.check_keys("CLIPTextConfig", kw, {f.name for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return configs.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "CLIPTextConfig":
+        return configs.from_dict(cls, d)
+
 
 def _default_vision() -> ViTConfig:
     return ViTConfig(**CLIP_VISION_LAYOUT, image_size=224, patch_size=32, dim=768, num_layers=12,
@@ -113,7 +134,8 @@ class CLIPConfig:
     text: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
     projection_dim: int = 512
     logit_scale_init: float = math.log(1 / 0.07)  # 2.6593; HF rounds it to 2.6592
-    logit_scale_max: float = 100.0  # clamp of exp(logit_scale) used by clamp_logit_scale
+    logit_scale_max: float | None = 100.0  # exp(logit_scale) is clamped here (None: no clamp)
+    logit_bias_init: float | None = None  # SigLIP-style learned bias (e.g. -10); None: no bias
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -125,8 +147,8 @@ class CLIPConfig:
         if self.vision.num_classes or self.vision.representation:
             raise ConfigError("CLIPConfig.vision: the image tower must output pooled features "
                               "(num_classes=0, representation=None); the projection follows it")
-        if self.logit_scale_max <= 0:
-            raise ConfigError(f"CLIPConfig.logit_scale_max must be positive, got {self.logit_scale_max}")
+        if self.logit_scale_max is not None and self.logit_scale_max <= 0:
+            raise ConfigError(f"CLIPConfig.logit_scale_max must be positive or None, got {self.logit_scale_max}")
 
     def replace(self, **kw) -> "CLIPConfig":
         configs.check_keys("CLIPConfig", kw, {f.name for f in dataclasses.fields(self)})
@@ -182,6 +204,8 @@ def eos_positions(tokens: jax.Array, config: CLIPTextConfig) -> jax.Array:
     """Index of the pooled (end-of-text) token of each row: [batch, seq] -> [batch]."""
     if config.eos_pooling == "argmax":
         return jnp.argmax(tokens, axis=-1)
+    if config.eos_pooling == "last":
+        return jnp.full(tokens.shape[:1], tokens.shape[1] - 1, jnp.int32)
     return jnp.argmax(tokens == config.eos_token_id, axis=-1)
 
 
@@ -205,9 +229,10 @@ def check_text_tokens(tokens: Any, config: CLIPTextConfig) -> None:
 
 
 class TextTransformer(nn.Module):
-    """CLIP's text tower: returns the final-normed hidden state at the end-of-text token
-    [batch, dim] (float32), plus named intermediates when asked: `hidden_states` (embeddings
-    and each block's output, num_layers + 1 arrays), `final_hidden`, `eos_index`."""
+    """CLIP's (and SigLIP's) text tower: tokens [batch, seq] int -> the final-normed hidden
+    state at the pooled position [batch, dim] (float32), plus named intermediates when asked:
+    `hidden_states` (embeddings and each block's output, num_layers + 1 arrays), `final_hidden`,
+    `eos_index`. `input_mask` [batch, seq] bool marks real tokens (False = padding)."""
 
     config: CLIPTextConfig
 
@@ -236,7 +261,7 @@ class TextTransformer(nn.Module):
         for i in range(c.num_layers):
             x = block_cls(
                 num_heads=c.num_heads, mlp_dim=c.mlp_dim, activation=c.activation, norm_eps=c.norm_eps,
-                qkv_bias=True, causal=True, dtype=dtype, param_dtype=pdtype,
+                qkv_bias=True, causal=c.causal, dtype=dtype, param_dtype=pdtype,
                 initializer_range=c.initializer_range, attention_impl=c.attention_impl,
                 name=f"layers_{i}",
             )(x, mask)
@@ -275,12 +300,17 @@ class CLIP(nn.Module):
         self.logit_scale = self.param(
             "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(c.logit_scale_init), ()),
             (), jnp.float32)
+        if c.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", nn.with_logical_partitioning(nn.initializers.constant(c.logit_bias_init), ()),
+                (), jnp.float32)
 
     def encode_image(self, images: jax.Array, *, normalize: bool = True,
-                     return_intermediates: bool = False):
+                     return_intermediates: bool = False, interpolate_pos_encoding: bool = False):
         """images [batch, H, W, C] float -> [batch, projection_dim] float32 (L2-normalised
         unless normalize=False); plus the ViT's intermediates when asked."""
-        pooled, out = self.vision(images, return_intermediates=True)
+        pooled, out = self.vision(images, return_intermediates=True,
+                                  interpolate_pos_encoding=interpolate_pos_encoding)
         z = self.visual_projection(pooled).astype(jnp.float32)
         z = l2_normalize(z) if normalize else z
         return (z, out) if return_intermediates else z
@@ -295,23 +325,48 @@ class CLIP(nn.Module):
         return (z, out) if return_intermediates else z
 
     def temperature(self) -> jax.Array:
-        """exp(logit_scale), the multiplier of the cosine similarities."""
-        return jnp.exp(self.logit_scale.astype(jnp.float32))
+        """min(exp(logit_scale), logit_scale_max), the multiplier of the cosine similarities."""
+        return scale_from_param(self.logit_scale, self.config.logit_scale_max)
+
+    def bias(self) -> jax.Array | None:
+        """The learned logit bias (SigLIP option), or None."""
+        return self.logit_bias.astype(jnp.float32) if self.config.logit_bias_init is not None else None
 
     def __call__(self, images: jax.Array, tokens: jax.Array, *, input_mask: jax.Array | None = None,
-                 return_intermediates: bool = False):
-        img, vout = self.encode_image(images, return_intermediates=True)
+                 return_intermediates: bool = False, interpolate_pos_encoding: bool = False):
+        """images [B_img, H, W, C] float, tokens [B_txt, T] int -> dict (module docstring)."""
+        img, vout = self.encode_image(images, return_intermediates=True,
+                                      interpolate_pos_encoding=interpolate_pos_encoding)
         txt, tout = self.encode_text(tokens, input_mask=input_mask, return_intermediates=True)
-        scale = self.temperature()
-        logits = scale * img @ txt.T
-        out = {"image_embeds": img, "text_embeds": txt, "logits_per_image": logits,
-               "logits_per_text": logits.T, "logit_scale": scale}
+        out = contrastive_outputs(img, txt, self.temperature(), self.bias())
         if return_intermediates:
             return out, {"vision": vout, "text": tout}
         return out
 
 
+def scale_from_param(logit_scale: jax.Array, limit: float | None) -> jax.Array:
+    """The similarity multiplier exp(t) for the parameter t, clamped at `limit` (None: not)."""
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    return scale if limit is None else jnp.minimum(scale, jnp.float32(limit))
+
+
+def contrastive_outputs(img: jax.Array, txt: jax.Array, scale: jax.Array,
+                        bias: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The output dict of a two-tower model from normalised embeddings img [B_img, P] and
+    txt [B_txt, P]: logits_per_image = scale * img @ txt.T (+ bias) and its transpose."""
+    logits = scale * jnp.einsum("ip,tp->it", img, txt)
+    if bias is not None:
+        logits = logits + bias
+    out = {"image_embeds": img, "text_embeds": txt, "logits_per_image": logits,
+           "logits_per_text": logits.T, "logit_scale": scale}
+    if bias is not None:
+        out["logit_bias"] = bias
+    return out
+
+
 def clamp_logit_scale(params: dict[str, Any], config: CLIPConfig) -> dict[str, Any]:
     """params with logit_scale clipped to [0, ln(logit_scale_max)] (OpenAI's training rule)."""
+    if config.logit_scale_max is None:
+        return params
     limit = math.log(config.logit_scale_max)
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, limit)}

@@ -9,16 +9,34 @@
 With `num_classes=0` the output is the pooled feature ([B, dim], or [B, representation] when
 a pre-logits layer is configured). `out` holds named activations: `hidden_states` (the
 encoder input and every block's output, num_layers + 1 arrays [B, tokens, dim], before the
-final norm -- LLaVA reads the penultimate one, BLIP-2 / Flamingo the patch tokens),
-`final_hidden` (all tokens after the final norm), `pooled`, `pre_logits` and `logits`.
+final norm), `final_hidden` (all tokens after the final norm), `patch_tokens` (the final-normed
+patch tokens, [CLS] dropped), `pooled`, `pre_logits` and `logits`. What other models read:
+LLaVA the penultimate block without [CLS], `out["hidden_states"][-2][:, c.num_prefix_tokens:]`;
+BLIP-2 / Flamingo the patch tokens of the last block.
 
 Layout: [CLS] (when `class_token`) followed by the patch tokens in row-major grid order.
 Learned positions cover every token, [CLS] included (as Hugging Face stores them); 2-D
 sin-cos positions cover the patches and leave [CLS] without a position (as big_vision).
 
+Pooling: "cls" (the [CLS] token after the final norm), "gap" (mean of the final-normed patch
+tokens) or "map" (big_vision's MAPHead = SigLIP's attention pooling: one learned probe query
+attends over every final-normed token, then probe + MLP(LN(probe))).
+
+Patch embedding: one kernel [ph*pw*C, dim] computed either as a Dense on flattened patches
+(`patch_embed="linear"`) or as the equivalent stride-p convolution (`"conv"`); the
+parameters are the same, so checkpoints load into both.
+
+Resolution: `resample_posemb` resizes a learned position table to a new grid (bicubic or
+bilinear, PyTorch's `interpolate(align_corners=False)` weights, [CLS] kept as is);
+`set_image_size(module, params, 336)` gives a ViT / CLIP / SigLIP and its params at a new
+image size (what CLIP did going 224 -> 336); `model.apply(..., interpolate_pos_encoding=True)`
+accepts any resolution divisible by the patch size and resamples on the fly (Hugging Face's
+flag of the same name, same numbers).
+
 Param tree: patch_embed/{kernel [ph*pw*C, dim], bias}, cls [dim], pos_embedding/embedding
 [tokens, dim] (learned only), pre_norm (CLIP's "pre_layrnorm"), layers_{i}/{attn_norm,
-attn/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}}, final_norm, pre_logits (optional),
+attn/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}}, final_norm, map_head/{probe,
+attn/{query,key,value,out}, norm, mlp/{fc1,fc2}} ("map" pooling), pre_logits (optional),
 head (optional).
 """
 
@@ -26,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -42,8 +60,10 @@ from mmjax.nn.mlp import ACTIVATIONS, MLP
 from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 
-POOLS = ("cls", "gap")
+POOLS = ("cls", "gap", "map")
 POSEMBS = ("learned", "sincos2d")
+PATCH_EMBEDS = ("linear", "conv")
+RESAMPLE_METHODS = ("bicubic", "bilinear")
 
 
 def _pair(x) -> tuple[int, int]:
@@ -63,11 +83,12 @@ class ViTConfig:
     num_layers: int = 12
     num_heads: int = 12
     mlp_dim: int = 3072
-    pool: str = "cls"  # "cls": the [CLS] token; "gap": mean of the patch tokens
+    pool: str = "cls"  # "cls": the [CLS] token; "gap": mean of the patch tokens; "map": attention pooling
     posemb: str = "learned"  # "learned" table or fixed "sincos2d"
     class_token: bool = True
     pre_norm: bool = False  # LayerNorm on the embeddings before the encoder (CLIP)
     patch_bias: bool = True  # bias of the patch projection (HF ViT: yes, CLIP: no)
+    patch_embed: str = "linear"  # "linear" (Dense on flattened patches) or "conv" (same kernel)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     activation: str = "gelu"
@@ -103,6 +124,10 @@ class ViTConfig:
                               f"known: {', '.join(POOLS)}")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("ViTConfig: pool='cls' needs class_token=True")
+        if self.patch_embed not in PATCH_EMBEDS:
+            raise ConfigError(f"ViTConfig.patch_embed {self.patch_embed!r}"
+                              f"{configs.closest_name(self.patch_embed, PATCH_EMBEDS)}; "
+                              f"known: {', '.join(PATCH_EMBEDS)}")
         if self.posemb not in POSEMBS:
             raise ConfigError(f"ViTConfig.posemb {self.posemb!r}{configs.closest_name(self.posemb, POSEMBS)}; "
                               f"known: {', '.join(POSEMBS)}")
@@ -140,8 +165,13 @@ class ViTConfig:
         return gh * gw
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches ([CLS] or none)."""
+        return int(self.class_token)
+
+    @property
     def num_tokens(self) -> int:
-        return self.num_patches + int(self.class_token)
+        return self.num_patches + self.num_prefix_tokens
 
     @property
     def head_dim(self) -> int:
@@ -189,6 +219,8 @@ class ViTConfig:
         n += 2 * d if self.pre_norm else 0
         attn = 4 * d * d + (3 * d if self.qkv_bias else 0) + d
         n += self.num_layers * (attn + 2 * d * m + m + d + 4 * d) + 2 * d
+        if self.pool == "map":  # probe, attention (with biases), norm, MLP
+            n += d + 4 * d * d + 4 * d + 2 * d + 2 * d * m + m + d
         width = d
         if self.representation:
             n += d * self.representation + self.representation
@@ -239,9 +271,9 @@ def patchify(images: jax.Array, patch_hw: tuple[int, int]) -> jax.Array:
     return x.reshape(b, (h // ph) * (w // pw), ph * pw * c)
 
 
-def check_images(images: Any, config: ViTConfig, who: str = "ViT") -> None:
+def check_images(images: Any, config: ViTConfig, who: str = "ViT", any_size: bool = False) -> None:
     """InputError unless `images` is a float [batch, height, width, channels] array of the
-    configured resolution."""
+    configured resolution (with `any_size`: of any resolution divisible by the patch size)."""
     shape = tuple(getattr(images, "shape", ()))
     if len(shape) != 4:
         raise InputError(f"{who}: images must be [batch, height, width, channels], got shape {shape}")
@@ -249,14 +281,128 @@ def check_images(images: Any, config: ViTConfig, who: str = "ViT") -> None:
         raise InputError(f"{who}: images must be floating point (rescaled and normalised), "
                          f"got dtype {images.dtype}")
     h, w = config.image_hw
+    ph, pw = config.patch_hw
     if shape[3] != config.channels:
         hint = " (channels-first NCHW input? mmjax takes NHWC)" if shape[1] == config.channels else ""
         raise InputError(f"{who}: images have {shape[3]} channels in the last axis, the model takes "
                          f"{config.channels}{hint}; got shape {shape}")
-    if shape[1:3] != (h, w):
+    if shape[1] % ph or shape[2] % pw:
+        raise InputError(
+            f"{who}: images are {shape[1]}x{shape[2]}, not divisible by the patch size {ph}x{pw}; "
+            f"resize them explicitly (mmjax.data.images.resize_images(images, {(h, w)}))")
+    if not any_size and shape[1:3] != (h, w):
         raise InputError(f"{who}: images are {shape[1]}x{shape[2]}, the model takes {h}x{w} "
-                         f"(patch size {config.patch_hw[0]}x{config.patch_hw[1]}); resize them first")
+                         f"(patch size {ph}x{pw}); resize them first, or call with "
+                         "interpolate_pos_encoding=True to resample the position embeddings")
 
+
+# --- position-embedding resampling ------------------------------------------------------------
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys cubic-convolution weights of the 4 taps at offsets -1, 0, 1, 2 for fractions t."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def resize_matrix(in_size: int, out_size: int, method: str = "bicubic") -> np.ndarray:
+    """[out_size, in_size] float64 matrix M with `M @ x` = PyTorch's 1-D
+    `interpolate(x, out_size, mode=method, align_corners=False)` (no antialiasing): source
+    coordinate (i + 0.5) * in/out - 0.5, cubic coefficient -0.75, edges clamped."""
+    if method not in RESAMPLE_METHODS:
+        raise ConfigError(f"resampling method {method!r}{configs.closest_name(method, RESAMPLE_METHODS)}; "
+                          f"known: {', '.join(RESAMPLE_METHODS)}")
+    if in_size <= 0 or out_size <= 0:
+        raise ConfigError(f"resize_matrix: sizes must be positive, got {in_size} -> {out_size}")
+    scale = in_size / out_size
+    src = (np.arange(out_size) + 0.5) * scale - 0.5
+    m = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    if method == "bilinear":
+        src = np.maximum(src, 0.0)
+        lo = np.floor(src).astype(int)
+        frac = src - lo
+        hi = np.minimum(lo + 1, in_size - 1)
+        np.add.at(m, (rows, np.minimum(lo, in_size - 1)), 1.0 - frac)
+        np.add.at(m, (rows, hi), frac)
+        return m
+    lo = np.floor(src).astype(int)
+    weights = _cubic_weights(src - lo)
+    for tap in range(4):
+        np.add.at(m, (rows, np.clip(lo - 1 + tap, 0, in_size - 1)), weights[:, tap])
+    return m
+
+
+def resample_posemb(posemb: Any, old_grid: tuple[int, int], new_grid: tuple[int, int], *,
+                    num_prefix_tokens: int = 0, method: str = "bicubic") -> Any:
+    """Resize a learned position table to a new patch grid.
+
+    Args:
+      posemb: [num_prefix_tokens + gh * gw, dim] (jax or numpy), prefix ([CLS]) rows first,
+        then the grid in row-major order.
+      old_grid, new_grid: (gh, gw) patch grids.
+      num_prefix_tokens: rows kept unchanged (1 for a [CLS] position).
+      method: "bicubic" or "bilinear", separable, PyTorch's `interpolate(align_corners=False)`.
+    Returns:
+      [num_prefix_tokens + nh * nw, dim], same array type and dtype (differentiable in JAX).
+    """
+    xp = jnp if isinstance(posemb, jax.Array) else np
+    (gh, gw), (nh, nw) = tuple(old_grid), tuple(new_grid)
+    n, d = posemb.shape
+    if n != num_prefix_tokens + gh * gw:
+        raise InputError(f"resample_posemb: table has {n} rows, expected {num_prefix_tokens} prefix + "
+                         f"{gh}x{gw} grid = {num_prefix_tokens + gh * gw}")
+    prefix, grid = posemb[:num_prefix_tokens], posemb[num_prefix_tokens:].reshape(gh, gw, d)
+    if (gh, gw) == (nh, nw):
+        return posemb
+    mh = xp.asarray(resize_matrix(gh, nh, method), np.float32)
+    mw = xp.asarray(resize_matrix(gw, nw, method), np.float32)
+    kw = {"precision": jax.lax.Precision.HIGHEST} if xp is jnp else {}
+    out = xp.einsum("ph,hwd,qw->pqd", mh, grid.astype(np.float32), mw, **kw)
+    return xp.concatenate([prefix, out.reshape(nh * nw, d).astype(posemb.dtype)], axis=0)
+
+
+def set_image_size(module_or_config: Any, params: Any, image_size: int | tuple[int, int], *,
+                   method: str = "bicubic"):
+    """A ViT (or CLIP / SigLIP, through its `vision` tower) at a new image size.
+
+    Returns (module, params) when given a module, else (config, params): the config with the
+    new `image_size` and the params with the learned position table resampled to the new grid
+    ([CLS] position kept). Sin-cos positions need no params. Use it after loading a checkpoint:
+    `module, params = set_image_size(*from_hf(path), 336)`.
+    """
+    import flax.linen as linen
+
+    config = getattr(module_or_config, "config", module_or_config)
+    plain = linen.meta.unbox(params)
+    if isinstance(config, ViTConfig):
+        new_vision, vision_params = _resize_vit(config, plain, image_size, method)
+        new_config, new_params = new_vision, vision_params
+    elif isinstance(getattr(config, "vision", None), ViTConfig):
+        new_vision, vision_params = _resize_vit(config.vision, plain["vision"], image_size, method)
+        new_config = dataclasses.replace(config, vision=new_vision)
+        new_params = {**plain, "vision": vision_params}
+    else:
+        raise ConfigError(f"set_image_size: {type(config).__name__} has no ViT image tower")
+    if isinstance(module_or_config, linen.Module):
+        return module_or_config.clone(config=new_config), new_params
+    return new_config, new_params
+
+
+def _resize_vit(c: ViTConfig, params: dict[str, Any], image_size, method: str):
+    new = c.replace(image_size=tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size)
+    if c.posemb != "learned":
+        return new, params
+    table = params["pos_embedding"]["embedding"]
+    table = resample_posemb(table, c.grid, new.grid, num_prefix_tokens=c.num_prefix_tokens, method=method)
+    return new, {**params, "pos_embedding": {**params["pos_embedding"], "embedding": table}}
+
+
+# --- modules ----------------------------------------------------------------------------------
 
 class EncoderBlock(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
@@ -294,38 +440,110 @@ class EncoderBlock(nn.Module):
         return constrain(x + h, BATCH_LEN_EMBED)
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's MAPHead, SigLIP's pooling head).
+
+    [batch, tokens, dim] -> [batch, dim]: a learned probe query attends over the tokens, then
+    h + MLP(LN(h)). Params: probe [dim], attn/{query,key,value,out} (with biases), norm,
+    mlp/{fc1,fc2}.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    initializer_range: float = 0.02
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, dim = x.shape
+        init = nn.initializers.normal(self.initializer_range)
+        probe = self.param("probe", nn.with_logical_partitioning(init, ("embed",)), (dim,), self.param_dtype)
+        query = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, dim))
+        h = Attention(
+            num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=dim // self.num_heads,
+            qkv_bias=True, out_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=init, implementation=self.attention_impl, name="attn",
+        )(query, x)
+        y = LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h)
+        h = h + MLP(self.mlp_dim, self.activation, True, self.dtype, self.param_dtype, init, name="mlp")(y)
+        return h[:, 0]
+
+
+class PatchEmbed(nn.Module):
+    """[B, H, W, C] -> [B, (H/ph)*(W/pw), dim] with one kernel [ph*pw*C, dim] ("patch", "embed"):
+    a Dense on `patchify`d patches ("linear") or the same kernel as a stride-p convolution
+    ("conv"). Params: kernel, bias (optional)."""
+
+    dim: int
+    patch_hw: tuple[int, int]
+    use_bias: bool = True
+    implementation: str = "linear"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        ph, pw = self.patch_hw
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("patch", "embed")),
+                            (ph * pw * c, self.dim), self.param_dtype).astype(self.dtype)
+        x = images.astype(self.dtype)
+        if self.implementation == "conv":
+            y = jax.lax.conv_general_dilated(x, kernel.reshape(ph, pw, c, self.dim), (ph, pw), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = y.reshape(b, (h // ph) * (w // pw), self.dim)
+        else:
+            y = patchify(x, self.patch_hw) @ kernel
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                              (self.dim,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class ViT(nn.Module):
     """Vision Transformer. See the module docstring for the call forms."""
 
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
+    def __call__(self, images: jax.Array, *, return_intermediates: bool = False,
+                 interpolate_pos_encoding: bool = False):
         """
         Args:
           images: [batch, height, width, channels] float, already rescaled and normalised.
           return_intermediates: also return a dict of named activations (module docstring).
+          interpolate_pos_encoding: accept any height/width divisible by the patch size,
+            resampling learned positions bicubically to that grid (sin-cos ones are recomputed).
         Returns:
           logits [batch, num_classes] float32 when num_classes > 0, else the pooled features
           [batch, features_dim] float32; then the intermediates dict if asked.
         """
         c = self.config
-        check_images(images, c)
+        check_images(images, c, any_size=interpolate_pos_encoding)
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.initializer_range)
-        b = images.shape[0]
+        b, h, w, _ = images.shape
+        grid = (h // c.patch_hw[0], w // c.patch_hw[1])
 
-        x = patchify(images.astype(dtype), c.patch_hw)
-        x = DenseGeneral(c.dim, ("patch", "embed"), use_bias=c.patch_bias, dtype=dtype,
-                         param_dtype=pdtype, kernel_init=init, name="patch_embed")(x)
+        x = PatchEmbed(c.dim, c.patch_hw, c.patch_bias, c.patch_embed, dtype, pdtype, init,
+                       name="patch_embed")(images)
         if c.posemb == "sincos2d":
-            x = x + jnp.asarray(sincos2d_positions(*c.grid, c.dim), dtype)[None]
+            x = x + jnp.asarray(sincos2d_positions(*grid, c.dim), dtype)[None]
         if c.class_token:
             cls = self.param("cls", nn.with_logical_partitioning(init, ("embed",)), (c.dim,), pdtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, c.dim)), x], axis=1)
         if c.posemb == "learned":
-            pos = LearnedPositions(c.num_tokens, c.dim, dtype, pdtype, init, name="pos_embedding")
-            x = x + pos(jnp.arange(c.num_tokens))[None]
+            table = LearnedPositions(c.num_tokens, c.dim, dtype, pdtype, init,
+                                     name="pos_embedding")(jnp.arange(c.num_tokens))
+            if grid != c.grid:
+                table = resample_posemb(table, c.grid, grid, num_prefix_tokens=c.num_prefix_tokens)
+            x = x + table[None]
         if c.pre_norm:
             x = LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="pre_norm")(x)
         x = constrain(x, BATCH_LEN_EMBED)
@@ -344,9 +562,13 @@ class ViT(nn.Module):
 
         if c.pool == "cls":
             pooled = encoded[:, 0]
-        else:  # gap over the patch tokens
-            pooled = jnp.mean(encoded[:, int(c.class_token):].astype(jnp.float32), axis=1).astype(dtype)
-        out = {"hidden_states": tuple(hidden_states), "final_hidden": encoded, "pooled": pooled}
+        elif c.pool == "gap":
+            pooled = jnp.mean(encoded[:, c.num_prefix_tokens:].astype(jnp.float32), axis=1).astype(dtype)
+        else:  # map
+            pooled = MAPHead(c.num_heads, c.mlp_dim, c.activation, c.norm_eps, dtype, pdtype,
+                             c.initializer_range, c.attention_impl, name="map_head")(encoded)
+        out = {"hidden_states": tuple(hidden_states), "final_hidden": encoded,
+               "patch_tokens": encoded[:, c.num_prefix_tokens:], "pooled": pooled}
         features = pooled
         if c.representation:
             features = jnp.tanh(DenseGeneral(c.representation, ("embed", "mlp"), use_bias=True,
