@@ -1,4 +1,12 @@
-"""Hugging Face `CLIPModel` <-> mmjax `CLIP`.
+"""Hugging Face `CLIPModel` <-> mmjax `CLIP`; `CLIPVisionModel` <-> `ViT`; `CLIPTextModel` <->
+`TextTransformer`.
+
+Three converters: `CONVERTER` (model_type "clip", family "clip"), `VISION_CONVERTER`
+("clip_vision_model" -> family "vit", a ViT with CLIP's layout whose output is HF's
+`pooler_output`) and `TEXT_CONVERTER` ("clip_text_model" -> family "clip_text", the text tower
+whose output is HF's `pooler_output`, the final-normed hidden state at the end-of-text token).
+Stand-alone towers are written by transformers 5 without a `vision_model.` / `text_model.`
+prefix; checkpoints with the prefix (older versions) are read too.
 
 Config: the top level and both sub-configs (`text_config`, `vision_config`) are checked key by
 key like `mmjax.convert.llama`: every key is mapped to a field or on an explicit list of keys
@@ -31,12 +39,14 @@ import numpy as np
 
 from mmjax.convert.vit import (HARMLESS_KEYS, VisionTensorRule, activation_from_hf, activation_to_hf,
                                apply_rules_from_hf, apply_rules_to_hf, architecture_of,
-                               check_config_keys, check_dropout, encoder_layer_rules)
+                               check_config_keys, check_dropout, encoder_layer_rules, strip_prefix)
 from mmjax.errors import ConfigError, UnsupportedModelError
 from mmjax.models.clip import CLIP_VISION_LAYOUT, CLIPConfig, CLIPTextConfig
 from mmjax.models.vit import ViTConfig
 
 ARCHITECTURES = ("CLIPModel",)
+VISION_ARCHITECTURES = ("CLIPVisionModel",)
+TEXT_ARCHITECTURES = ("CLIPTextModel",)
 LEGACY_EOS_ID = 2  # transformers pools at argmax(token id) when eos_token_id == 2
 
 _TOP_KEYS = {"text_config", "vision_config", "projection_dim", "logit_scale_init_value",
@@ -132,18 +142,34 @@ def config_from_hf(hf: Mapping[str, Any]) -> CLIPConfig:
         raise UnsupportedModelError(f"clip config.json: {e}") from None
 
 
-def _check_exportable(config: CLIPConfig) -> None:
-    v = config.vision
-    differ = [f"vision.{k}={getattr(v, k)!r}" for k in ("pool", "posemb", "class_token", "pre_norm",
-                                                         "patch_bias", "qkv_bias")
+def _check_vision_exportable(v: ViTConfig, what: str, prefix: str = "vision.") -> None:
+    differ = [f"{prefix}{k}={getattr(v, k)!r}" for k in ("pool", "posemb", "class_token", "pre_norm",
+                                                          "patch_bias", "qkv_bias")
               if getattr(v, k) != CLIP_VISION_LAYOUT[k]]
+    if v.num_classes or v.representation:
+        differ.append(f"{prefix}num_classes={v.num_classes}, representation={v.representation}")
     if differ:
-        raise UnsupportedModelError(f"cannot export this CLIP to Hugging Face CLIPModel: {', '.join(differ)}")
-    t = config.text
+        raise UnsupportedModelError(f"cannot export this model to Hugging Face {what}: {', '.join(differ)} "
+                                    "(not CLIP's image-tower layout)")
+
+
+def _check_text_exportable(t: CLIPTextConfig, what: str) -> None:
+    if not t.causal or t.eos_pooling == "last":
+        raise UnsupportedModelError(
+            f"cannot export this text tower to Hugging Face {what}: causal={t.causal}, "
+            f"eos_pooling={t.eos_pooling!r} (CLIP's text tower is causal and pools at the end-of-text token)")
     if t.eos_pooling == "first_eos" and t.eos_token_id == LEGACY_EOS_ID:
         raise UnsupportedModelError(
             "cannot export text eos_pooling='first_eos' with eos_token_id=2: transformers pools "
             "configs with eos_token_id 2 at the largest token id instead")
+
+
+def _check_exportable(config: CLIPConfig) -> None:
+    _check_vision_exportable(config.vision, "CLIPModel")
+    _check_text_exportable(config.text, "CLIPModel")
+    if config.logit_bias_init is not None:
+        raise UnsupportedModelError("cannot export a CLIP with a logit bias (logit_bias_init) to Hugging "
+                                    "Face CLIPModel, which has none")
 
 
 def config_to_hf(config: CLIPConfig, model_type: str | None = None) -> dict[str, Any]:
@@ -151,19 +177,40 @@ def config_to_hf(config: CLIPConfig, model_type: str | None = None) -> dict[str,
     if model_type not in (None, "clip"):
         raise UnsupportedModelError(f"cannot export a CLIP as model_type {model_type!r}; supported: clip")
     _check_exportable(config)
-    t, v = config.text, config.vision
-    text = {
+    text = _text_dict(config.text, config.projection_dim)
+    vision = _vision_dict(config.vision, config.projection_dim)
+    hf: dict[str, Any] = {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.projection_dim,
+        "logit_scale_init_value": config.logit_scale_init, "initializer_factor": 1.0,
+        "text_config": text, "vision_config": vision, "dtype": "float32",
+    }
+    return _with_version(hf)
+
+
+def _with_version(hf: dict[str, Any]) -> dict[str, Any]:
+    try:
+        hf["transformers_version"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return hf
+
+
+def _text_dict(t: CLIPTextConfig, projection_dim: int) -> dict[str, Any]:
+    return {
         "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.dim,
         "intermediate_size": t.mlp_dim, "num_hidden_layers": t.num_layers,
         "num_attention_heads": t.num_heads, "max_position_embeddings": t.max_len,
         "hidden_act": activation_to_hf(t.activation), "layer_norm_eps": t.norm_eps,
         "initializer_range": t.initializer_range, "initializer_factor": 1.0, "attention_dropout": 0.0,
-        "projection_dim": config.projection_dim, "bos_token_id": t.bos_token_id,
+        "projection_dim": projection_dim, "bos_token_id": t.bos_token_id,
         # argmax pooling is what transformers does for eos_token_id 2 (see the module docstring)
         "eos_token_id": LEGACY_EOS_ID if t.eos_pooling == "argmax" else t.eos_token_id,
         "pad_token_id": t.pad_token_id,
     }
-    vision = {
+
+
+def _vision_dict(v: ViTConfig, projection_dim: int) -> dict[str, Any]:
+    return {
         "model_type": "clip_vision_model", "hidden_size": v.dim, "intermediate_size": v.mlp_dim,
         "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
         "num_channels": v.channels,
@@ -171,18 +218,8 @@ def config_to_hf(config: CLIPConfig, model_type: str | None = None) -> dict[str,
         "patch_size": list(v.patch_size) if isinstance(v.patch_size, tuple) else v.patch_size,
         "hidden_act": activation_to_hf(v.activation), "layer_norm_eps": v.norm_eps,
         "initializer_range": v.initializer_range, "initializer_factor": 1.0, "attention_dropout": 0.0,
-        "projection_dim": config.projection_dim,
+        "projection_dim": projection_dim,
     }
-    hf: dict[str, Any] = {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.projection_dim,
-        "logit_scale_init_value": config.logit_scale_init, "initializer_factor": 1.0,
-        "text_config": text, "vision_config": vision, "dtype": "float32",
-    }
-    try:
-        hf["transformers_version"] = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    return hf
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -193,40 +230,52 @@ _CLIP_LAYER_NAMES = {
 }
 
 
+def text_tower_rules(t: CLIPTextConfig, hf: str = "") -> list[VisionTensorRule]:
+    """Tensors of a CLIP / SigLIP text tower (HF names under `hf`, mmjax paths from the
+    tower's root): embeddings, encoder layers, final norm."""
+    R = VisionTensorRule
+    rules = [
+        R(hf + "embeddings.token_embedding.weight", ("embed", "embedding"), (t.vocab_size, t.dim), "copy"),
+        R(hf + "embeddings.position_embedding.weight", ("pos_embedding", "embedding"), (t.max_len, t.dim),
+          "copy"),
+    ]
+    for i in range(t.num_layers):
+        rules += encoder_layer_rules(f"{hf}encoder.layers.{i}.", f"layers_{i}", t.dim, t.num_heads, t.mlp_dim,
+                                     True, _CLIP_LAYER_NAMES)
+    return rules + [R(hf + "final_layer_norm.weight", ("final_norm", "scale"), (t.dim,), "copy"),
+                    R(hf + "final_layer_norm.bias", ("final_norm", "bias"), (t.dim,), "copy")]
+
+
+def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[VisionTensorRule]:
+    """Tensors of a CLIP image tower (HF names under `hf`, mmjax paths from the ViT's root)."""
+    R = VisionTensorRule
+    ph, pw = v.patch_hw
+    rules = [
+        R(hf + "embeddings.class_embedding", ("cls",), (v.dim,), "copy"),
+        R(hf + "embeddings.patch_embedding.weight", ("patch_embed", "kernel"), (v.dim, v.channels, ph, pw),
+          "patch"),
+        R(hf + "embeddings.position_embedding.weight", ("pos_embedding", "embedding"), (v.num_tokens, v.dim),
+          "copy"),
+        R(hf + "pre_layrnorm.weight", ("pre_norm", "scale"), (v.dim,), "copy"),
+        R(hf + "pre_layrnorm.bias", ("pre_norm", "bias"), (v.dim,), "copy"),
+    ]
+    for i in range(v.num_layers):
+        rules += encoder_layer_rules(f"{hf}encoder.layers.{i}.", f"layers_{i}", v.dim, v.num_heads, v.mlp_dim,
+                                     True, _CLIP_LAYER_NAMES)
+    return rules + [R(hf + "post_layernorm.weight", ("final_norm", "scale"), (v.dim,), "copy"),
+                    R(hf + "post_layernorm.bias", ("final_norm", "bias"), (v.dim,), "copy")]
+
+
 def tensor_rules(c: CLIPConfig) -> list[VisionTensorRule]:
     """Every tensor of an HF `CLIPModel` checkpoint of `c`."""
     R = VisionTensorRule
-    t, v = c.text, c.vision
-    ph, pw = v.patch_hw
     rules = [R("logit_scale", ("logit_scale",), (), "copy")]
-    tp, vp = "text_model.", "vision_model."
-    rules += [
-        R(tp + "embeddings.token_embedding.weight", ("text", "embed", "embedding"), (t.vocab_size, t.dim), "copy"),
-        R(tp + "embeddings.position_embedding.weight", ("text", "pos_embedding", "embedding"),
-          (t.max_len, t.dim), "copy"),
-    ]
-    for i in range(t.num_layers):
-        rules += [dataclass_prefix(r, "text") for r in encoder_layer_rules(
-            f"{tp}encoder.layers.{i}.", f"layers_{i}", t.dim, t.num_heads, t.mlp_dim, True, _CLIP_LAYER_NAMES)]
-    rules += [R(tp + "final_layer_norm.weight", ("text", "final_norm", "scale"), (t.dim,), "copy"),
-              R(tp + "final_layer_norm.bias", ("text", "final_norm", "bias"), (t.dim,), "copy"),
-              R("text_projection.weight", ("text_projection", "kernel"), (c.projection_dim, t.dim), "linear")]
-    rules += [
-        R(vp + "embeddings.class_embedding", ("vision", "cls"), (v.dim,), "copy"),
-        R(vp + "embeddings.patch_embedding.weight", ("vision", "patch_embed", "kernel"),
-          (v.dim, v.channels, ph, pw), "patch"),
-        R(vp + "embeddings.position_embedding.weight", ("vision", "pos_embedding", "embedding"),
-          (v.num_tokens, v.dim), "copy"),
-        R(vp + "pre_layrnorm.weight", ("vision", "pre_norm", "scale"), (v.dim,), "copy"),
-        R(vp + "pre_layrnorm.bias", ("vision", "pre_norm", "bias"), (v.dim,), "copy"),
-    ]
-    for i in range(v.num_layers):
-        rules += [dataclass_prefix(r, "vision") for r in encoder_layer_rules(
-            f"{vp}encoder.layers.{i}.", f"layers_{i}", v.dim, v.num_heads, v.mlp_dim, True, _CLIP_LAYER_NAMES)]
-    rules += [R(vp + "post_layernorm.weight", ("vision", "final_norm", "scale"), (v.dim,), "copy"),
-              R(vp + "post_layernorm.bias", ("vision", "final_norm", "bias"), (v.dim,), "copy"),
-              R("visual_projection.weight", ("visual_projection", "kernel"), (c.projection_dim, v.dim),
-                "linear")]
+    rules += [dataclass_prefix(r, "text") for r in text_tower_rules(c.text, "text_model.")]
+    rules.append(R("text_projection.weight", ("text_projection", "kernel"), (c.projection_dim, c.text.dim),
+                   "linear"))
+    rules += [dataclass_prefix(r, "vision") for r in vision_tower_rules(c.vision, "vision_model.")]
+    rules.append(R("visual_projection.weight", ("visual_projection", "kernel"),
+                   (c.projection_dim, c.vision.dim), "linear"))
     return rules
 
 
@@ -248,19 +297,91 @@ def params_to_hf(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.
     return apply_rules_to_hf(params, tensor_rules(config))
 
 
-def _make_converter():
+# --- stand-alone towers: CLIPVisionModel, CLIPTextModel ----------------------------------------
+
+def _check_model_type(hf: Mapping[str, Any], model_type: str, archs: tuple[str, ...]) -> None:
+    if hf.get("model_type") != model_type:
+        raise UnsupportedModelError(f"model_type {hf.get('model_type')!r} is not handled here; expected "
+                                    f"{model_type!r}")
+    arch = architecture_of(hf, archs[0])
+    if arch not in archs:
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported for model_type {model_type!r}; "
+                                    f"supported: {', '.join(archs)}")
+
+
+def vision_model_config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
+    """`ViTConfig` (CLIP layout) of a `CLIPVisionModel` config.json."""
+    _check_model_type(hf, "clip_vision_model", VISION_ARCHITECTURES)
+    return vision_config_from_hf(hf, where="clip_vision_model config.json")
+
+
+def vision_model_config_to_hf(config: ViTConfig, model_type: str | None = None) -> dict[str, Any]:
+    """`config.json` of a `CLIPVisionModel` for a ViT with CLIP's layout."""
+    _check_vision_exportable(config, "CLIPVisionModel", prefix="")
+    hf = _vision_dict(config, _DEFAULT_PROJECTION_DIM)
+    hf.update(architectures=list(VISION_ARCHITECTURES), dtype="float32")
+    return _with_version(hf)
+
+
+def vision_model_params_from_hf(tensors: Mapping[str, np.ndarray], config: ViTConfig) -> dict[str, Any]:
+    tensors = {k: w for k, w in strip_prefix(tensors, "vision_model.").items()
+               if not k.endswith("embeddings.position_ids")}
+    return apply_rules_from_hf(tensors, vision_tower_rules(config))
+
+
+def vision_model_params_to_hf(params: Mapping[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
+    _check_vision_exportable(config, "CLIPVisionModel", prefix="")
+    return apply_rules_to_hf(params, vision_tower_rules(config))
+
+
+def text_model_config_from_hf(hf: Mapping[str, Any]) -> CLIPTextConfig:
+    """`CLIPTextConfig` of a `CLIPTextModel` config.json."""
+    _check_model_type(hf, "clip_text_model", TEXT_ARCHITECTURES)
+    return text_config_from_hf(hf, where="clip_text_model config.json")
+
+
+def text_model_config_to_hf(config: CLIPTextConfig, model_type: str | None = None) -> dict[str, Any]:
+    if model_type not in (None, "clip_text_model"):
+        raise UnsupportedModelError(f"cannot export a CLIP text tower as model_type {model_type!r}; "
+                                    "supported: clip_text_model")
+    _check_text_exportable(config, "CLIPTextModel")
+    hf = _text_dict(config, _DEFAULT_PROJECTION_DIM)
+    hf.update(architectures=list(TEXT_ARCHITECTURES), dtype="float32")
+    return _with_version(hf)
+
+
+def text_model_params_from_hf(tensors: Mapping[str, np.ndarray], config: CLIPTextConfig) -> dict[str, Any]:
+    tensors = {k: w for k, w in strip_prefix(tensors, "text_model.").items()
+               if not k.endswith("embeddings.position_ids")}
+    return apply_rules_from_hf(tensors, text_tower_rules(config))
+
+
+def text_model_params_to_hf(params: Mapping[str, Any], config: CLIPTextConfig) -> dict[str, np.ndarray]:
+    _check_text_exportable(config, "CLIPTextModel")
+    return apply_rules_to_hf(params, text_tower_rules(config))
+
+
+def _make_converters():
     from mmjax.convert.registry import Converter
 
-    return Converter(
-        family="clip",
-        model_types=("clip",),
-        architectures=ARCHITECTURES,
-        task="contrastive_image_text",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
+    clip = Converter(
+        family="clip", model_types=("clip",), architectures=ARCHITECTURES, task="contrastive_image_text",
+        config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
         params_to_hf=params_to_hf,
     )
+    # exported through the "vit" family's converter, which picks CLIPVisionModel by layout
+    vision = Converter(
+        family="vit", model_types=("clip_vision_model",), architectures=VISION_ARCHITECTURES,
+        task="image_encoder", config_from_hf=vision_model_config_from_hf,
+        config_to_hf=vision_model_config_to_hf, params_from_hf=vision_model_params_from_hf,
+        params_to_hf=vision_model_params_to_hf,
+    )
+    text = Converter(
+        family="clip_text", model_types=("clip_text_model",), architectures=TEXT_ARCHITECTURES,
+        task="text_encoder", config_from_hf=text_model_config_from_hf, config_to_hf=text_model_config_to_hf,
+        params_from_hf=text_model_params_from_hf, params_to_hf=text_model_params_to_hf,
+    )
+    return clip, vision, text
 
 
-CONVERTER = _make_converter()
+CONVERTER, VISION_CONVERTER, TEXT_CONVERTER = _make_converters()

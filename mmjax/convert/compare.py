@@ -142,8 +142,9 @@ def _max_abs_all(a, b) -> float:
 
 
 def _compare_image_encoder(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
-    """ViTModel (pooler output) / ViTForImageClassification (logits) and every hidden state on
-    random images (mmjax gets them NHWC)."""
+    """ViTModel / CLIPVisionModel / SiglipVisionModel (pooler output, last hidden state) and
+    ViTForImageClassification (logits), and every hidden state, on random images (mmjax gets
+    them NHWC)."""
     import jax
     import jax.numpy as jnp
 
@@ -167,7 +168,9 @@ def _compare_image_encoder(hf_dir, module, config, np_params, batch, seq_len, se
     if config.num_classes:
         diffs["logits"] = _max_abs_all(output, ref.logits.numpy())
     else:
-        diffs["last_hidden_state"] = _max_abs_all(inter["final_hidden"], ref.last_hidden_state.numpy())
+        # CLIPVisionModel's last_hidden_state is the encoder output before post_layernorm
+        ours_last = inter["hidden_states"][-1] if arch == "CLIPVisionModel" else inter["final_hidden"]
+        diffs["last_hidden_state"] = _max_abs_all(ours_last, ref.last_hidden_state.numpy())
         diffs["pooler_output"] = _max_abs_all(output, ref.pooler_output.numpy())
     extra = {"hidden_state_diffs": layer_diffs,
              "inputs": {"batch": batch, "image_size": list(config.image_hw), "seed": seed}}
@@ -237,11 +240,80 @@ def _compare_clip(hf_dir, module, config, np_params, batch, seq_len, seed, torch
     return diffs, extra
 
 
+def _compare_text_encoder(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """CLIPTextModel: pooler output (at the end-of-text token), last hidden state and every
+    hidden state on real tokens, with right-padded rows of different lengths."""
+    import jax
+    import jax.numpy as jnp
+
+    seq_len = min(seq_len, config.max_len)
+    tokens, mask = _clip_text_inputs(np.random.default_rng(seed), batch, seq_len, config)
+    hf_model = transformers.CLIPTextModel.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                       output_hidden_states=True)
+    params = jax.tree_util.tree_map(jnp.asarray, np_params)
+    apply = jax.jit(lambda p, t, m: module.apply({"params": p}, t, input_mask=m, return_intermediates=True))
+    with jax.default_matmul_precision("highest"):
+        pooled, inter = apply(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask))
+    layer_diffs = [_max_abs(a, b.numpy(), mask) for a, b in zip(inter["hidden_states"], ref.hidden_states)]
+    if len(inter["hidden_states"]) != len(ref.hidden_states):
+        raise MmjaxError(f"hidden state count differs: mmjax {len(inter['hidden_states'])}, "
+                         f"reference {len(ref.hidden_states)}")
+    diffs = {"pooler_output": _max_abs_all(pooled, ref.pooler_output.numpy()),
+             "last_hidden_state": _max_abs(inter["final_hidden"], ref.last_hidden_state.numpy(), mask),
+             "hidden_states": max(layer_diffs)}
+    extra = {"hidden_state_diffs": layer_diffs,
+             "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed, "text_lengths": mask.sum(1).tolist()}}
+    return diffs, extra
+
+
+def _compare_siglip(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """SiglipModel: normalised embeddings, logits (scale and bias), the image tower's pooled
+    (attention-pooling head) output and both towers' hidden states. SigLIP's text is padded to
+    its full length and read without an attention mask, as the model was trained."""
+    import jax
+    import jax.numpy as jnp
+
+    seq_len = min(seq_len, config.text.max_len)
+    rng = np.random.default_rng(seed)
+    images = _random_images(rng, batch, config.vision)
+    tokens = rng.integers(0, config.text.vocab_size, size=(batch, seq_len)).astype(np.int64)
+    hf_model = transformers.SiglipModel.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images),
+                       output_hidden_states=True)
+    params = jax.tree_util.tree_map(jnp.asarray, np_params)
+    apply = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, return_intermediates=True))
+    with jax.default_matmul_precision("highest"):
+        out, inter = apply(params, jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(tokens, jnp.int32))
+    vref, tref = ref.vision_model_output, ref.text_model_output
+    vision_diffs = [_max_abs_all(a, b.numpy()) for a, b in zip(inter["vision"]["hidden_states"], vref.hidden_states)]
+    text_diffs = [_max_abs_all(a, b.numpy()) for a, b in zip(inter["text"]["hidden_states"], tref.hidden_states)]
+    diffs = {
+        "image_embeds": _max_abs_all(out["image_embeds"], ref.image_embeds.numpy()),
+        "text_embeds": _max_abs_all(out["text_embeds"], ref.text_embeds.numpy()),
+        "logits_per_image": _max_abs_all(out["logits_per_image"], ref.logits_per_image.numpy()),
+        "vision_pooler_output": _max_abs_all(inter["vision"]["pooled"], vref.pooler_output.numpy()),
+        "vision_hidden_states": max(vision_diffs),
+        "text_hidden_states": max(text_diffs),
+    }
+    extra = {"vision_hidden_state_diffs": vision_diffs, "text_hidden_state_diffs": text_diffs,
+             "inputs": {"batch": batch, "seq_len": seq_len, "image_size": list(config.vision.image_hw),
+                        "seed": seed},
+             "reference_logits_max_abs": float(np.abs(ref.logits_per_image.numpy()).max())}
+    return diffs, extra
+
+
 # converter.task -> function running the reference and mmjax and returning (diffs, extra)
 _RUNNERS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] = {
     "causal_lm": _compare_causal_lm,
     "image_encoder": _compare_image_encoder,
     "contrastive_image_text": _compare_clip,
+    "text_encoder": _compare_text_encoder,
+    "siglip": _compare_siglip,
 }
 
 

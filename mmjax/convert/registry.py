@@ -42,12 +42,16 @@ class Converter:
     params_to_hf: Callable[[Mapping[str, Any], Any], dict[str, np.ndarray]]
 
 
-# HF model_type -> module defining CONVERTER
+# HF model_type -> module defining CONVERTER ("module:NAME" for another attribute)
 _MODEL_TYPES: dict[str, str] = {
     "llama": "mmjax.convert.llama",
     "mistral": "mmjax.convert.llama",
     "vit": "mmjax.convert.vit",
     "clip": "mmjax.convert.clip",
+    "clip_vision_model": "mmjax.convert.clip:VISION_CONVERTER",
+    "clip_text_model": "mmjax.convert.clip:TEXT_CONVERTER",
+    "siglip": "mmjax.convert.siglip",
+    "siglip_vision_model": "mmjax.convert.siglip:VISION_CONVERTER",
 }
 
 
@@ -56,7 +60,8 @@ def supported_model_types() -> list[str]:
 
 
 def _load(module: str) -> Converter:
-    return importlib.import_module(module).CONVERTER
+    path, _, name = module.partition(":")
+    return getattr(importlib.import_module(path), name or "CONVERTER")
 
 
 def for_model_type(model_type: Any) -> Converter:

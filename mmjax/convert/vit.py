@@ -17,6 +17,11 @@ normalised [CLS] token) as mmjax's `representation` layer; `ViTForImageClassific
 pooler and a linear classifier on the normalised [CLS] token (`num_classes`). A `ViTModel`
 saved with `add_pooling_layer=False` lacks the pooler tensors and is refused by name.
 
+Export of the "vit" family goes by the model's layout: the HF ViT layout exports as `vit`
+(here), CLIP's image-tower layout as `clip_vision_model` (`CLIPVisionModel`,
+`mmjax.convert.clip`), SigLIP's as `siglip_vision_model` (`SiglipVisionModel`,
+`mmjax.convert.siglip`); an explicit `model_type` (e.g. recorded at conversion) picks one.
+
 Weights: the patch convolution `[dim, C, ph, pw]` becomes a Dense kernel `[ph*pw*C, dim]` on
 (row, column, channel)-ordered patches; `cls_token [1, 1, dim]` and `position_embeddings
 [1, tokens, dim]` lose their leading ones; attention projections keep heads as their own
@@ -155,11 +160,41 @@ def _check_exportable(config: ViTConfig) -> None:
         )
 
 
+EXPORT_MODEL_TYPES = ("vit", "clip_vision_model", "siglip_vision_model")
+
+
+def export_model_type(config: ViTConfig, model_type: str | None = None) -> str:
+    """The HF model_type a ViT exports as: `model_type` when given, else the one whose layout
+    the config has (HF ViT when none matches, which then names the differences)."""
+    if model_type is not None:
+        if model_type not in EXPORT_MODEL_TYPES:
+            raise UnsupportedModelError(f"cannot export a ViT as model_type {model_type!r}; supported: "
+                                        f"{', '.join(EXPORT_MODEL_TYPES)}")
+        return model_type
+    from mmjax.models.clip import CLIP_VISION_LAYOUT
+    from mmjax.models.siglip import SIGLIP_VISION_LAYOUT
+
+    for name, layout in (("clip_vision_model", CLIP_VISION_LAYOUT),
+                         ("siglip_vision_model", SIGLIP_VISION_LAYOUT)):
+        keys = ("pool", "posemb", "class_token", "pre_norm", "patch_bias", "qkv_bias")
+        if all(getattr(config, k) == layout[k] for k in keys):
+            return name
+    return "vit"
+
+
 def config_to_hf(config: ViTConfig, model_type: str | None = None) -> dict[str, Any]:
-    """`config.json` dict: `ViTForImageClassification` when the model has a classification
+    """`config.json` dict for the model type `export_model_type` picks (see the module
+    docstring); for HF ViT, `ViTForImageClassification` when the model has a classification
     head (and no pre-logits layer), `ViTModel` when it has a pre-logits layer (HF's pooler)."""
-    if model_type not in (None, "vit"):
-        raise UnsupportedModelError(f"cannot export a ViT as model_type {model_type!r}; supported: vit")
+    target = export_model_type(config, model_type)
+    if target == "clip_vision_model":
+        from mmjax.convert.clip import vision_model_config_to_hf
+
+        return vision_model_config_to_hf(config)
+    if target == "siglip_vision_model":
+        from mmjax.convert.siglip import vision_model_config_to_hf
+
+        return vision_model_config_to_hf(config)
     _check_exportable(config)
     hf: dict[str, Any] = {
         "model_type": "vit",
@@ -209,7 +244,8 @@ class VisionTensorRule(TensorRule):
     """`TensorRule` plus two layouts of vision checkpoints.
 
     kind "patch": a stride-patch Conv2d weight [dim, C, ph, pw] <-> Dense kernel
-    [ph*pw*C, dim]; kind "squeeze": HF's leading size-1 dims dropped ([1, 1, dim] -> [dim]).
+    [ph*pw*C, dim]; kind "squeeze": HF's leading size-1 dims dropped ([1, 1, dim] -> [dim]);
+    kind "scalar": a one-element tensor (SigLIP's logit_scale [1]) <-> a 0-d param.
     """
 
     @property
@@ -217,6 +253,8 @@ class VisionTensorRule(TensorRule):
         s = self.hf_shape
         if self.kind == "patch":
             return (s[2] * s[3] * s[1], s[0])
+        if self.kind == "scalar":
+            return ()
         if self.kind == "squeeze":
             shape = tuple(s)
             while len(shape) > 1 and shape[0] == 1:
@@ -227,7 +265,7 @@ class VisionTensorRule(TensorRule):
     def to_mmjax(self, w: np.ndarray) -> np.ndarray:
         if self.kind == "patch":
             return w.transpose(2, 3, 1, 0).reshape(self.mmjax_shape)
-        if self.kind == "squeeze":
+        if self.kind in ("squeeze", "scalar"):
             return w.reshape(self.mmjax_shape)
         return super().to_mmjax(w)
 
@@ -235,7 +273,7 @@ class VisionTensorRule(TensorRule):
         if self.kind == "patch":
             d, c, ph, pw = self.hf_shape
             return w.reshape(ph, pw, c, d).transpose(3, 2, 0, 1)
-        if self.kind == "squeeze":
+        if self.kind in ("squeeze", "scalar"):
             return w.reshape(self.hf_shape)
         return super().to_hf(w)
 
@@ -348,9 +386,28 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: ViTConfig) -> dict
 
 
 def params_to_hf(params: Mapping[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
-    """HF ViT tensors from plain mmjax ViT params."""
+    """HF tensors from plain mmjax ViT params, for the model type of the config's layout
+    (`export_model_type`)."""
+    target = export_model_type(config)
+    if target == "clip_vision_model":
+        from mmjax.convert.clip import vision_model_params_to_hf
+
+        return vision_model_params_to_hf(params, config)
+    if target == "siglip_vision_model":
+        from mmjax.convert.siglip import vision_model_params_to_hf
+
+        return vision_model_params_to_hf(params, config)
     _check_exportable(config)
     return apply_rules_to_hf(params, tensor_rules(config))
+
+
+def strip_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """`tensors` with `prefix` removed from every name when all names carry it (checkpoints of
+    stand-alone towers written by older transformers versions nest them under e.g.
+    `vision_model.`; transformers 5 writes them without)."""
+    if tensors and all(k.startswith(prefix) for k in tensors):
+        return {k[len(prefix):]: v for k, v in tensors.items()}
+    return dict(tensors)
 
 
 def _names(names: list[str], limit: int = 8) -> str:
