@@ -42,7 +42,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,12 +95,18 @@ class BlockSizes:
             if not isinstance(val, int) or not _is_pow2(val) or val < 16:
                 raise InputError(f"BlockSizes.{f} must be a power of two >= 16, got {val!r}")
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
-            raise InputError(f"BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
-        if self.num_stages is not None and not (isinstance(self.num_stages, int) and self.num_stages >= 1):
-            raise InputError(f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
+            raise InputError(
+                f"BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}"
+            )
+        if self.num_stages is not None and not (
+            isinstance(self.num_stages, int) and self.num_stages >= 1
+        ):
+            raise InputError(
+                f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}"
+            )
 
     @classmethod
-    def for_platform(cls, platform: str, head_dim: int) -> "BlockSizes":
+    def for_platform(cls, platform: str, head_dim: int) -> BlockSizes:
         """Defaults per platform. GPU: FlashAttention-2's H100 tiles (128 x 64 forward, 64 x 64
         backward), 4 warps up to head_dim 64 and 8 above. TPU: 128-wide tiles (one MXU pass)."""
         if platform == "tpu":
@@ -144,7 +151,9 @@ def _split_segments(segment_ids):
         return None, None
     if isinstance(segment_ids, (tuple, list)):
         if len(segment_ids) != 2:
-            raise InputError("flash_attention: segment_ids pair must be (q_segment_ids, kv_segment_ids)")
+            raise InputError(
+                "flash_attention: segment_ids pair must be (q_segment_ids, kv_segment_ids)"
+            )
         return segment_ids[0], segment_ids[1]
     return segment_ids, segment_ids
 
@@ -194,12 +203,24 @@ def flash_attention_reference(
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     q_seg, kv_seg = _split_segments(segment_ids)
     qg = q.reshape(b, t, kh, g, h)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32,
-                   precision=lax.Precision.HIGHEST) * scale
+    s = (
+        jnp.einsum(
+            "btkgh,bskh->bkgts",
+            qg,
+            k,
+            preferred_element_type=jnp.float32,
+            precision=lax.Precision.HIGHEST,
+        )
+        * scale
+    )
     vis = visibility(t, s_len, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask)
     if vis is not None:
         # [B|1, N|1, T, S] -> [B|1, K|1, G|1, T, S]
-        vis = vis[:, :, None] if vis.shape[1] == 1 else vis.reshape(vis.shape[0], kh, g, *vis.shape[2:])
+        vis = (
+            vis[:, :, None]
+            if vis.shape[1] == 1
+            else vis.reshape(vis.shape[0], kh, g, *vis.shape[2:])
+        )
         s = jnp.where(vis, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
@@ -208,8 +229,13 @@ def flash_attention_reference(
         p = jnp.where(vis, p, 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
     probs = p / jnp.where(l > 0, l, 1.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(jnp.float32),
-                     precision=lax.Precision.HIGHEST).reshape(b, t, n, h).astype(q.dtype)
+    out = (
+        jnp.einsum(
+            "bkgts,bskh->btkgh", probs, v.astype(jnp.float32), precision=lax.Precision.HIGHEST
+        )
+        .reshape(b, t, n, h)
+        .astype(q.dtype)
+    )
     if not return_lse:
         return out
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
@@ -217,7 +243,17 @@ def flash_attention_reference(
 
 
 def reference_backward(
-    q, k, v, out, lse, d_out, *, causal=False, segment_ids=None, mask=None, scale=None,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    d_out,
+    *,
+    causal=False,
+    segment_ids=None,
+    mask=None,
+    scale=None,
 ):
     """Gradients of attention given the saved log-sum-exp, in plain JAX: (dq, dk, dv) in fp32.
 
@@ -239,7 +275,11 @@ def reference_backward(
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0))
     vis = visibility(t, s_len, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask)
     if vis is not None:
-        vis = vis[:, :, None] if vis.shape[1] == 1 else vis.reshape(vis.shape[0], kh, g, *vis.shape[2:])
+        vis = (
+            vis[:, :, None]
+            if vis.shape[1] == 1
+            else vis.reshape(vis.shape[0], kh, g, *vis.shape[2:])
+        )
         p = jnp.where(vis, p, 0.0)
     p = jnp.where(jnp.isfinite(lse_g), p, 0.0)
     delta = jnp.einsum("btkgh,btkgh->bkgt", f32(out).reshape(b, t, kh, g, h), dog, precision=hp)
@@ -259,8 +299,13 @@ def reference_backward(
 def _dot(a, b, contract: tuple[int, int]):
     """a @ b contracting dims `contract`, fp32 accumulation; fp32 inputs use IEEE precision."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def _tile_visible(spec: _Spec, rows, cols, q_seg, kv_seg, mask_tile, shape):
@@ -324,8 +369,21 @@ def _load_mask(mask_ref, head, q_start, bq, k_start, bk, tq: int, tk: int):
     return mask_ref[head, rows, cols]
 
 
-def _fwd_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, o_ref, lse_ref, *,
-                       spec: _Spec, bq: int, bk: int, num_kv_blocks: int):
+def _fwd_kernel_triton(
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    mask_ref,
+    o_ref,
+    lse_ref,
+    *,
+    spec: _Spec,
+    bq: int,
+    bk: int,
+    num_kv_blocks: int,
+):
     i = pl.program_id(0)
     q = q_ref[...]  # [bq, H]
     hp = q.shape[-1]
@@ -342,7 +400,9 @@ def _fwd_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, o_ref
         kv_seg = kvseg_ref[pl.ds(ks, bk)][None, :] if kvseg_ref is not None else None
         mt = None
         if mask_ref is not None:
-            mt = _load_mask(mask_ref, None, i * bq, bq, ks, bk, spec.mask_shape[2], spec.mask_shape[3])
+            mt = _load_mask(
+                mask_ref, None, i * bq, bq, ks, bk, spec.mask_shape[2], spec.mask_shape[3]
+            )
         vis = _tile_visible(spec, rows, cols, q_seg, kv_seg, mt, (bq, bk))
         if vis is not None:
             s = jnp.where(vis, s, MASK_VALUE)
@@ -356,8 +416,11 @@ def _fwd_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, o_ref
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
         return acc, m_new, l
 
-    init = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
+    init = (
+        jnp.zeros((bq, hp), jnp.float32),
+        jnp.full((bq,), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(0, _kv_blocks_visible(spec, i, bq, bk, num_kv_blocks), body, init)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
@@ -365,8 +428,23 @@ def _fwd_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, o_ref
     lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
-def _dq_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, do_ref, lse_ref,
-                      delta_ref, dq_ref, *, spec: _Spec, bq: int, bk: int, num_kv_blocks: int):
+def _dq_kernel_triton(
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    mask_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    spec: _Spec,
+    bq: int,
+    bk: int,
+    num_kv_blocks: int,
+):
     i = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
@@ -385,7 +463,9 @@ def _dq_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, do_ref
         kv_seg = kvseg_ref[pl.ds(ks, bk)][None, :] if kvseg_ref is not None else None
         mt = None
         if mask_ref is not None:
-            mt = _load_mask(mask_ref, None, i * bq, bq, ks, bk, spec.mask_shape[2], spec.mask_shape[3])
+            mt = _load_mask(
+                mask_ref, None, i * bq, bq, ks, bk, spec.mask_shape[2], spec.mask_shape[3]
+            )
         vis = _tile_visible(spec, rows, cols, q_seg, kv_seg, mt, (bq, bk))
         p = jnp.exp2(s - lse2[:, None])
         if vis is not None:
@@ -394,14 +474,31 @@ def _dq_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, do_ref
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
-    dq = lax.fori_loop(0, _kv_blocks_visible(spec, i, bq, bk, num_kv_blocks), body,
-                       jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(
+        0, _kv_blocks_visible(spec, i, bq, bk, num_kv_blocks), body, jnp.zeros(q.shape, jnp.float32)
+    )
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, do_ref, lse_ref,
-                       delta_ref, dk_ref, dv_ref, *, spec: _Spec, bq: int, bk: int,
-                       num_q_blocks: int, group: int):
+def _dkv_kernel_triton(
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    mask_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    spec: _Spec,
+    bq: int,
+    bk: int,
+    num_q_blocks: int,
+    group: int,
+):
     """One program per (key tile, batch, kv head); loops over the GQA group and query tiles."""
     j = pl.program_id(0)
     k = k_ref[...]  # [bk, H]
@@ -427,8 +524,16 @@ def _dkv_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, do_re
         q_seg = qseg_ref[pl.ds(qs, bq)][:, None] if qseg_ref is not None else None
         mt = None
         if mask_ref is not None:
-            mt = _load_mask(mask_ref, g if mask_heads else 0, qs, bq, j * bk, bk,
-                            spec.mask_shape[2], spec.mask_shape[3])
+            mt = _load_mask(
+                mask_ref,
+                g if mask_heads else 0,
+                qs,
+                bq,
+                j * bk,
+                bk,
+                spec.mask_shape[2],
+                spec.mask_shape[3],
+            )
         vis = _tile_visible(spec, rows, cols, q_seg, kv_seg, mt, (bq, bk))
         p = jnp.exp2(s - lse2[:, None])
         if vis is not None:
@@ -446,15 +551,17 @@ def _dkv_kernel_triton(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, mask_ref, do_re
 
 
 def _mask_spec_fwd(spec: _Spec, t_pad: int, s_pad: int, group: int, per_kv_head: bool):
-    """BlockSpec for the padded int8 mask [Bm, Nm, Tm, Sm]: whole rows/cols, broadcast dims fixed."""
+    """BlockSpec for the padded int8 mask [Bm, Nm, Tm, Sm]: whole rows/cols, broadcast dims kept."""
     bm, nm, tm, sm = spec.mask_shape
     tm_p, sm_p = (t_pad if tm > 1 else 1), (s_pad if sm > 1 else 1)
     if per_kv_head:  # grid (j, b, kh): the group's query heads
         nb = group if nm > 1 else 1
-        return pl.BlockSpec((None, nb, tm_p, sm_p),
-                            lambda j, b, h: (b if bm > 1 else 0, h if nm > 1 else 0, 0, 0))
-    return pl.BlockSpec((None, None, tm_p, sm_p),
-                        lambda i, b, h: (b if bm > 1 else 0, h if nm > 1 else 0, 0, 0))
+        return pl.BlockSpec(
+            (None, nb, tm_p, sm_p), lambda j, b, h: (b if bm > 1 else 0, h if nm > 1 else 0, 0, 0)
+        )
+    return pl.BlockSpec(
+        (None, None, tm_p, sm_p), lambda i, b, h: (b if bm > 1 else 0, h if nm > 1 else 0, 0, 0)
+    )
 
 
 def _triton_params(spec: _Spec, head_dim: int):
@@ -463,7 +570,7 @@ def _triton_params(spec: _Spec, head_dim: int):
         return {}
     from jax.experimental.pallas import triton as plgpu
 
-    return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
+    return {"compiler_params": plgpu.CompilerParams(num_warps=warps, num_stages=stages)}
 
 
 def _fwd_triton(spec: _Spec, q, k, v, q_seg, kv_seg, mask):
@@ -471,7 +578,9 @@ def _fwd_triton(spec: _Spec, q, k, v, q_seg, kv_seg, mask):
     s_pad, kh = k.shape[1], k.shape[2]
     g = n // kh
     bq, bk = spec.blocks.block_q, spec.blocks.block_k
-    kernel = functools.partial(_fwd_kernel_triton, spec=spec, bq=bq, bk=bk, num_kv_blocks=s_pad // bk)
+    kernel = functools.partial(
+        _fwd_kernel_triton, spec=spec, bq=bq, bk=bk, num_kv_blocks=s_pad // bk
+    )
     in_specs = [
         pl.BlockSpec((None, bq, None, hp), lambda i, bb, h: (bb, i, h, 0)),
         pl.BlockSpec((None, s_pad, None, hp), lambda i, bb, h: (bb, 0, h // g, 0)),
@@ -484,10 +593,14 @@ def _fwd_triton(spec: _Spec, q, k, v, q_seg, kv_seg, mask):
         kernel,
         grid=(t_pad // bq, b, n),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, hp), lambda i, bb, h: (bb, i, h, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, hp), lambda i, bb, h: (bb, i, h, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bb, h: (bb, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32),
+        ],
         interpret=spec.interpret,
         name="mmjax_flash_fwd",
         **_triton_params(spec, hp),
@@ -527,8 +640,9 @@ def _bwd_triton(spec: _Spec, q, k, v, q_seg, kv_seg, mask, do, lse, delta):
     # dK, dV: grid over (key tile, batch, kv head); each program loops over its query heads
     bq, bk = blk.block_q_dkv, blk.block_k_dkv
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel_triton, spec=spec, bq=bq, bk=bk,
-                          num_q_blocks=t_pad // bq, group=g),
+        functools.partial(
+            _dkv_kernel_triton, spec=spec, bq=bq, bk=bk, num_q_blocks=t_pad // bq, group=g
+        ),
         grid=(s_pad // bk, b, kh),
         in_specs=[
             pl.BlockSpec((None, t_pad, g, hp), lambda j, bb, h: (bb, 0, h, 0)),
@@ -541,10 +655,14 @@ def _bwd_triton(spec: _Spec, q, k, v, q_seg, kv_seg, mask, do, lse, delta):
             pl.BlockSpec((None, g, t_pad), lambda j, bb, h: (bb, h, 0)),
             pl.BlockSpec((None, g, t_pad), lambda j, bb, h: (bb, h, 0)),
         ],
-        out_specs=[pl.BlockSpec((None, bk, None, hp), lambda j, bb, h: (bb, j, h, 0)),
-                   pl.BlockSpec((None, bk, None, hp), lambda j, bb, h: (bb, j, h, 0))],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32),
-                   jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, bk, None, hp), lambda j, bb, h: (bb, j, h, 0)),
+            pl.BlockSpec((None, bk, None, hp), lambda j, bb, h: (bb, j, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, jnp.float32),
+            jax.ShapeDtypeStruct(v.shape, jnp.float32),
+        ],
         name="mmjax_flash_dkv",
         **common,
     )(q, k, v, q_seg, kv_seg, mask, do, lse, delta)
@@ -574,9 +692,12 @@ def _fit_blocks(blocks: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
     tk = max(16, pl.next_power_of_2(kv_len))
     return dataclasses.replace(
         blocks,
-        block_q=min(blocks.block_q, tq), block_k=min(blocks.block_k, tk),
-        block_q_dkv=min(blocks.block_q_dkv, tq), block_k_dkv=min(blocks.block_k_dkv, tk),
-        block_q_dq=min(blocks.block_q_dq, tq), block_k_dq=min(blocks.block_k_dq, tk),
+        block_q=min(blocks.block_q, tq),
+        block_k=min(blocks.block_k, tk),
+        block_q_dkv=min(blocks.block_q_dkv, tq),
+        block_k_dkv=min(blocks.block_k_dkv, tk),
+        block_q_dq=min(blocks.block_q_dq, tq),
+        block_k_dq=min(blocks.block_k_dq, tk),
     )
 
 
@@ -655,19 +776,29 @@ def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     """Raise InputError naming the limit when these inputs are outside what the kernels do."""
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.ndim != 4:
-            raise InputError(f"flash_attention: {name} must be [batch, seq, heads, head_dim], "
-                             f"got shape {tuple(x.shape)}")
+            raise InputError(
+                f"flash_attention: {name} must be [batch, seq, heads, head_dim], "
+                f"got shape {tuple(x.shape)}"
+            )
     if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise InputError(f"flash_attention: dtypes must be one of float32/bfloat16/float16 and "
-                         f"equal, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(
+            f"flash_attention: dtypes must be one of float32/bfloat16/float16 and "
+            f"equal, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise InputError(f"flash_attention: head_dim {q.shape[-1]} is above the kernel limit "
-                         f"{MAX_HEAD_DIM}; use implementation='xla'")
+        raise InputError(
+            f"flash_attention: head_dim {q.shape[-1]} is above the kernel limit "
+            f"{MAX_HEAD_DIM}; use implementation='xla'"
+        )
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise InputError(f"flash_attention: shapes do not fit: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise InputError(
+            f"flash_attention: shapes do not fit: q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if q.shape[2] % k.shape[2]:
-        raise InputError(f"flash_attention: heads {q.shape[2]} not a multiple of kv_heads {k.shape[2]}")
+        raise InputError(
+            f"flash_attention: heads {q.shape[2]} not a multiple of kv_heads {k.shape[2]}"
+        )
 
 
 def _default_backend() -> str:
@@ -675,8 +806,16 @@ def _default_backend() -> str:
 
 
 def make_spec(
-    q, k, *, causal=False, has_segments=False, mask_shape=None, scale=None,
-    block_sizes: BlockSizes | None = None, backend: str | None = None, interpret: bool | None = None,
+    q,
+    k,
+    *,
+    causal=False,
+    has_segments=False,
+    mask_shape=None,
+    scale=None,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
 ) -> _Spec:
     """The static description of one call (tiles fitted to the lengths)."""
     backend = backend or _default_backend()
@@ -685,13 +824,21 @@ def make_spec(
     platform = jax.default_backend()
     if interpret is None:
         interpret = platform == "cpu"
-    blocks = block_sizes or BlockSizes.for_platform("tpu" if backend == "mosaic" else "gpu", q.shape[-1])
+    blocks = block_sizes or BlockSizes.for_platform(
+        "tpu" if backend == "mosaic" else "gpu", q.shape[-1]
+    )
     blocks = _fit_blocks(blocks, q.shape[1], k.shape[1])
     h = q.shape[-1]
     return _Spec(
-        causal=bool(causal), scale=1.0 / math.sqrt(h) if scale is None else float(scale),
-        q_len=q.shape[1], kv_len=k.shape[1], head_dim=h, blocks=blocks, backend=backend,
-        interpret=bool(interpret), has_segments=has_segments,
+        causal=bool(causal),
+        scale=1.0 / math.sqrt(h) if scale is None else float(scale),
+        q_len=q.shape[1],
+        kv_len=k.shape[1],
+        head_dim=h,
+        blocks=blocks,
+        backend=backend,
+        interpret=bool(interpret),
+        has_segments=has_segments,
         mask_shape=None if mask_shape is None else tuple(int(d) for d in mask_shape),
     )
 
@@ -701,8 +848,10 @@ def _prepare(q, k, v, segment_ids, mask):
     q_seg, kv_seg = _split_segments(segment_ids)
     if q_seg is not None:
         if q_seg.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]:
-            raise InputError(f"flash_attention: segment_ids must be [batch, q_len] / [batch, kv_len] "
-                             f"= {q.shape[:2]} / {k.shape[:2]}, got {q_seg.shape} / {kv_seg.shape}")
+            raise InputError(
+                f"flash_attention: segment_ids must be [batch, q_len] / [batch, kv_len] "
+                f"= {q.shape[:2]} / {k.shape[:2]}, got {q_seg.shape} / {kv_seg.shape}"
+            )
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
     if mask is not None:
         if mask.ndim > 4:
@@ -743,36 +892,85 @@ def flash_attention(
       [batch, q_len, heads, head_dim] in the input dtype.
     """
     q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
-    spec = make_spec(q, k, causal=causal, has_segments=q_seg is not None,
-                     mask_shape=None if mask is None else mask.shape, scale=scale,
-                     block_sizes=block_sizes, backend=backend, interpret=interpret)
+    spec = make_spec(
+        q,
+        k,
+        causal=causal,
+        has_segments=q_seg is not None,
+        mask_shape=None if mask is None else mask.shape,
+        scale=scale,
+        block_sizes=block_sizes,
+        backend=backend,
+        interpret=interpret,
+    )
     return _flash(spec, q, k, v, q_seg, kv_seg, mask)
 
 
-def flash_attention_forward(q, k, v, *, causal=False, segment_ids=None, mask=None, scale=None,
-                            block_sizes=None, backend=None, interpret=None):
+def flash_attention_forward(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    mask=None,
+    scale=None,
+    block_sizes=None,
+    backend=None,
+    interpret=None,
+):
     """Forward only: (out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] fp32).
 
     Not differentiable by itself; ring attention pairs it with `flash_attention_backward`."""
     q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
-    spec = make_spec(q, k, causal=causal, has_segments=q_seg is not None,
-                     mask_shape=None if mask is None else mask.shape, scale=scale,
-                     block_sizes=block_sizes, backend=backend, interpret=interpret)
+    spec = make_spec(
+        q,
+        k,
+        causal=causal,
+        has_segments=q_seg is not None,
+        mask_shape=None if mask is None else mask.shape,
+        scale=scale,
+        block_sizes=block_sizes,
+        backend=backend,
+        interpret=interpret,
+    )
     return _forward(spec, q, k, v, q_seg, kv_seg, mask)
 
 
-def flash_attention_backward(q, k, v, out, lse, d_out, *, causal=False, segment_ids=None,
-                             mask=None, scale=None, delta=None, block_sizes=None, backend=None,
-                             interpret=None):
+def flash_attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    d_out,
+    *,
+    causal=False,
+    segment_ids=None,
+    mask=None,
+    scale=None,
+    delta=None,
+    block_sizes=None,
+    backend=None,
+    interpret=None,
+):
     """(dq, dk, dv) in fp32 from the saved `lse` [batch, heads, q_len].
 
     `out`, `lse` (and `delta = rowsum(out * d_out)` [batch, heads, q_len], computed when None)
     may be those of a larger attention whose keys include these: the result is then the
     contribution of these keys (ring attention sums it over the ring)."""
     q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
-    spec = make_spec(q, k, causal=causal, has_segments=q_seg is not None,
-                     mask_shape=None if mask is None else mask.shape, scale=scale,
-                     block_sizes=block_sizes, backend=backend, interpret=interpret)
+    spec = make_spec(
+        q,
+        k,
+        causal=causal,
+        has_segments=q_seg is not None,
+        mask_shape=None if mask is None else mask.shape,
+        scale=scale,
+        block_sizes=block_sizes,
+        backend=backend,
+        interpret=interpret,
+    )
     return _backward(spec, q, k, v, q_seg, kv_seg, mask, out, lse, d_out, delta)
 
 
@@ -819,7 +1017,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         flops = 4 * a.batch * a.heads * a.seq * a.seq * a.head_dim * (0.5 if a.causal else 1.0)
         t = sorted(times)[len(times) // 2]
         print(f"{name:10s} {t * 1e3:9.2f} ms  {flops / t / 1e12:8.3f} TFLOP/s")
-    err = jnp.max(jnp.abs(outs["flash"].astype(jnp.float32) - outs["reference"].astype(jnp.float32)))
+    err = jnp.max(
+        jnp.abs(outs["flash"].astype(jnp.float32) - outs["reference"].astype(jnp.float32))
+    )
     print(f"max |flash - reference| = {float(err):.2e}  ({jax.devices()[0].device_kind})")
 
 

@@ -41,16 +41,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
+from mmjax.kernels import flash_attention as fa
 
 from mmjax.errors import InputError
-from mmjax.kernels import flash_attention as fa
 
 LAYOUTS = ("zigzag", "contiguous")
 BLOCK_IMPLS = ("flash", "xla")
@@ -73,8 +73,10 @@ def zigzag_indices(seq_len: int, n: int) -> np.ndarray:
 
     Chunk the sequence into 2n equal chunks; device d's shard is chunks (d, 2n-1-d)."""
     if seq_len % (2 * n):
-        raise InputError(f"ring attention (zigzag): sequence length {seq_len} is not divisible "
-                         f"by 2 x ring size = {2 * n}")
+        raise InputError(
+            f"ring attention (zigzag): sequence length {seq_len} is not divisible "
+            f"by 2 x ring size = {2 * n}"
+        )
     c = seq_len // (2 * n)
     chunks = [np.arange(i * c, (i + 1) * c) for i in range(2 * n)]
     return np.concatenate([np.concatenate([chunks[d], chunks[2 * n - 1 - d]]) for d in range(n)])
@@ -88,21 +90,42 @@ def zigzag_indices(seq_len: int, n: int) -> np.ndarray:
 def _block_fwd(spec: _RingSpec, q, k, v, q_seg, kv_seg, causal: bool):
     seg = None if q_seg is None else (q_seg, kv_seg)
     if spec.block_impl == "flash":
-        return fa.flash_attention_forward(q, k, v, causal=causal, segment_ids=seg, scale=spec.scale,
-                                          block_sizes=spec.block_sizes, interpret=spec.interpret)
-    out, lse = fa.flash_attention_reference(q, k, v, causal=causal, segment_ids=seg,
-                                            scale=spec.scale, return_lse=True)
+        return fa.flash_attention_forward(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=seg,
+            scale=spec.scale,
+            block_sizes=spec.block_sizes,
+            interpret=spec.interpret,
+        )
+    out, lse = fa.flash_attention_reference(
+        q, k, v, causal=causal, segment_ids=seg, scale=spec.scale, return_lse=True
+    )
     return out.astype(jnp.float32), lse
 
 
 def _block_bwd(spec: _RingSpec, q, k, v, q_seg, kv_seg, out, lse, do, delta, causal: bool):
     seg = None if q_seg is None else (q_seg, kv_seg)
     if spec.block_impl == "flash":
-        return fa.flash_attention_backward(q, k, v, out, lse, do, causal=causal, segment_ids=seg,
-                                           scale=spec.scale, delta=delta,
-                                           block_sizes=spec.block_sizes, interpret=spec.interpret)
-    return fa.reference_backward(q, k, v, out, lse, do, causal=causal, segment_ids=seg,
-                                 scale=spec.scale)
+        return fa.flash_attention_backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            do,
+            causal=causal,
+            segment_ids=seg,
+            scale=spec.scale,
+            delta=delta,
+            block_sizes=spec.block_sizes,
+            interpret=spec.interpret,
+        )
+    return fa.reference_backward(
+        q, k, v, out, lse, do, causal=causal, segment_ids=seg, scale=spec.scale
+    )
 
 
 def _merge(acc, lse, out_s, lse_s):
@@ -144,8 +167,12 @@ def _ring_forward(spec: _RingSpec, q, k, v, q_seg, kv_seg):
     b, t, n_heads, h = q.shape
     # step 0: the local block (for causal: the diagonal block, plain causal in local order)
     out0, lse0 = _block_fwd(spec, q, k, v, q_seg, kv_seg, spec.causal)
-    acc, lse = _merge(jnp.zeros((b, t, n_heads, h), jnp.float32),
-                      jnp.full((b, n_heads, t), -jnp.inf, jnp.float32), out0, lse0)
+    acc, lse = _merge(
+        jnp.zeros((b, t, n_heads, h), jnp.float32),
+        jnp.full((b, n_heads, t), -jnp.inf, jnp.float32),
+        out0,
+        lse0,
+    )
 
     def step(s, carry):
         acc, lse, kv = carry
@@ -161,12 +188,20 @@ def _ring_forward(spec: _RingSpec, q, k, v, q_seg, kv_seg):
         elif not spec.zigzag:  # contiguous: earlier devices fully visible, later ones not at all
             acc, lse = lax.cond(src < me, full, lambda a, l: (a, l), acc, lse)
         else:
+
             def earlier(acc, lse):  # all queries x the first key chunk
-                return _merge(acc, lse, *_block_fwd(spec, q, _halves(k_)[0], _halves(v_)[0], q_seg,
-                                                    _opt_half(kv_seg_, 0), False))
+                return _merge(
+                    acc,
+                    lse,
+                    *_block_fwd(
+                        spec, q, _halves(k_)[0], _halves(v_)[0], q_seg, _opt_half(kv_seg_, 0), False
+                    ),
+                )
 
             def later(acc, lse):  # the second query chunk x all keys
-                o_s, l_s = _block_fwd(spec, _halves(q)[1], k_, v_, _opt_half(q_seg, 1), kv_seg_, False)
+                o_s, l_s = _block_fwd(
+                    spec, _halves(q)[1], k_, v_, _opt_half(q_seg, 1), kv_seg_, False
+                )
                 a1, a2 = _halves(acc)
                 l1, l2 = _halves(lse, axis=2)
                 a2, l2 = _merge(a2, l2, o_s, l_s)
@@ -200,16 +235,39 @@ def _ring_backward(spec: _RingSpec, q, k, v, q_seg, kv_seg, out, lse, do):
         elif not spec.zigzag:
             dq, dk_, dv_ = lax.cond(src < me, full, lambda *a: a, dq, dk_, dv_)
         else:
+
             def earlier(dq, dk_, dv_):  # all queries x first key chunk
-                gq, gk, gv = _block_bwd(spec, q, _halves(k_)[0], _halves(v_)[0], q_seg,
-                                        _opt_half(kv_seg_, 0), out, lse, do, delta, False)
+                gq, gk, gv = _block_bwd(
+                    spec,
+                    q,
+                    _halves(k_)[0],
+                    _halves(v_)[0],
+                    q_seg,
+                    _opt_half(kv_seg_, 0),
+                    out,
+                    lse,
+                    do,
+                    delta,
+                    False,
+                )
                 pad = lambda g, x: jnp.concatenate([_halves(x)[0] + g, _halves(x)[1]], 1)
                 return dq + gq, pad(gk, dk_), pad(gv, dv_)
 
             def later(dq, dk_, dv_):  # second query chunk x all keys
                 h = lambda x, axis=1: _halves(x, axis)[1]
-                gq, gk, gv = _block_bwd(spec, h(q), k_, v_, _opt_half(q_seg, 1), kv_seg_, h(out),
-                                        h(lse, 2), h(do), h(delta, 2), False)
+                gq, gk, gv = _block_bwd(
+                    spec,
+                    h(q),
+                    k_,
+                    v_,
+                    _opt_half(q_seg, 1),
+                    kv_seg_,
+                    h(out),
+                    h(lse, 2),
+                    h(do),
+                    h(delta, 2),
+                    False,
+                )
                 dq = jnp.concatenate([_halves(dq)[0], _halves(dq)[1] + gq], 1)
                 return dq, dk_ + gk, dv_ + gv
 
@@ -258,8 +316,10 @@ def _to_zigzag(x, axis_name: str, n: int):
     got_odd = lax.ppermute(odd, axis_name, [(d, _chunk_home(2 * d + 1, n)) for d in range(n)])
     # device e receives chunks e and 2n-1-e (one even, one odd); chunk e goes first
     first_is_even = me % 2 == 0
-    return jnp.concatenate([jnp.where(first_is_even, got_even, got_odd),
-                            jnp.where(first_is_even, got_odd, got_even)], 1)
+    return jnp.concatenate(
+        [jnp.where(first_is_even, got_even, got_odd), jnp.where(first_is_even, got_odd, got_even)],
+        1,
+    )
 
 
 def _from_zigzag(x, axis_name: str, n: int):
@@ -282,8 +342,11 @@ def _from_zigzag(x, axis_name: str, n: int):
 def _default_axes(mesh, seq_axis: str, batch: int, kv_heads: int, batch_axes, head_axes):
     sizes = dict(mesh.shape)
     if head_axes is None:
-        head_axes = tuple(a for a in ("tensor",) if a in sizes and a != seq_axis and sizes[a] > 1
-                          and kv_heads % sizes[a] == 0)
+        head_axes = tuple(
+            a
+            for a in ("tensor",)
+            if a in sizes and a != seq_axis and sizes[a] > 1 and kv_heads % sizes[a] == 0
+        )
     if batch_axes is None:
         batch_axes, prod = [], 1
         for a in mesh.axis_names:
@@ -343,23 +406,38 @@ def ring_attention(
         raise InputError(f"ring attention: causal needs q_len == kv_len, got {t} and {s}")
     for name, length in (("query", t), ("key/value", s)):
         if length % n:
-            raise InputError(f"ring attention: {name} sequence length {length} is not divisible by "
-                             f"the ring size {n} (mesh axis {seq_axis!r})")
+            raise InputError(
+                f"ring attention: {name} sequence length {length} is not divisible by "
+                f"the ring size {n} (mesh axis {seq_axis!r})"
+            )
         if zigzag and length % (2 * n):
-            raise InputError(f"ring attention (zigzag layout): {name} sequence length {length} is "
-                             f"not divisible by 2 x ring size = {2 * n}")
+            raise InputError(
+                f"ring attention (zigzag layout): {name} sequence length {length} is "
+                f"not divisible by 2 x ring size = {2 * n}"
+            )
     block_impl = block_impl or ("xla" if jax.default_backend() == "cpu" else "flash")
     if block_impl not in BLOCK_IMPLS:
-        raise InputError(f"ring attention: unknown block_impl {block_impl!r}; choose one of {BLOCK_IMPLS}")
+        raise InputError(
+            f"ring attention: unknown block_impl {block_impl!r}; choose one of {BLOCK_IMPLS}"
+        )
     q_seg, kv_seg = fa._split_segments(segment_ids)
     if q_seg is not None:
         if q_seg.shape != (b, t) or kv_seg.shape != (b, s):
-            raise InputError(f"ring attention: segment_ids must be [batch, q_len] / [batch, kv_len] "
-                             f"= {(b, t)} / {(b, s)}, got {q_seg.shape} / {kv_seg.shape}")
+            raise InputError(
+                f"ring attention: segment_ids must be [batch, q_len] / [batch, kv_len] "
+                f"= {(b, t)} / {(b, s)}, got {q_seg.shape} / {kv_seg.shape}"
+            )
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
-    spec = _RingSpec(axis=seq_axis, n=n, causal=bool(causal),
-                     scale=1.0 / math.sqrt(h) if scale is None else float(scale), zigzag=zigzag,
-                     block_impl=block_impl, block_sizes=block_sizes, interpret=interpret)
+    spec = _RingSpec(
+        axis=seq_axis,
+        n=n,
+        causal=bool(causal),
+        scale=1.0 / math.sqrt(h) if scale is None else float(scale),
+        zigzag=zigzag,
+        block_impl=block_impl,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     bax, hax = _default_axes(mesh, seq_axis, b, k.shape[2], batch_axes, head_axes)
     bspec = bax if bax else None
     hspec = hax if hax else None
@@ -377,6 +455,11 @@ def ring_attention(
         return _from_zigzag(out, seq_axis, n) if reorder else out
 
     seg_specs = (None, None) if q_seg is None else (seg_spec, seg_spec)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + seg_specs,
-                       out_specs=x_spec, check_vma=False)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(x_spec, x_spec, x_spec) + seg_specs,
+        out_specs=x_spec,
+        check_vma=False,
+    )
     return fn(q, k, v, q_seg, kv_seg)
