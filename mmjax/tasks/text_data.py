@@ -118,6 +118,17 @@ def build(cfg: TextDataConfig, workdir: str, log: Callable[[str], None] = print)
         train_text, val_text = load_corpus(cfg.corpus)
     except Exception as e:  # noqa: BLE001 - corpora raise InputError; keep one error type here
         raise DataError(str(e)) from None
+    if not train_text.strip():
+        raise DataError(f"data.corpus={cfg.corpus!r}: the training split is empty")
+    # byte-fallback BPE never makes more tokens than UTF-8 bytes (+1 BOS per document), so a
+    # split with fewer bytes than one batch of tokens can never fill a batch
+    need = cfg.batch_size * (cfg.seq_len + 1)
+    have = len(train_text.encode("utf-8"))
+    if have < need:
+        raise DataError(
+            f"data.corpus={cfg.corpus!r}: the training split has {have} bytes, fewer than the "
+            f"{need} tokens one batch of {cfg.batch_size} x {cfg.seq_len} needs; use a larger "
+            "corpus or lower data.batch_size / data.seq_len")
     path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(path):
         if jax.process_index() == 0:

@@ -77,7 +77,10 @@ class Checkpointer:
         force: bool = False,
     ) -> bool:
         """Start an async save of `state` at `step`. Raises CheckpointError when it cannot."""
+        # wait for the previous async save first, so `previous` is a committed step
+        self.wait()
         previous = self.latest_step()
+        self._pending_previous = previous
         clean_metrics = _jsonable(metrics or {})
         if self.best_metric and self.best_metric not in clean_metrics:
             clean_metrics = None  # BestN ignores it; LatestN still keeps it
@@ -96,12 +99,17 @@ class Checkpointer:
             raise self._save_error(step, previous, e) from None
 
     def wait(self) -> None:
-        """Block until the pending async save is committed; raise CheckpointError if it failed."""
-        previous = self.latest_step()
+        """Block until the pending async save is committed; raise CheckpointError if it failed.
+
+        (Orbax reports a step as latest as soon as its save starts, so the step committed
+        before it was recorded when that save began.)"""
+        previous = getattr(self, "_pending_previous", None)
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             raise self._save_error(None, previous, e) from None
+        finally:
+            self._pending_previous = None
 
     def _save_error(self, step, previous, exc) -> CheckpointError:
         what = f"step {step}" if step is not None else "the pending checkpoint"

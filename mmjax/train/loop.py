@@ -2,6 +2,11 @@
 
     metrics = train(cfg, workdir, stop_at=None, mesh_spec=None)
 
+Sharding: `mesh_spec` (`--mesh fsdp=4,tensor=2`) sizes the mesh axes and `cfg.parallelism` names
+the preset (`mmjax.parallel.presets`) whose rules lay out params, optimizer state, batch and
+activations on it. Without a mesh a single process trains on one device (several processes
+get `data=-1`).
+
 It knows nothing of model families: `cfg.task` names a `mmjax.train.task.Task` that builds the
 model, the data, the loss and the evaluation. Workdir layout: `checkpoints/` (Orbax),
 `mmjax_model.json` ({"family", "config"}), `experiment.json`, `metrics.jsonl`, `tensorboard/`,
@@ -22,7 +27,8 @@ from typing import Any
 
 import jax
 
-from mmjax.parallel.mesh import make_mesh
+from mmjax.parallel.mesh import activate, make_mesh
+from mmjax.parallel.presets import check_mesh, describe_mesh, get_preset
 from mmjax.train.checkpointing import Checkpointer
 from mmjax.train.errors import CheckpointError, NonFiniteLossError
 from mmjax.train.experiment import ExperimentConfig
@@ -95,17 +101,30 @@ def train(
     check_workdir_writable(workdir)
     t_start = time.perf_counter()
 
+    preset = get_preset(cfg.parallelism)
+    model_cfg = preset.configure_model(cfg.model)
+    if model_cfg != cfg.model:
+        log(f"parallelism={preset.name}: model dtype={getattr(model_cfg, 'dtype', None)}, "
+            f"param_dtype={getattr(model_cfg, 'param_dtype', None)}")
+        cfg = cfg.replace(model=model_cfg)
+    if not mesh_spec and jax.process_count() > 1:
+        mesh_spec = "data=-1"  # one device per process cannot hold a multi-process job
+    mesh = make_mesh(mesh_spec) if mesh_spec else None
+    if mesh is not None:
+        check_mesh(mesh, preset)
+
     task = build_task(cfg, workdir, log)
     if is_main:
         _write_json(os.path.join(workdir, MODEL_FILE),
                     {"family": task.family, "config": task.model_config.to_dict()})
         _write_json(os.path.join(workdir, "experiment.json"), cfg.to_dict())
 
-    mesh = make_mesh(mesh_spec) if mesh_spec else None
     tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed_params(task.init_params))
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=cfg.keep_checkpoints,
                         best_metric=cfg.keep_best_metric, best_mode=cfg.keep_best_mode)
-    shardings = state_shardings(task.init_params, tx, mesh) if mesh is not None else None
+    rules, opt_rules = preset.rules, preset.opt_rules
+    shardings = (state_shardings(task.init_params, tx, mesh, rules, opt_rules)
+                 if mesh is not None else None)
 
     train_iter = task.train_iterator()
     latest = ckpt.latest_step()
@@ -118,22 +137,25 @@ def train(
         history = dict(meta.get("metrics") or {})
         log(f"resumed from {ckpt.directory} at step {latest}")
     else:
-        state, _ = create_train_state(task.init_params, tx, seed=cfg.seed, mesh=mesh)
+        state, _ = create_train_state(task.init_params, tx, seed=cfg.seed, mesh=mesh,
+                                      rules=rules, opt_rules=opt_rules)
     step = int(jax.device_get(state.step))
     describe = getattr(task, "describe", lambda: type(task.model).__name__)()
     log(f"model: {count_params(state.params) / 1e6:.2f}M params ({describe}); {cfg.steps} steps"
-        + (f" on mesh {dict(mesh.shape)}" if mesh is not None else ""))
+        + (f" on mesh {describe_mesh(mesh)}, parallelism {preset.name}" if mesh is not None
+           else ""))
 
     train_step = make_train_step(task.loss, tx, schedule,
                                  grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                                 mesh=mesh, shardings=shardings)
+                                 mesh=mesh, shardings=shardings, rules=rules)
     writer = MetricsWriter(workdir, enabled=is_main)
     final: dict[str, Any] = {"step": step}
     sample_text = None
 
     def run_eval(tag: str) -> dict[str, float]:
         t0 = time.perf_counter()
-        m = task.evaluate(state.params, mesh, final=(tag == "end"))
+        with activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
+            m = task.evaluate(state.params, mesh, final=(tag == "end"))
         evals_at[step] = m
         writer.write(step, m)
         log(f"[{tag}] step {step}: {format_metrics(m)} ({time.perf_counter() - t0:.1f}s)")
@@ -179,12 +201,16 @@ def train(
             return
         at, m = pending
         pending = None
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        # a non-finite gradient norm poisons the params this step produced even when the loss
+        # (computed before the update) is still finite: neither state may be checkpointed
+        bad = (f"loss is {loss}" if not math.isfinite(loss) else
+               f"gradient norm is {grad_norm}" if not math.isfinite(grad_norm) else None)
+        if bad is not None:
             ckpt.wait()
             kept = ckpt.latest_step()
             raise NonFiniteLossError(
-                f"loss is {loss} at step {at}; training stopped. The last good checkpoint "
+                f"{bad} at step {at}; training stopped. The last good checkpoint "
                 f"({'step ' + str(kept) if kept is not None else 'none'}) in {ckpt.directory} "
                 "was kept; lower the learning rate or check the data.", at)
         train_loss = loss
@@ -193,7 +219,7 @@ def train(
         with _StopSignal() as stop:
             while step < cfg.steps:
                 batch = next(train_iter)
-                state, metrics = train_step(state, shard_batch(batch, mesh))
+                state, metrics = train_step(state, shard_batch(batch, mesh, rules))
                 resolve()  # the previous step's loss, read while this one runs
                 step += 1
                 pending = (step, metrics)
