@@ -256,3 +256,157 @@ def test_clip_grad_is_finite(clip):
     assert float(jnp.abs(grads["logit_scale"])) > 0
     assert float(jnp.abs(grads["vision"]["patch_embed"]["kernel"]).max()) > 0
     assert float(jnp.abs(grads["text"]["embed"]["embedding"]).max()) > 0
+
+
+# --- MAP pooling, patch embedding, resolution changes, SigLIP ------------------------------------
+
+def test_map_pooling_is_probe_attention_then_mlp():
+    """pool='map': one learned probe attends over the final-normed tokens, then h + MLP(LN(h))."""
+    c = ViTConfig.from_variant("tiny", pool="map", class_token=False, activation="gelu_tanh")
+    model = ViT(c)
+    variables = jax.jit(model.init)(RNG, images())
+    p = nn.unbox(variables["params"])
+    assert sum(x.size for x in jax.tree_util.tree_leaves(p)) == c.num_params()
+    with jax.default_matmul_precision("highest"):
+        pooled, out = jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True))(variables, images())
+    x = np.asarray(out["final_hidden"], np.float64)  # [B, T, D]
+    h = p["map_head"]
+    att = h["attn"]
+    q = np.einsum("d,dnh->nh", h["probe"], att["query"]["kernel"]) + att["query"]["bias"]  # [N, H]
+    k = np.einsum("btd,dnh->btnh", x, att["key"]["kernel"]) + att["key"]["bias"]
+    v = np.einsum("btd,dnh->btnh", x, att["value"]["kernel"]) + att["value"]["bias"]
+    s = np.einsum("nh,btnh->bnt", q, k) / np.sqrt(c.head_dim)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("bnt,btnh->bnh", w, v)
+    y = np.einsum("bnh,nhd->bd", o, att["out"]["kernel"]) + att["out"]["bias"]
+    mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    ln = (y - mu) / np.sqrt(var + c.norm_eps) * h["norm"]["scale"] + h["norm"]["bias"]
+    hid = ln @ h["mlp"]["fc1"]["kernel"] + h["mlp"]["fc1"]["bias"]
+    hid = jax.nn.gelu(hid, approximate=True)
+    expected = y + np.asarray(hid) @ h["mlp"]["fc2"]["kernel"] + h["mlp"]["fc2"]["bias"]
+    np.testing.assert_allclose(pooled, expected, atol=2e-5)
+    np.testing.assert_array_equal(out["patch_tokens"], out["final_hidden"])  # no [CLS] to drop
+
+
+def test_conv_and_linear_patch_embedding_agree(vit):
+    model, variables = vit
+    conv = ViT(model.config.replace(patch_embed="conv"))
+    with jax.default_matmul_precision("highest"):
+        a = model.apply(variables, images())
+        b = conv.apply(variables, images())  # same params
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ConfigError, match="did you mean 'conv'"):
+        model.config.replace(patch_embed="convv")
+
+
+def test_named_intermediates_for_downstream_models(vit):
+    model, variables = vit
+    c = model.config
+    _, out = model.apply(variables, images(), return_intermediates=True)
+    assert c.num_prefix_tokens == 1
+    np.testing.assert_array_equal(out["patch_tokens"], out["final_hidden"][:, 1:])
+    llava = out["hidden_states"][-2][:, c.num_prefix_tokens:]  # penultimate block, no [CLS]
+    assert llava.shape == (2, c.num_patches, c.dim)
+
+
+@pytest.mark.parametrize("method", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("old, new", [((7, 7), (12, 12)), ((5, 5), (3, 4)), ((4, 6), (9, 2))])
+def test_resample_posemb_matches_torch_interpolate(method, old, new):
+    torch = pytest.importorskip("torch")
+    from mmjax.models.vit import resample_posemb
+
+    d = 8
+    table = np.random.default_rng(0).normal(size=(1 + old[0] * old[1], d)).astype(np.float32)
+    grid = torch.from_numpy(table[1:]).reshape(1, *old, d).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=new, mode=method, align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, d).numpy()
+    for arr in (table, jnp.asarray(table)):
+        out = np.asarray(resample_posemb(arr, old, new, num_prefix_tokens=1, method=method))
+        assert out.shape == (1 + new[0] * new[1], d)
+        np.testing.assert_array_equal(out[0], table[0])  # [CLS] position kept
+        # float32 summation-order differences only (values ~1; measured <= 3e-6)
+        np.testing.assert_allclose(out[1:], ref, atol=1e-5)
+
+
+def test_set_image_size_equals_interpolating_on_the_fly(vit, clip):
+    from mmjax.models.vit import set_image_size
+
+    model, variables = vit
+    params = nn.unbox(variables["params"])
+    big = images(2, 48, 56)
+    new_model, new_params = set_image_size(model, params, (48, 56))
+    assert new_model.config.image_hw == (48, 56) and new_model.config.num_tokens == 1 + 6 * 7
+    assert new_params["pos_embedding"]["embedding"].shape == (43, 64)
+    np.testing.assert_array_equal(new_params["pos_embedding"]["embedding"][0], params["pos_embedding"]["embedding"][0])
+    with jax.default_matmul_precision("highest"):
+        a = new_model.apply({"params": new_params}, big)
+        b = model.apply({"params": params}, big, interpolate_pos_encoding=True)
+        same = model.apply({"params": params}, images(), interpolate_pos_encoding=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(same, model.apply({"params": params}, images()))
+    with pytest.raises(InputError, match="interpolate_pos_encoding=True"):
+        model.apply({"params": params}, big)
+    # CLIP: only the image tower changes
+    cmodel, cparams, _ = clip
+    cbig, cbig_params = set_image_size(cmodel.config, cparams, 48)
+    assert cbig.vision.image_hw == (48, 48) and cbig.text == cmodel.config.text
+    assert cbig_params["vision"]["pos_embedding"]["embedding"].shape == (37, 64)
+    for a, b in zip(jax.tree_util.tree_leaves(cbig_params["text"]), jax.tree_util.tree_leaves(cparams["text"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resolution_not_divisible_by_the_patch(vit):
+    model, variables = vit
+    with pytest.raises(InputError, match="not divisible by the patch size 8x8.*resize_images"):
+        model.apply(variables, images(2, 30, 32), interpolate_pos_encoding=True)
+    with pytest.raises(InputError, match="not divisible"):
+        model.apply(variables, images(2, 36, 32))
+
+
+def test_clip_forward_clamps_the_temperature_and_optional_bias(clip):
+    model, params, _ = clip
+    x, tokens = images(2), text_tokens(model.config)
+    hot = {**params, "logit_scale": jnp.asarray(7.0)}  # exp(7) = 1097 > 100
+    out = model.apply({"params": hot}, x, tokens)
+    assert float(out["logit_scale"]) == 100.0
+    np.testing.assert_allclose(out["logits_per_image"], 100.0 * out["image_embeds"] @ out["text_embeds"].T,
+                               rtol=1e-5)
+    biased = CLIP(model.config.replace(logit_bias_init=-10.0))
+    bparams = nn.unbox(biased.init(RNG, x, tokens)["params"])
+    assert float(bparams["logit_bias"]) == -10.0
+    bout = biased.apply({"params": {**params, "logit_bias": jnp.asarray(-10.0)}}, x, tokens)
+    np.testing.assert_allclose(bout["logits_per_image"], model.apply({"params": params}, x, tokens)["logits_per_image"] - 10.0,
+                               atol=1e-5)
+
+
+def test_siglip_model_outputs():
+    from mmjax.models.siglip import SigLIP, SiglipConfig
+
+    c = SiglipConfig.from_variant("tiny")
+    model = SigLIP(c)
+    x = images(3)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 100, size=(2, 16)), jnp.int32)
+    variables = jax.jit(model.init)(RNG, x, tokens)
+    params = nn.unbox(variables["params"])
+    assert set(params) == {"vision", "text", "text_head", "logit_scale", "logit_bias"}
+    assert "map_head" in params["vision"] and "cls" not in params["vision"]
+    assert abs(math.exp(float(params["logit_scale"])) - 10.0) < 1e-4 and float(params["logit_bias"]) == -10.0
+    apply = jax.jit(lambda v, x, t: model.apply(v, x, t, return_intermediates=True))
+    with jax.default_matmul_precision("highest"):
+        out, inter = apply(variables, x, tokens)
+    assert out["logits_per_image"].shape == (3, 2)
+    cos = np.asarray(out["image_embeds"]) @ np.asarray(out["text_embeds"]).T
+    np.testing.assert_allclose(out["logits_per_image"], 10.0 * cos - 10.0, atol=1e-4)
+    np.testing.assert_array_equal(inter["text"]["eos_index"], [15, 15])
+    # bidirectional text tower: a token after position 0 changes position 0's hidden state
+    changed = tokens.at[:, 5].set(7)
+    with jax.default_matmul_precision("highest"):
+        _, inter2 = apply(variables, x, changed)
+    assert float(jnp.abs(inter2["text"]["final_hidden"][:, 0] - inter["text"]["final_hidden"][:, 0]).max()) > 1e-4
+    with pytest.raises(ConfigError, match="must equal the image tower width"):
+        SiglipConfig(vision=c.vision, text=c.text, projection_dim=32)
+    with pytest.raises(ConfigError, match="'map'"):
+        SiglipConfig(vision=c.vision.replace(pool="gap"), text=c.text)
+    module, config = build_model("siglip", c.to_dict())
+    assert isinstance(module, SigLIP) and config == c
