@@ -17,17 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """60k characters of Python's bundled documentation: small enough to tokenize in a second."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics.values())[:60_000]
-    path = tmp_path_factory.mktemp("corpus") / "pydoc_slice.txt"
-    path.write_text(text)
-    return str(path)
-
-
 def tiny_overrides(corpus, **extra):
     items = {
         "data.corpus": corpus, "data.vocab_size": 512, "data.seq_len": 32, "data.batch_size": 8,
