@@ -286,3 +286,14 @@ def test_default_implementation_per_platform(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second time: no warning
         assert att._default_implementation(big, big, None, seg) == "xla"
+
+
+def test_compiled_memory_grows_linearly_for_flash_quadratically_for_xla():
+    """The benchmark's memory table (compiled fwd+bwd programs, never run): doubling the length
+    doubles flash's temporary bytes and quadruples xla's ([seq, seq] scores)."""
+    from mmjax.bench.attention import _memory_table
+
+    table = _memory_table(("xla", "flash"), (512, 2048), heads=2, head_dim=32, dtype="float32")
+    growth = table["growth_exponent"]
+    assert 0.8 < growth["flash"] < 1.2, growth
+    assert 1.8 < growth["xla"] < 2.2, growth
