@@ -231,8 +231,57 @@ def _flash_attention(query, key, value, mask, scale, causal, segment_ids):
     if why is not None:
         raise AttentionInputError(f"attention: implementation='flash' does not support {why}; "
                                   "use implementation='xla'")
-    return flash.flash_attention(query, key, value, causal=causal, segment_ids=segment_ids,
-                                 mask=mask, scale=scale)
+
+    def call(q, k, v, mask, segment_ids):
+        return flash.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, mask=mask,
+                                     scale=scale)
+
+    return _per_shard(call, query, key, value, mask, segment_ids)
+
+
+def _per_shard(call, query, key, value, mask, segment_ids):
+    """Run a kernel call per batch/head shard of the current mesh (jax.set_mesh + logical-axis
+    rules, as `mmjax.parallel.activate` sets them). XLA cannot partition a Pallas custom call:
+    without this the kernel would see gathered, replicated inputs on every device. Batch goes
+    over the `act_batch` mesh axes that divide it, heads over `act_kv_heads` axes that divide
+    the K/V heads; with no mesh, no rules or nothing to split, `call` runs as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return call(query, key, value, mask, segment_ids)
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return call(query, key, value, mask, segment_ids)
+
+    def axes(name, size):
+        a = nn.logical_to_mesh_axes((name,), rules)[0]
+        a = () if a is None else (a,) if isinstance(a, str) else tuple(a)
+        out, prod = [], 1
+        for ax in a:
+            if mesh.shape[ax] > 1 and size % (prod * mesh.shape[ax]) == 0:
+                out.append(ax)
+                prod *= mesh.shape[ax]
+        return tuple(out) or None
+
+    b_ax = axes("act_batch", query.shape[0])
+    h_ax = axes("act_kv_heads", key.shape[2])
+    if b_ax is None and h_ax is None:
+        return call(query, key, value, mask, segment_ids)
+    x_spec = P(b_ax, None, h_ax, None)
+    seg_spec = None
+    if segment_ids is not None:
+        seg_spec = P(b_ax, None)
+        if isinstance(segment_ids, (tuple, list)):
+            segment_ids, seg_spec = tuple(segment_ids), (seg_spec, seg_spec)
+    mask_spec = None
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask_spec = P(b_ax if mask.shape[0] > 1 else None, h_ax if mask.shape[1] > 1 else None)
+    fn = jax.shard_map(call, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, mask_spec, seg_spec),
+                       out_specs=x_spec, check_vma=False)
+    return fn(query, key, value, mask, segment_ids)
 
 
 def _ring_attention(query, key, value, mask, scale, causal, segment_ids, mesh, seq_axis):
