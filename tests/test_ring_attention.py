@@ -178,7 +178,7 @@ def test_bad_input_names_the_numbers():
     q, k, v = qkv(t=24)
     with pytest.raises(InputError, match="24 is not divisible by 2 x ring size = 16"):
         ring_attention(q, k, v, mesh=mesh, causal=True)
-    with pytest.raises(AttentionInputError, match="needs mesh="):
+    with pytest.raises(AttentionInputError, match="needs mesh=.*or a current mesh"):
         attention(q, k, v, implementation="ring")
     with pytest.raises(AttentionInputError, match="segment id"):
         attention(q, k, v, implementation="ring", mesh=mesh, mask=jnp.ones((1, 1, 24, 24), bool))
@@ -187,3 +187,25 @@ def test_bad_input_names_the_numbers():
     q, k, v = qkv(t=16, s=32)
     with pytest.raises(InputError, match="causal needs q_len == kv_len"):
         ring_attention(q, k, v, mesh=mesh, causal=True)
+
+
+def test_tiny_llama_ring_under_current_mesh():
+    """LlamaConfig(attention_impl='ring') under mmjax.parallel.activate(data=2 x seq=4): the
+    model passes no mesh, ring takes the current one; logits equal the xla model's."""
+    from mmjax.models.llama import Llama, LlamaConfig
+    from mmjax.parallel import make_mesh
+    from mmjax.parallel.mesh import activate
+
+    cfg = LlamaConfig.from_variant("tiny")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32)), jnp.int32)
+    seg = jnp.asarray([[1] * 12 + [2] * 20, [1] * 32])
+    model = Llama(cfg)
+    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    want = model.apply({"params": params}, tokens, segment_ids=seg)
+    ring = Llama(cfg.replace(attention_impl="ring"))
+    with activate(make_mesh("data=2,seq=4")):
+        got = jax.jit(lambda p, t, s: ring.apply({"params": p}, t, segment_ids=s))(
+            params, tokens, seg
+        )
+        got.block_until_ready()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

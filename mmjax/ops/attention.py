@@ -287,9 +287,13 @@ def _per_shard(call, query, key, value, mask, segment_ids):
 def _ring_attention(query, key, value, mask, scale, causal, segment_ids, mesh, seq_axis):
     from mmjax.kernels import ring_attention as ring
 
-    if mesh is None:
-        raise AttentionInputError("attention: implementation='ring' needs mesh= (a jax.sharding.Mesh "
-                                  f"with the sequence axis {seq_axis!r})")
+    if mesh is None:  # the current mesh (jax.set_mesh / mmjax.parallel.activate), as models run
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise AttentionInputError(
+                "attention: implementation='ring' needs mesh= (a jax.sharding.Mesh with the "
+                f"sequence axis {seq_axis!r}) or a current mesh (jax.set_mesh)"
+            )
     if mask is not None:
         raise AttentionInputError(
             "attention: implementation='ring' takes causal= and segment_ids=, not a mask array; "
@@ -327,7 +331,8 @@ def attention(
         flash on GPU, flash on TPU, xla on CPU). "flash" runs the Pallas kernel (interpret mode
         on CPU: correct but slow); "ring" shards the sequence over `seq_axis` of `mesh` (no
         `mask` array: use causal / segment_ids).
-      mesh, seq_axis: for "ring", the mesh and the axis the sequence is sharded over.
+      mesh, seq_axis: for "ring", the mesh and the axis the sequence is sharded over
+        (mesh=None: the current mesh set by jax.set_mesh / mmjax.parallel.activate).
     Returns:
       [batch, q_len, heads, head_dim] in the input dtype.
     """
