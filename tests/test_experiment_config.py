@@ -70,3 +70,16 @@ def test_missing_config_file_is_input_error(tmp_path):
     bad.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_experiment(str(bad))
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_overrides_are_validated_together_in_any_order(order):
+    items = ["model.num_heads=6", "model.num_kv_heads=3", "model.dim=192",
+             "model.max_len=1024", "data.seq_len=1024"][::order]
+    cfg = apply_overrides(ExperimentConfig(), items)
+    assert (cfg.model.num_heads, cfg.model.num_kv_heads, cfg.data.seq_len) == (6, 3, 1024)
+
+
+def test_an_invalid_final_combination_names_the_overrides():
+    with pytest.raises(ConfigError, match="model.num_heads=8, model.num_kv_heads=3: .*multiple of"):
+        apply_overrides(ExperimentConfig(), ["model.num_heads=8", "model.num_kv_heads=3"])

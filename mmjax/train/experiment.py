@@ -75,8 +75,14 @@ class ExperimentConfig:
     keep_best_metric: str | None = "val_loss"  # ... plus the best one by this metric
     keep_best_mode: str = "min"  # "min" (a loss) or "max" (an accuracy)
     max_eval_batches: int | None = None  # None: the whole validation split
+    # how `--mesh` is used: a preset of mmjax.parallel.presets (data, zero1, fsdp, fsdp_tp,
+    # tp_sp, expert, flamingo); without --mesh training runs on one device
+    parallelism: str = "fsdp_tp"
 
     def __post_init__(self):
+        from mmjax.parallel.presets import get_preset
+
+        get_preset(self.parallelism)  # ConfigError naming the closest preset
         if self.steps <= 0:
             raise ConfigError(f"steps must be positive, got {self.steps}")
         if self.keep_checkpoints < 1:
@@ -146,37 +152,68 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
-    """Apply each `dotted.key=value` to a (frozen) dataclass tree, validating as it goes."""
+    """Apply `dotted.key=value` overrides to a (frozen) dataclass tree.
+
+    All overrides of one config node are applied together (one `dataclasses.replace`), so a
+    config is validated in its final state: `model.num_heads=6` with `model.num_kv_heads=3`
+    works in either order. A later override of the same key wins.
+    """
+    tree: dict[str, Any] = {}
     for item in overrides:
         key, value = parse_override(item)
-        cfg = _set_path(cfg, key.split("."), value, key)
-    return cfg
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            sub = node.get(part)
+            if not isinstance(sub, _Group):
+                sub = node[part] = _Group()
+            node = sub
+        node[parts[-1]] = (value, key)
+    return _apply_group(cfg, tree, prefix="")
 
 
-def _set_path(obj: Any, parts: list[str], value: Any, full_key: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    head = parts[0]
-    if head not in fields:
-        prefix = full_key[: len(full_key) - len(".".join(parts))]
-        choices = [prefix + f for f in fields]
-        raise ConfigError(
-            f"--set {full_key}: unknown config key{configs.closest_name(full_key, choices)}; "
-            f"{type(obj).__name__} has: {', '.join(fields)}"
-        )
-    current = getattr(obj, head)
-    if len(parts) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"--set {full_key}: {head!r} is a value, not a group of settings")
-        new = _set_path(current, parts[1:], value, full_key)
-    else:
-        hint = typing.get_type_hints(type(obj)).get(head)
-        new = _coerce(value, current, hint, full_key)
+class _Group(dict):
+    """Overrides below one dotted prefix: {field: (value, full_key) | _Group}."""
+
+
+def _apply_group(obj: Any, group: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    changes: dict[str, Any] = {}
+    for head, item in group.items():
+        full = prefix + head
+        if head not in fields:
+            choices = [prefix + f for f in fields]
+            shown = full if not isinstance(item, _Group) else full + ".…"
+            raise ConfigError(
+                f"--set {shown}: unknown config key{configs.closest_name(full, choices)}; "
+                f"{type(obj).__name__} has: {', '.join(sorted(fields))}"
+            )
+        current = getattr(obj, head)
+        if isinstance(item, _Group):
+            if not dataclasses.is_dataclass(current):
+                raise ConfigError(f"--set {full}.…: {head!r} is a value, not a group of settings")
+            changes[head] = _apply_group(current, item, full + ".")
+        else:
+            value, key = item
+            changes[head] = _coerce(value, current, hints.get(head), key)
     try:
-        return dataclasses.replace(obj, **{head: new})
-    except ConfigError:
-        raise
+        return dataclasses.replace(obj, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"--set {_describe(group, prefix)}: {e}") from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"--set {full_key}={value!r}: {e}") from None
+        raise ConfigError(f"--set {_describe(group, prefix)}: {e}") from None
+
+
+def _describe(group: dict[str, Any], prefix: str) -> str:
+    """'model.num_heads=6, model.num_kv_heads=3' for an error message."""
+    items = []
+    for head, item in group.items():
+        if isinstance(item, _Group):
+            items.append(_describe(item, prefix + head + "."))
+        else:
+            items.append(f"{item[1]}={item[0]!r}")
+    return ", ".join(items)
 
 
 def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
