@@ -1,4 +1,5 @@
-"""LLaMA-family decoder-only language models (LLaMA 1/2/3, Llama 3.1 rope scaling, Mistral).
+"""LLaMA-family decoder-only language models (LLaMA 1/2/3, Llama 3.1 rope scaling, Mistral,
+Mixtral-style sparse MoE).
 
 Pre-norm blocks: x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)); RoPE positions;
 MHA / GQA / MQA; optional sliding-window attention (Mistral); tied or untied output head.
@@ -12,7 +13,10 @@ MHA / GQA / MQA; optional sliding-window attention (Mistral); tied or untied out
     logits, cache = model.apply({"params": params}, tokens, cache=cache)  # decoding
 
 Param tree: embed/embedding, layers_{i}/{attn_norm, attn/{query,key,value,out},
-mlp_norm, mlp/{gate,up,down}}, final_norm, lm_head (absent when tied).
+mlp_norm, mlp/{gate,up,down}}, final_norm, lm_head (absent when tied). With
+`num_experts > 0` every layer's MLP is a sparse MoE (`mmjax.nn.moe.MoE`):
+layers_{i}/moe/{router, gate, up, down}; its auxiliary losses are sown into the "losses"
+collection (`model.apply(..., mutable=["losses"])`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from mmjax.nn.cache import KVCache
 from mmjax.nn.embeddings import Embed
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import GatedMLP
+from mmjax.nn.moe import DISPATCH_MODES, MoE
 from mmjax.nn.norms import RMSNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 from mmjax.ops import masks as masks_lib
@@ -65,6 +70,15 @@ class LlamaConfig:
     attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
     remat: bool = False  # recompute each block in the backward pass
     dropout: float = 0.0  # residual dropout (embeddings, attention and MLP outputs) in training
+    # Mixture of Experts (mmjax.nn.moe): num_experts > 0 replaces every MLP by a sparse MoE
+    num_experts: int = 0
+    experts_per_token: int = 2  # top-k
+    moe_dispatch: str = "dropless"  # "dropless" (sort + grouped matmul) | "capacity" (drops)
+    capacity_factor: float = 1.25  # "capacity": slots per expert = cf * tokens * k / experts
+    router_noise: float = 0.0  # training only: router input x uniform[1 - noise, 1 + noise]
+    router_renormalize: bool = True  # top-k weights sum to 1 (Mixtral); False: Switch's probs
+    aux_loss_weight: float = 0.01  # load-balancing loss (Switch / Mixtral form)
+    router_z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
@@ -82,6 +96,30 @@ class LlamaConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LlamaConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_experts < 0:
+            raise ConfigError(f"LlamaConfig.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts:
+            if self.mlp_bias:
+                raise ConfigError("LlamaConfig: mlp_bias is not supported with num_experts > 0 "
+                                  "(the MoE experts have no biases)")
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise ConfigError(
+                    f"LlamaConfig.experts_per_token={self.experts_per_token} must be in "
+                    f"[1, num_experts={self.num_experts}]")
+            if self.moe_dispatch not in DISPATCH_MODES:
+                raise ConfigError(
+                    f"LlamaConfig.moe_dispatch {self.moe_dispatch!r}"
+                    f"{configs.closest_name(self.moe_dispatch, DISPATCH_MODES)}; known: "
+                    f"{', '.join(DISPATCH_MODES)}")
+            if self.capacity_factor <= 0:
+                raise ConfigError(
+                    f"LlamaConfig.capacity_factor must be positive, got {self.capacity_factor}")
+            if not 0.0 <= self.router_noise < 1.0:
+                raise ConfigError(
+                    f"LlamaConfig.router_noise must be in [0, 1), got {self.router_noise}")
+            for name in ("aux_loss_weight", "router_z_loss_weight"):
+                if getattr(self, name) < 0:
+                    raise ConfigError(f"LlamaConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.head_size % 2:
             raise ConfigError(f"LlamaConfig: RoPE needs an even head_dim, got {self.head_size}")
         if isinstance(self.rope_scaling, dict):
@@ -132,6 +170,8 @@ class LlamaConfig:
         e, h, kv, hd = self.dim, self.num_heads, self.kv_heads, self.head_size
         attn = e * h * hd * 2 + e * kv * hd * 2
         mlp = 3 * e * self.mlp_dim
+        if self.num_experts:
+            mlp = self.num_experts * (3 * e * self.mlp_dim + e)
         per_layer = attn + mlp + 2 * e
         head = 0 if self.tie_embeddings else self.vocab_size * e
         return self.vocab_size * e + self.num_layers * per_layer + e + head
@@ -216,7 +256,13 @@ class DecoderLayer(nn.Module):
         drop = nn.Dropout(c.dropout, deterministic=self.deterministic or c.dropout == 0.0)
         x = constrain(x + drop(a), BATCH_LEN_EMBED)
         h = RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")(x)
-        h = GatedMLP(c.mlp_dim, c.activation, c.mlp_bias, dtype, pdtype, init, name="mlp")(h)
+        if c.num_experts:
+            h = MoE(c.num_experts, c.experts_per_token, c.mlp_dim, c.activation, c.moe_dispatch,
+                    c.capacity_factor, c.router_noise, c.router_renormalize, c.aux_loss_weight,
+                    c.router_z_loss_weight, dtype, pdtype, init, name="moe")(
+                        h, deterministic=self.deterministic)
+        else:
+            h = GatedMLP(c.mlp_dim, c.activation, c.mlp_bias, dtype, pdtype, init, name="mlp")(h)
         return constrain(x + drop(h), BATCH_LEN_EMBED), cache_kv
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax.errors import ConfigError
-from mmjax.parallel.rules import DEFAULT_RULES, MESH_AXES, validate_rules
+from mmjax.parallel.rules import DEFAULT_RULES, MESH_AXES, rule_targets, validate_rules
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
@@ -75,14 +75,63 @@ def logical_sharding(tree: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES) -> 
     )
 
 
+def resolve_rules(rules: Sequence | None) -> Sequence:
+    """`rules`, or when None the rules made current by `activate` / `nn.logical_axis_rules`
+    (DEFAULT_RULES when none are)."""
+    if rules is not None:
+        return rules
+    return tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
+
+
+def mesh_axes_of(names: Sequence[str | None], rules: Sequence) -> list[tuple[str, ...]]:
+    """Per dimension, the mesh axes that split it under `rules` (() = replicated)."""
+    return [rule_targets(a) for a in nn.logical_to_mesh_axes(tuple(names), rules)]
+
+
+def check_divisible(boxed: Any, mesh: Mesh, rules: Sequence = DEFAULT_RULES, what: str = "param"
+                    ) -> None:
+    """ConfigError when a dimension of a boxed (logically named) leaf does not divide by the
+    mesh axes its logical name maps to: names the array, the axis, both sizes and a fix."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            continue
+        shape = tuple(leaf.value.shape)
+        for dim, (name, axes) in enumerate(zip(leaf.names, mesh_axes_of(leaf.names, rules))):
+            size = math.prod(mesh.shape[a] for a in axes)
+            if size > 1 and shape[dim] % size:
+                axis_txt = "x".join(axes)
+                sizes = "x".join(str(mesh.shape[a]) for a in axes)
+                if name == "expert":
+                    fix = (f"use an expert mesh axis size that divides the {shape[dim]} experts "
+                           f"(e.g. --mesh expert={math.gcd(shape[dim], size)},...) or make "
+                           f"num_experts a multiple of {size}")
+                else:
+                    fix = (f"use a mesh where {axis_txt} divides {shape[dim]}, a model size that "
+                           f"is a multiple of {size}, or a parallelism preset that does not split "
+                           f"{name!r}")
+                raise ConfigError(
+                    f"{what} {path_str(path)} {shape}: dimension {dim} ({name!r}, size "
+                    f"{shape[dim]}) is not divisible by mesh axis {axis_txt!r} (size {sizes}); "
+                    f"{fix}")
+
+
+def path_str(path) -> str:
+    """A jax key path -> 'layers_0/mlp/gate/kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Sequence = DEFAULT_RULES):
+def activate(mesh: Mesh, rules: Sequence | None = DEFAULT_RULES):
     """Make `mesh` the current mesh and `rules` the logical-axis rules (for jit, logical
-    constraints and sharded init): `with activate(mesh): state = jitted(...)`."""
+    constraints and sharded init): `with activate(mesh): state = jitted(...)`. rules=None keeps
+    the rules already current (see `resolve_rules`)."""
+    rules = resolve_rules(rules)
     validate_rules(rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield mesh

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from mmjax.errors import ConfigError
 from mmjax.models.llama import Llama, LlamaConfig
+from mmjax.nn.moe import aux_losses
 from mmjax.tasks import text_data
 from mmjax.tasks.text_data import TextDataConfig
 from mmjax.train.step import make_eval_step, shard_batch
@@ -44,29 +45,49 @@ class SampleConfig:
     top_p: float | None = None
 
 
+def lm_loss_terms(
+    model: nn.Module, params: Any, batch: Batch, dropout_rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(sum of next-token NLL over counted targets, number of counted targets, the model's
+    auxiliary losses), float32 []. The auxiliary losses are what the model sowed into its
+    "losses" collection, already weighted (MoE load balance and router z-loss; {} for a dense
+    model), each averaged over layers by `mmjax.nn.moe.aux_losses`.
+
+    With `dropout_rng` the model runs in training mode (its config's dropout and router noise
+    apply)."""
+    c = model.config
+    train = dropout_rng is not None and (getattr(c, "dropout", 0.0) > 0.0
+                                         or getattr(c, "router_noise", 0.0) > 0.0)
+    logits, collections = model.apply(
+        {"params": params}, batch["inputs"],
+        positions=batch["positions"], segment_ids=batch["segment_ids"], mutable=["losses"],
+        **({"deterministic": False, "rngs": {"dropout": dropout_rng}} if train else {}),
+    )  # [batch, seq, vocab] float32
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights), aux_losses(collections)
+
+
 def lm_loss_sums(
     model: nn.Module, params: Any, batch: Batch, dropout_rng: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token NLL over counted targets, number of counted targets), float32 [].
 
     With `dropout_rng` the model runs in training mode (its config's dropout applies)."""
-    train = dropout_rng is not None and getattr(model.config, "dropout", 0.0) > 0.0
-    logits = model.apply(
-        {"params": params}, batch["inputs"],
-        positions=batch["positions"], segment_ids=batch["segment_ids"],
-        **({"deterministic": False, "rngs": {"dropout": dropout_rng}} if train else {}),
-    )  # [batch, seq, vocab] float32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    total, count, _ = lm_loss_terms(model, params, batch, dropout_rng)
+    return total, count
 
 
 def lm_loss_fn(model: nn.Module) -> Callable:
-    """`loss_fn(params, batch, rng) -> (total, count, {})` for `mmjax.train.step`."""
+    """`loss_fn(params, batch, rng) -> (total, count, aux)` for `mmjax.train.step`. In training
+    (rng given) the model's auxiliary losses join the objective as `count * aux`, so the step's
+    loss is mean NLL + the auxiliary losses; `aux` reports them (evaluation leaves them out)."""
 
     def loss_fn(params, batch, rng):
-        total, count = lm_loss_sums(model, params, batch, rng)
-        return total, count, {}
+        total, count, aux = lm_loss_terms(model, params, batch, rng)
+        if rng is not None and aux:
+            total = total + count * sum(aux.values())
+        return total, count, aux
 
     return loss_fn
 

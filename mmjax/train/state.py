@@ -8,6 +8,9 @@
 mesh, params come from `logical_sharding(jax.eval_shape(init_params))` and the optimizer state
 inherits each param's sharding (Adam moments mirror params; counters are replicated), so the
 whole state is created already laid out: nothing is materialised on one device first.
+`opt_rules` gives the optimizer state its own rules table (ZeRO-1: moments sharded over the
+data axis while params stay replicated); each moment then takes the layout its param would
+have under `opt_rules`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.parallel.mesh import activate, logical_sharding
+from mmjax.parallel.mesh import activate, check_divisible, logical_sharding
 from mmjax.parallel.rules import DEFAULT_RULES
 
 InitFn = Callable[[jax.Array], Any]  # rng -> boxed param tree
@@ -42,14 +45,23 @@ def abstract_boxed_params(init_params: InitFn) -> Any:
 
 def state_shardings(
     init_params: InitFn, tx: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES,
+    opt_rules=None,
 ) -> TrainState:
-    """A TrainState-shaped tree of NamedShardings for `mesh`."""
+    """A TrainState-shaped tree of NamedShardings for `mesh` (optimizer state under
+    `opt_rules`, default `rules`). ConfigError when a param dimension does not divide by the
+    mesh axes its logical name maps to."""
     boxed = abstract_boxed_params(init_params)
+    check_divisible(boxed, mesh, rules, "param")
     param_sh = logical_sharding(boxed, mesh, rules)
+    if opt_rules is None:
+        opt_param_sh = param_sh
+    else:
+        check_divisible(boxed, mesh, opt_rules, "optimizer state of param")
+        opt_param_sh = logical_sharding(boxed, mesh, opt_rules)
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = NamedSharding(mesh, PartitionSpec())
-    opt_sh = _mirror_param_shardings(abstract_opt, abstract_params, param_sh, repl)
+    opt_sh = _mirror_param_shardings(abstract_opt, abstract_params, opt_param_sh, repl)
     return TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
 
 
@@ -87,14 +99,14 @@ def _fresh_state(init_params: InitFn, tx: optax.GradientTransformation, rng: jax
 
 def create_train_state(
     init_params: InitFn, tx: optax.GradientTransformation, *, seed: int,
-    mesh: Mesh | None = None, rules=DEFAULT_RULES,
+    mesh: Mesh | None = None, rules=DEFAULT_RULES, opt_rules=None,
 ) -> tuple[TrainState, TrainState | None]:
     """Fresh state (params from `seed`) and its shardings (None without a mesh)."""
     rng = jax.random.PRNGKey(seed)
     init = lambda r: _fresh_state(init_params, tx, r)  # noqa: E731
     if mesh is None:
         return jax.jit(init)(rng), None
-    shardings = state_shardings(init_params, tx, mesh, rules)
+    shardings = state_shardings(init_params, tx, mesh, rules, opt_rules)
     with activate(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings

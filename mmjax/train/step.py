@@ -11,25 +11,29 @@ None in evaluation. Writing the loss as (sum, count) makes gradient accumulation
 sharding exact: the step's gradient is that of `sum(total) / sum(count)` over the whole batch.
 
 A batch is a dict of host (numpy) arrays whose leading axis is the batch: `shard_batch` puts it
-on the devices with rows split over the mesh axes ("data", "fsdp").
+on the devices with rows split over the mesh axes the rules give `act_batch` (("data", "fsdp")
+by default; each parallelism preset has its own, see `mmjax.parallel.presets`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.parallel.mesh import activate
+from mmjax.errors import ConfigError
+from mmjax.parallel.mesh import activate, mesh_axes_of, resolve_rules
 from mmjax.parallel.rules import DEFAULT_RULES
 from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
-BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch's rows
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch's rows under DEFAULT_RULES
 
 
 def make_train_step(
@@ -103,7 +107,8 @@ def make_train_step(
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
     repl = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step, donate_argnums=(0,), in_shardings=(shardings, batch_sharding(mesh)),
+    jitted = jax.jit(step, donate_argnums=(0,),
+                     in_shardings=(shardings, batch_sharding(mesh, rules)),
                      out_shardings=(shardings, repl))
 
     def run_in_mesh(state, batch):
@@ -114,9 +119,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    loss_fn: LossFn, *, mesh: Mesh | None = None, rules=DEFAULT_RULES,
+    loss_fn: LossFn, *, mesh: Mesh | None = None, rules=None,
 ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
-    """`eval_step(params, batch) -> loss_fn(params, batch, None)`, jitted (on the mesh)."""
+    """`eval_step(params, batch) -> loss_fn(params, batch, None)`, jitted (on the mesh; rules
+    None = the rules current at each call, see `mmjax.parallel.mesh.resolve_rules`)."""
     jitted = jax.jit(lambda params, batch: loss_fn(params, batch, None))
     if mesh is None:
         return jitted
@@ -128,8 +134,9 @@ def make_eval_step(
     return run_in_mesh
 
 
-def in_mesh(fn: Callable, mesh: Mesh | None, rules=DEFAULT_RULES) -> Callable:
-    """`fn` (already jitted) called with `mesh` and `rules` active; `fn` itself without a mesh."""
+def in_mesh(fn: Callable, mesh: Mesh | None, rules=None) -> Callable:
+    """`fn` (already jitted) called with `mesh` and `rules` active (None: the rules current at
+    each call); `fn` itself without a mesh."""
     if mesh is None:
         return fn
 
@@ -140,15 +147,34 @@ def in_mesh(fn: Callable, mesh: Mesh | None, rules=DEFAULT_RULES) -> Callable:
     return run
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over ("data", "fsdp"); the other dimensions replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_axes(rules=None) -> tuple[str, ...]:
+    """Mesh axes that split a batch's rows under `rules` (those of `act_batch`; rules None =
+    the current rules)."""
+    return mesh_axes_of(("act_batch",), resolve_rules(rules))[0]
 
 
-def shard_batch(batch: dict[str, Any], mesh: Mesh | None) -> Batch:
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+    """Rows over the `act_batch` mesh axes of `rules` (None: the current rules); the other
+    dimensions replicated."""
+    axes = batch_axes(rules)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh | None, rules=None) -> Batch:
     """Put a host batch (numpy) on the devices; with a mesh each process passes its own rows,
-    which become its slice of the global batch (rows split over ("data", "fsdp"))."""
+    which become its slice of the global batch (rows split over the `act_batch` mesh axes of
+    `rules`; None = the current rules)."""
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    sh = batch_sharding(mesh)
+    sh = batch_sharding(mesh, rules)
+    axes = batch_axes(rules)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    per_process = max(ways // jax.process_count(), 1)
+    for k, v in batch.items():
+        rows = v.shape[0] if getattr(v, "ndim", 0) else 0
+        if ways > 1 and rows % per_process:
+            raise ConfigError(
+                f"batch {k!r}: {rows} rows per process cannot be split over mesh axes "
+                f"{'x'.join(axes)} ({ways} devices across {jax.process_count()} process(es)); "
+                f"make the batch size a multiple of {ways}")
     return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
