@@ -7,6 +7,7 @@ included. fp32: max abs diff <= 1e-5 (measured ~1e-6: the kernels use IEEE fp32 
 only difference from the reference is summation order). bf16: see `test_bf16`.
 """
 
+import functools
 import importlib
 import warnings
 
@@ -37,6 +38,15 @@ def rand(shape, seed, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
+def random_params(model, tokens, seed=0):
+    """Random weights of the init's shapes, without compiling `init` (that alone takes ~7 s)."""
+    from flax.core import meta
+
+    shapes = meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
 def sorted_ids(batch, length, seed, num=3):
     return jnp.asarray(
         np.sort(np.random.default_rng(seed).integers(0, num, (batch, length)), 1), jnp.int32
@@ -44,25 +54,34 @@ def sorted_ids(batch, length, seed, num=3):
 
 
 def check_against_reference(q, k, v, tol=FP32_TOL, grad_tol=None, backend=None, **kw):
-    """Forward, lse and q/k/v gradients of flash vs the reference (computed in fp32)."""
+    """Forward, lse and q/k/v gradients of flash vs the reference (computed in fp32).
+
+    Each side is one jitted program (one compilation instead of many small eager ones)."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    out, lse = flash_attention_forward(q, k, v, block_sizes=TILES, backend=backend, **kw)
-    ref, ref_lse = flash_attention_reference(*f32, return_lse=True, **kw)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float32)))
+
+    @jax.jit
+    def flash_side(q, k, v):
+        out, lse = flash_attention_forward(q, k, v, block_sizes=TILES, backend=backend, **kw)
+        fn = functools.partial(flash_attention, block_sizes=TILES, backend=backend, **kw)
+        return out, lse, jax.grad(loss(fn), (0, 1, 2))(q, k, v)
+
+    @jax.jit
+    def reference_side(q, k, v):
+        ref, ref_lse = flash_attention_reference(q, k, v, return_lse=True, **kw)
+        fn = functools.partial(flash_attention_reference, **kw)
+        return ref, ref_lse, jax.grad(loss(fn), (0, 1, 2))(q, k, v)
+
+    out, lse, got = flash_side(q, k, v)
+    ref, ref_lse, want = reference_side(*f32)
     assert out.dtype == q.dtype and out.shape == q.shape
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol, rtol=0)
     # lse: -inf exactly on rows that see no key, equal elsewhere
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
     fin = np.isfinite(ref_lse)
     np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=tol, rtol=0)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float32)))
-
-    got = jax.grad(
-        loss(lambda q, k, v: flash_attention(q, k, v, block_sizes=TILES, backend=backend, **kw)),
-        (0, 1, 2),
-    )(q, k, v)
-    want = jax.grad(loss(lambda q, k, v: flash_attention_reference(q, k, v, **kw)), (0, 1, 2))(*f32)
     for name, g, w in zip("qkv", got, want):
         assert g.dtype == q.dtype, name
         gt = grad_tol if grad_tol is not None else tol
@@ -101,8 +120,8 @@ def test_causal_chunk_after_prefix_matches_ops_attention():
     """q_len 20 < kv_len 52 (new queries after a prefix) through mmjax.ops.attention."""
     q, k, v = rand((1, 20, 4, 16), 0), rand((1, 52, 2, 16), 1), rand((1, 52, 2, 16), 2)
     check_against_reference(q, k, v, causal=True)
-    got = attention(q, k, v, causal=True, implementation="flash")
-    want = attention(q, k, v, causal=True, implementation="xla")
+    got = jax.jit(functools.partial(attention, causal=True, implementation="flash"))(q, k, v)
+    want = jax.jit(functools.partial(attention, causal=True, implementation="xla"))(q, k, v)
     np.testing.assert_allclose(got, want, atol=FP32_TOL, rtol=0)
 
 
@@ -181,20 +200,30 @@ def test_causal_skips_future_tiles():
     q, k, v = rand((1, 64, 2, 16), 0), rand((1, 64, 2, 16), 1), rand((1, 64, 2, 16), 2)
     k_nan = k.at[:, 16:].set(jnp.nan)
     v_nan = v.at[:, 16:].set(jnp.nan)
-    out = flash_attention(q, k_nan, v_nan, causal=True, block_sizes=TILES)
+    out = jax.jit(functools.partial(flash_attention, causal=True, block_sizes=TILES))(
+        q, k_nan, v_nan
+    )
     ref = flash_attention_reference(q[:, :16], k[:, :16], v[:, :16], causal=True)
     np.testing.assert_allclose(out[:, :16], ref, atol=FP32_TOL)
     assert np.all(np.isnan(np.asarray(out)[:, 16:]))  # the later rows did read them
 
-    dq = jax.grad(
-        lambda q: jnp.sum(flash_attention(q, k_nan, v_nan, causal=True, block_sizes=TILES)[:, :16])
+    dq = jax.jit(
+        jax.grad(
+            lambda q: jnp.sum(
+                flash_attention(q, k_nan, v_nan, causal=True, block_sizes=TILES)[:, :16]
+            )
+        )
     )(q)
     assert np.all(np.isfinite(np.asarray(dq)[:, :16]))
 
     q_nan = q.at[:, :48].set(jnp.nan)
-    dk, dv = jax.grad(
-        lambda k, v: jnp.sum(flash_attention(q_nan, k, v, causal=True, block_sizes=TILES)[:, 48:]),
-        (0, 1),
+    dk, dv = jax.jit(
+        jax.grad(
+            lambda k, v: jnp.sum(
+                flash_attention(q_nan, k, v, causal=True, block_sizes=TILES)[:, 48:]
+            ),
+            (0, 1),
+        )
     )(k, v)
     assert np.all(np.isfinite(np.asarray(dk)[:, 48:])) and np.all(
         np.isfinite(np.asarray(dv)[:, 48:])
@@ -219,25 +248,24 @@ def test_tile_loop_bounds():
 
 
 def test_tiny_llama_flash_matches_xla():
-    """attention_impl='flash' in the model config gives the xla logits (packed segments, and a
-    padding mask through the mask path)."""
+    """attention_impl='flash' in the model config gives the xla logits: packed segments (ids
+    to the kernel) and a padding mask (through the mask path) in one call."""
     from mmjax.models.llama import Llama, LlamaConfig
 
     cfg = LlamaConfig.from_variant("tiny")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
     seg = jnp.asarray([[1] * 10 + [2] * 14, [1] * 24])
-    model = Llama(cfg)
-    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-    flash = Llama(cfg.replace(attention_impl="flash"))
-    want = model.apply({"params": params}, tokens, segment_ids=seg)
-    got = flash.apply({"params": params}, tokens, segment_ids=seg)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     valid = jnp.asarray(np.arange(24)[None] < np.array([[20], [24]]))
-    want = model.apply({"params": params}, tokens, input_mask=valid)
-    got = flash.apply({"params": params}, tokens, input_mask=valid)
-    np.testing.assert_allclose(
-        np.asarray(got)[np.asarray(valid)], np.asarray(want)[np.asarray(valid)], atol=1e-5, rtol=0
-    )
+    model = Llama(cfg)
+    params = random_params(model, tokens)
+    flash = Llama(cfg.replace(attention_impl="flash"))
+
+    def run(m):
+        return jax.jit(lambda p: m.apply({"params": p}, tokens, segment_ids=seg, input_mask=valid))
+
+    want, got = run(model)(params), run(flash)(params)
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=0)
 
 
 def test_block_sizes_validate_themselves():
@@ -329,8 +357,9 @@ def test_runs_per_shard_under_the_current_mesh():
                 q, k, v, causal=True, segment_ids=seg, mask=mask, implementation="flash"
             )
         )
-        assert "all-gather" not in fwd.lower(qs, ks, vs).compile().as_text()
-        out = fwd(qs, ks, vs)
+        compiled = fwd.lower(qs, ks, vs).compile()
+        assert "all-gather" not in compiled.as_text()
+        out = compiled(qs, ks, vs)
         grads = jax.jit(jax.grad(loss("flash"), (0, 1, 2)))(qs, ks, vs)
     want = attention(q, k, v, causal=True, segment_ids=seg, mask=mask, implementation="xla")
     np.testing.assert_allclose(out, want, atol=FP32_TOL, rtol=0)

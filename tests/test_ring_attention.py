@@ -27,6 +27,15 @@ def rand(shape, seed, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
+def random_params(model, tokens, seed=0):
+    """Random weights of the init's shapes, without compiling `init` (that alone takes ~7 s)."""
+    from flax.core import meta
+
+    shapes = meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
 def mesh_of(**axes):
     return Mesh(
         np.array(jax.devices()[: int(np.prod(list(axes.values())))]).reshape(tuple(axes.values())),
@@ -61,9 +70,9 @@ def check_ring(mesh, q, k, v, tol=TOL, shard=None, **kw):
     out.block_until_ready()
     grads = jax.jit(jax.grad(ring_loss, (0, 1, 2)))(q, k, v)
     jax.block_until_ready(grads)
-    ref = attention(q, k, v, causal=causal, segment_ids=seg, implementation="xla")
+    ref = jax.jit(lambda q, k, v: attention(q, k, v, causal=causal, segment_ids=seg))(q, k, v)
     np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
-    for name, g, w in zip("qkv", grads, jax.grad(ref_loss, (0, 1, 2))(q, k, v)):
+    for name, g, w in zip("qkv", grads, jax.jit(jax.grad(ref_loss, (0, 1, 2)))(q, k, v)):
         np.testing.assert_allclose(g, w, atol=tol, rtol=0, err_msg=f"d{name}")
     return out
 
@@ -200,8 +209,8 @@ def test_tiny_llama_ring_under_current_mesh():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32)), jnp.int32)
     seg = jnp.asarray([[1] * 12 + [2] * 20, [1] * 32])
     model = Llama(cfg)
-    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
-    want = model.apply({"params": params}, tokens, segment_ids=seg)
+    params = random_params(model, tokens)
+    want = jax.jit(lambda p: model.apply({"params": p}, tokens, segment_ids=seg))(params)
     ring = Llama(cfg.replace(attention_impl="ring"))
     with activate(make_mesh("data=2,seq=4")):
         got = jax.jit(lambda p, t, s: ring.apply({"params": p}, t, segment_ids=s))(
