@@ -1,4 +1,5 @@
-"""Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` <-> mmjax `Llama`.
+"""Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` <-> mmjax `Llama`
+(`MixtralForCausalLM`, the sparse-MoE member, is in `mmjax.convert.mixtral` and reuses this).
 
 Config: every key of `config.json` is either mapped to a `LlamaConfig` field or on an explicit
 list of keys that do not change the function the model computes; anything else (an unknown
@@ -105,7 +106,20 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
             f"model_type {model_type!r} is not handled by the LLaMA converter; "
             f"supported: {', '.join(_MODEL_TYPE_KEYS)}"
         )
-    known = _MODEL_TYPE_KEYS[model_type] | HARMLESS_KEYS
+    kw = config_kwargs(hf, model_type, _MODEL_TYPE_KEYS[model_type], _HF_DEFAULTS[model_type])
+    try:
+        return LlamaConfig(**kw)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"{model_type} config.json: {e}") from None
+
+
+def config_kwargs(hf: Mapping[str, Any], model_type: str, keys: set[str],
+                  defaults: Mapping[str, Any], extra_keys: set[str] = frozenset()
+                  ) -> dict[str, Any]:
+    """`LlamaConfig` keyword arguments of the attention/MLP part of a config.json of
+    `model_type`, whose class defines `keys` (+ `extra_keys`, handled by the caller) with
+    `defaults` (as LlamaConfig fields) for absent ones; unknown keys raise."""
+    known = keys | extra_keys | HARMLESS_KEYS
     unknown = [k for k in hf if k not in known]
     if unknown:
         hints = "; ".join(f"{k!r}{closest_name(k, known)}" for k in unknown)
@@ -114,7 +128,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
             "accepts; an unknown one could change the model)"
         )
 
-    kw: dict[str, Any] = dict(_HF_DEFAULTS[model_type])
+    kw: dict[str, Any] = dict(defaults)
+    kw.pop("rope_theta", None)
     for hf_key, field in _DIRECT_KEYS.items():
         if hf_key in hf:
             kw[field] = hf[hf_key]
@@ -132,8 +147,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
         if not isinstance(value, bool):
             raise UnsupportedModelError(f"{key} must be true or false, got {value!r}")
         kw[key] = value
-    if model_type == "mistral":
-        window = hf.get("sliding_window", _HF_DEFAULTS["mistral"]["sliding_window"])
+    if "sliding_window" in keys:
+        window = hf.get("sliding_window", defaults.get("sliding_window"))
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
             raise UnsupportedModelError(f"sliding_window must be a positive int or null, got {window!r}")
         kw["sliding_window"] = window
@@ -143,14 +158,13 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     tp = hf.get("pretraining_tp", 1)
     if tp is not None and (not isinstance(tp, int) or tp < 1):
         raise UnsupportedModelError(f"pretraining_tp must be a positive int, got {tp!r}")
-    kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf, kw["max_len"])
-    try:
-        return LlamaConfig(**kw)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"{model_type} config.json: {e}") from None
+    kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf, kw["max_len"],
+                                                         defaults.get("rope_theta", 10000.0))
+    return kw
 
 
-def _rope_from_hf(hf: Mapping[str, Any], max_len: int) -> tuple[float, RopeScaling | None]:
+def _rope_from_hf(hf: Mapping[str, Any], max_len: int, default_theta: float = 10000.0
+                  ) -> tuple[float, RopeScaling | None]:
     """(rope_theta, RopeScaling or None) from `rope_parameters` (transformers >= 5) or the older
     `rope_theta` + `rope_scaling` pair."""
     params = hf.get("rope_parameters")
@@ -171,9 +185,9 @@ def _rope_from_hf(hf: Mapping[str, Any], max_len: int) -> tuple[float, RopeScali
         raise UnsupportedModelError(
             f"{source}: key(s) {', '.join(map(repr, extra))} not supported with rope_type {rope_type!r}"
         )
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", hf.get("rope_theta", default_theta))
     if theta is None:
-        theta = hf.get("rope_theta", 10000.0)
+        theta = hf.get("rope_theta", default_theta)
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise UnsupportedModelError(f"rope_theta must be a positive number, got {theta!r}")
     if rope_type == "default":
@@ -195,7 +209,10 @@ def _rope_from_hf(hf: Mapping[str, Any], max_len: int) -> tuple[float, RopeScali
 
 
 def default_model_type(config: LlamaConfig) -> str:
-    """"mistral" for a sliding-window model without biases, else "llama"."""
+    """"mixtral" for an MoE model, "mistral" for a sliding-window model without biases, else
+    "llama"."""
+    if config.num_experts:
+        return "mixtral"
     if config.sliding_window is not None and not (config.attention_bias or config.mlp_bias):
         return "mistral"
     return "llama"
@@ -204,6 +221,10 @@ def default_model_type(config: LlamaConfig) -> str:
 def config_to_hf(config: LlamaConfig, model_type: str | None = None) -> dict[str, Any]:
     """The `config.json` dict (transformers 5 layout) of `config` as an HF `model_type`."""
     model_type = model_type or default_model_type(config)
+    if model_type == "mixtral" or config.num_experts:
+        from mmjax.convert import mixtral
+
+        return mixtral.config_to_hf(config, model_type)
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"cannot export LLaMA-family config as model_type {model_type!r}; supported: "
@@ -269,6 +290,8 @@ class TensorRule:
     kind: "copy" (same layout), "linear" (HF [out, in] -> [in, out]), "in_proj"
     ([heads*hd, dim] -> [dim, heads, hd]), "in_bias" ([heads*hd] -> [heads, hd]),
     "out_proj" ([dim, heads*hd] -> [heads, hd, dim]).
+    expert: >= 0 when the HF tensor is one expert's slice `[expert]` of a stacked mmjax param
+    (MoE); `mmjax_shape` is then the slice's shape.
     """
 
     hf_name: str
@@ -276,6 +299,7 @@ class TensorRule:
     hf_shape: tuple[int, ...]
     kind: str
     heads: int = 0
+    expert: int = -1
 
     @property
     def mmjax_shape(self) -> tuple[int, ...]:
@@ -339,6 +363,11 @@ def tensor_rules(c: LlamaConfig) -> list[TensorRule]:
             rules.append(TensorRule(hf + "self_attn.o_proj.bias", attn + ("out", "bias"), (d,), "copy"))
         rules.append(TensorRule(hf + "post_attention_layernorm.weight", (mj, "mlp_norm", "scale"), (d,),
                                 "copy"))
+        if c.num_experts:
+            from mmjax.convert.mixtral import moe_tensor_rules
+
+            rules.extend(moe_tensor_rules(c, i))
+            continue
         for proj, name, shape in (("gate_proj", "gate", (m, d)), ("up_proj", "up", (m, d)),
                                   ("down_proj", "down", (d, m))):
             rules.append(TensorRule(f"{hf}mlp.{proj}.weight", (mj, "mlp", name, "kernel"), shape, "linear"))
@@ -376,12 +405,19 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> di
     if extra:
         raise InputError(f"checkpoint has {len(extra)} unexpected tensor(s): {_names(extra)}")
     params: dict[str, Any] = {}
+    stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     for r in rules:
         w = tensors[r.hf_name]
         if tuple(w.shape) != r.hf_shape:
             raise InputError(f"tensor {r.hf_name}: shape {tuple(w.shape)} in the checkpoint, but the "
                              f"config needs {r.hf_shape}")
-        _set(params, r.path, np.ascontiguousarray(r.to_mmjax(np.asarray(w, np.float32))))
+        value = np.ascontiguousarray(r.to_mmjax(np.asarray(w, np.float32)))
+        if r.expert >= 0:
+            stacks.setdefault(r.path, {})[r.expert] = value
+        else:
+            _set(params, r.path, value)
+    for path, slices in stacks.items():  # MoE: one [experts, ...] param from per-expert tensors
+        _set(params, path, np.stack([slices[j] for j in range(len(slices))]))
     return params
 
 
@@ -399,10 +435,11 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
     out = {}
     for r in rules:
         w = np.asarray(leaves[r.path], np.float32)
-        if tuple(w.shape) != r.mmjax_shape:
+        want = r.mmjax_shape if r.expert < 0 else (config.num_experts,) + r.mmjax_shape
+        if tuple(w.shape) != want:
             raise InputError(f"param {'/'.join(r.path)}: shape {tuple(w.shape)}, but the config needs "
-                             f"{r.mmjax_shape}")
-        out[r.hf_name] = np.ascontiguousarray(r.to_hf(w))
+                             f"{want}")
+        out[r.hf_name] = np.ascontiguousarray(r.to_hf(w if r.expert < 0 else w[r.expert]))
     return out
 
 

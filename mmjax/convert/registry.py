@@ -46,6 +46,7 @@ class Converter:
 _MODEL_TYPES: dict[str, str] = {
     "llama": "mmjax.convert.llama",
     "mistral": "mmjax.convert.llama",
+    "mixtral": "mmjax.convert.mixtral",
     "vit": "mmjax.convert.vit",
     "clip": "mmjax.convert.clip",
     "clip_vision_model": "mmjax.convert.clip:VISION_CONVERTER",
