@@ -3,7 +3,8 @@
 Each step directory holds four items:
   params  the model params (all `load_for_inference` needs)
   train   {"step", "opt_state", "rng"}
-  data    the data iterator's state (JSON)
+  data    the data iterator's state (JSON); in a multi-process job every process's own state
+          (gathered to the primary, which writes the JSON), each process restores its own
   meta    {"step", "metrics", "config"} (JSON)
 
 Orbax writes a step into a temporary directory and renames it only once every item is
@@ -89,7 +90,8 @@ class Checkpointer:
             train=ocp.args.StandardSave(
                 {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
             ),
-            data=ocp.args.JsonSave(_jsonable({"iterator": data_state})),
+            data=ocp.args.JsonSave(_jsonable({"iterator": data_state,
+                                               **_per_process(data_state)})),
             meta=ocp.args.JsonSave(_jsonable({"step": step, "metrics": metrics or {},
                                                "config": config or {}})),
         )
@@ -172,7 +174,7 @@ class Checkpointer:
         train = out["train"]
         state = TrainState(step=train["step"], params=out["params"],
                            opt_state=train["opt_state"], rng=train["rng"])
-        return state, out["data"]["iterator"], out["meta"]
+        return state, _own_data_state(out["data"]), out["meta"]
 
     def restore_params(self, step: int | None = None, abstract_params: Any = None) -> Any:
         """Only the params of `step` (default: latest)."""
@@ -188,6 +190,33 @@ class Checkpointer:
             self._manager.wait_until_finished()
         finally:
             self._manager.close()
+
+
+def _per_process(data_state: Any) -> dict[str, Any]:
+    """{"per_process": [state of process 0, 1, ...]} in a multi-process job (every process must
+    call this: it is a collective), {} otherwise. Orbax's JSON items are written by the primary
+    process only, so the other processes' iterator states travel to it first."""
+    if jax.process_count() == 1:
+        return {}
+    import json
+
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(_jsonable(data_state)).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return {"per_process": [json.loads(gathered[i, :n].tobytes()) for i, n in enumerate(sizes)]}
+
+
+def _own_data_state(saved: dict[str, Any]) -> Any:
+    """This process's iterator state; when the process count changed since the save, the
+    primary's (data sharded by process cannot continue exactly on another count)."""
+    states = saved.get("per_process")
+    if states and len(states) == jax.process_count():
+        return states[jax.process_index()]
+    return saved.get("iterator")
 
 
 def _jsonable(x: Any) -> Any:
