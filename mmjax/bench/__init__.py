@@ -24,6 +24,7 @@ from mmjax.errors import InputError
 BENCHMARKS: dict[str, str] = {
     "decode": "mmjax.bench.decode:run",
     "train": "mmjax.bench.train:run",
+    "clip": "mmjax.bench.clip:run",
     "attention": "mmjax.bench.attention:run",
 }
 

@@ -49,11 +49,10 @@ import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
-from mmjax.models.vit import EncoderBlock, ViT, ViTConfig
+from mmjax.models.vit import EncoderBlock, LayerNorm, ViT, ViTConfig
 from mmjax.nn.embeddings import Embed, LearnedPositions
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS
-from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 from mmjax.ops import masks as masks_lib
 
