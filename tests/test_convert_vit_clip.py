@@ -475,3 +475,20 @@ def test_towers_that_hf_cannot_hold_are_not_exported(saved, tmp_path):
     biased = cmodule.config.replace(logit_bias_init=-10.0)
     with pytest.raises(UnsupportedModelError, match="logit bias"):
         to_hf(biased, {**cparams, "logit_bias": np.float32(-10.0)}, str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("name", ["clip_eos", "clip_text", "clip_vision", "siglip"])
+def test_convert_then_export_model_dirs(saved, name, tmp_path):
+    """`mmjax convert` then `mmjax export` (their library functions): identical tensors and the
+    same architecture come back (the model dir records the HF model type)."""
+    from mmjax.convert.compare import convert_dir, export_dir
+
+    _, path, _, _ = saved(name)
+    convert_dir(path, str(tmp_path / "mmjax"))
+    export_dir(str(tmp_path / "mmjax"), str(tmp_path / "hf"))
+    original, exported = load_file(os.path.join(path, "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(original) == sorted(exported)
+    for key in original:
+        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    with open(os.path.join(path, "config.json")) as f, open(tmp_path / "hf" / "config.json") as g:
+        assert json.load(f)["architectures"] == json.load(g)["architectures"]

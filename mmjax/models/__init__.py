@@ -63,10 +63,16 @@ def _example_vision(config) -> tuple:
     return (jnp.zeros((1, h, w, config.channels), jnp.float32),)
 
 
-def _example_clip(config) -> tuple:
+def _example_clip_text(config) -> tuple:
     import jax.numpy as jnp
 
-    return _example_vision(config.vision) + (jnp.zeros((1, 1), jnp.int32),)
+    # the end-of-text id where the tower pools at it (it refuses concrete rows without one)
+    eos = config.eos_token_id if config.eos_pooling == "first_eos" else 0
+    return (jnp.full((1, 1), eos, jnp.int32),)
+
+
+def _example_clip(config) -> tuple:
+    return _example_vision(config.vision) + _example_clip_text(config.text)
 
 
 def _example_tokens(config) -> tuple:
@@ -80,7 +86,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple]] = {
     "llama": _example_tokens,
     "vit": _example_vision,
     "clip": _example_clip,
-    "clip_text": _example_tokens,
+    "clip_text": _example_clip_text,
     "siglip": _example_clip,
 }
 
