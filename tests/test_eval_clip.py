@@ -99,6 +99,21 @@ def test_retrieval_with_several_captions_per_image():
     assert r["i2t_r@1"] == pytest.approx(2 / 3)
 
 
+def test_class_level_retrieval_with_repeated_captions():
+    """Two images per class, one (template) caption per class: any same-class candidate counts."""
+    images = unit(np.array([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1]]))
+    texts = unit(np.array([[1, 0], [0, 1]]))
+    r = retrieval_recall(images, texts, ks=(1,), image_labels=[0, 0, 1, 1], text_labels=[0, 1])
+    assert r == {"i2t_r@1": 1.0, "t2i_r@1": 1.0}
+    # swapped labels: every query's correct candidates rank last
+    r = retrieval_recall(images, texts, ks=(1, 2), image_labels=[1, 1, 0, 0], text_labels=[0, 1])
+    assert r["i2t_r@1"] == 0.0 and r["i2t_r@2"] == 1.0 and r["t2i_r@1"] == 0.0
+    with pytest.raises(InputError, match="both image_labels and text_labels"):
+        retrieval_recall(images, texts, image_labels=[0, 0, 1, 1])
+    with pytest.raises(InputError, match="correct candidate"):
+        retrieval_recall(images, texts, image_labels=[0, 0, 1, 1], text_labels=[0, 2])
+
+
 def test_retrieval_bad_input():
     with pytest.raises(InputError, match="no text"):
         retrieval_recall(np.eye(3), np.eye(3)[:2], [0, 1])
