@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "train": "mmjax.bench.train:run",
     "clip": "mmjax.bench.clip:run",
     "attention": "mmjax.bench.attention:run",
+    "memory": "mmjax.bench.memory:run",
 }
 
 

@@ -41,7 +41,8 @@ def make_train_step(
     grad_accum_steps: int = 1, mesh: Mesh | None = None, shardings: TrainState | None = None,
     rules=DEFAULT_RULES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated.
+    """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated;
+    `step.lower(state, batch)` lowers it ahead of time (ShapeDtypeStructs are enough).
 
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along axis 0
     and scanned, summing the gradients of the loss sums, so the step equals the big-batch step.
@@ -115,6 +116,12 @@ def make_train_step(
         with activate(mesh, rules):
             return jitted(state, batch)
 
+    def lower(state, batch):
+        """Ahead-of-time lowering (abstract inputs welcome): `.lower(...).compile()`."""
+        with activate(mesh, rules):
+            return jitted.lower(state, batch)
+
+    run_in_mesh.lower = lower
     return run_in_mesh
 
 
