@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (axes data,fsdp,tensor,expert,seq)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="last stdout line is the final metrics JSON")
-    p.add_argument("--coordinator", default=None, help="multi-host: coordinator address host:port")
+    p.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (with --num-processes, "
+                   "--process-id), or 'auto' to detect a TPU pod / SLURM / MPI cluster; "
+                   "see docs/scale_out.md")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=cmd_train)

@@ -219,3 +219,48 @@ def test_two_process_job_stops_and_resumes_like_one_run(tmp_path):
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for s in one:
         assert two[s] == pytest.approx(one[s], rel=1e-5), (s, one[s], two[s])
+
+
+def test_distributed_start_up_from_flags_or_environment(monkeypatch):
+    from mmjax.errors import ConfigError
+    from mmjax.parallel.distributed import resolve_distributed
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "MMJAX_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_distributed() is None  # single process
+    assert resolve_distributed("10.0.0.1:1234", 4, 3) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert resolve_distributed("auto") == {}  # JAX's cluster auto-detection
+    monkeypatch.setenv("MMJAX_DISTRIBUTED", "auto")
+    assert resolve_distributed() == {}
+    monkeypatch.delenv("MMJAX_DISTRIBUTED")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host:99")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert resolve_distributed() == {"coordinator_address": "host:99", "num_processes": 2,
+                                     "process_id": 1}
+    assert resolve_distributed(process_id=0)["process_id"] == 0  # flags win
+    monkeypatch.setenv("JAX_PROCESS_ID", "x")
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID='x' is not an integer"):
+        resolve_distributed()
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(ConfigError, match="also give --num-processes and --process-id"):
+        resolve_distributed()
+    with pytest.raises(ConfigError, match=r"process id 2 not in \[0, 2\)"):
+        resolve_distributed(process_id=2)
+    with pytest.raises(ConfigError, match="must be host:port"):
+        resolve_distributed("localhost", 2, 0)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    with pytest.raises(ConfigError, match="need --coordinator"):
+        resolve_distributed(num_processes=2)
+
+
+def test_cli_multihost_flag_errors_exit_2(capsys, tmp_path):
+    from mmjax.cli import main
+
+    exp = write_experiment(tmp_path)
+    code = main(["train", exp, "--workdir", str(tmp_path / "w"), "--coordinator", "127.0.0.1:1",
+                 "--num-processes", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--process-id" in err, err
