@@ -59,6 +59,10 @@ def _check_features(features, dim: int | None = None) -> np.ndarray:
     return x
 
 
+def _norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_steps"))
 def _fit(x, y, l2, tol, num_classes: int, max_steps: int):
     params = {"w": jnp.zeros((x.shape[1], num_classes), jnp.float32),
@@ -77,7 +81,7 @@ def _fit(x, y, l2, tol, num_classes: int, max_steps: int):
         p, state, i, _, _ = carry
         value, grad = value_and_grad(p, state=state)
         updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=objective)
-        return optax.apply_updates(p, updates), state, i + 1, value, optax.tree.norm(grad)
+        return optax.apply_updates(p, updates), state, i + 1, value, _norm(grad)
 
     def keep_going(carry):
         _, _, i, _, gnorm = carry
@@ -86,7 +90,7 @@ def _fit(x, y, l2, tol, num_classes: int, max_steps: int):
     init = (params, opt.init(params), jnp.int32(0), jnp.float32(jnp.inf), jnp.float32(jnp.inf))
     p, _, steps, _, _ = jax.lax.while_loop(keep_going, step, init)
     value, grad = jax.value_and_grad(objective)(p)
-    return p, steps, value, optax.tree.norm(grad)
+    return p, steps, value, _norm(grad)
 
 
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int | None = None, *,
