@@ -75,6 +75,10 @@ class ExperimentConfig:
     keep_best_metric: str | None = "val_loss"  # ... plus the best one by this metric
     keep_best_mode: str = "min"  # "min" (a loss) or "max" (an accuracy)
     max_eval_batches: int | None = None  # None: the whole validation split
+    # fine-tuning: a fresh run copies params from a workdir / mmjax model dir / HF dir
+    # (mmjax.train.pretrained); the prefix picks a subtree of the source ("vision")
+    init_from: str | None = None
+    init_from_prefix: str = ""
     # how `--mesh` is used: a preset of mmjax.parallel.presets (data, zero1, fsdp, fsdp_tp,
     # tp_sp, expert, flamingo); without --mesh training runs on one device
     parallelism: str = "fsdp_tp"

@@ -34,6 +34,7 @@ from mmjax.train.errors import CheckpointError, NonFiniteLossError
 from mmjax.train.experiment import ExperimentConfig
 from mmjax.train.metrics import MetricsWriter, Progress, read_metrics
 from mmjax.train.optimizer import make_optimizer
+from mmjax.train import pretrained
 from mmjax.train.plots import plot_loss_curve
 from mmjax.train.state import (
     abstract_boxed_params,
@@ -139,6 +140,13 @@ def train(
     else:
         state, _ = create_train_state(task.init_params, tx, seed=cfg.seed, mesh=mesh,
                                       rules=rules, opt_rules=opt_rules)
+        if cfg.init_from:
+            source = pretrained.load_source_params(cfg.init_from)
+            params, report = pretrained.overlay(state.params, source, cfg.init_from_prefix)
+            state = state.replace(params=params)
+            log(pretrained.describe(report, cfg.init_from, cfg.init_from_prefix))
+            if is_main:
+                pretrained.write_report(workdir, report, cfg.init_from, cfg.init_from_prefix)
     step = int(jax.device_get(state.step))
     describe = getattr(task, "describe", lambda: type(task.model).__name__)()
     log(f"model: {count_params(state.params) / 1e6:.2f}M params ({describe}); {cfg.steps} steps"

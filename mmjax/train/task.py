@@ -27,6 +27,8 @@ from mmjax.errors import ConfigError
 # task name -> "module:Class" (imported lazily so the loop never imports model families)
 TASKS: dict[str, str] = {
     "lm": "mmjax.tasks.lm:LanguageModelingTask",
+    "classification": "mmjax.tasks.classification:ImageClassificationTask",
+    "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
 }
 
 
