@@ -26,7 +26,7 @@ def images(batch=2, h=32, w=32, c=3, seed=0):
 def vit():
     config = ViTConfig.from_variant("tiny", num_classes=5)
     model = ViT(config)
-    variables = model.init(RNG, images())
+    variables = jax.jit(model.init)(RNG, images())
     return model, variables
 
 
@@ -35,7 +35,7 @@ def clip():
     config = CLIPConfig.from_variant("tiny")
     model = CLIP(config)
     tokens = text_tokens(config)
-    variables = model.init(RNG, images(), tokens)
+    variables = jax.jit(model.init)(RNG, images(), tokens)
     return model, nn.unbox(variables["params"]), variables
 
 
@@ -123,7 +123,7 @@ def test_non_square_images_and_variants():
     assert c.grid == (3, 5) and c.num_tokens == 16
     model = ViT(c)
     x = images(1, 24, 40)
-    feats = model.apply(model.init(RNG, x), x)
+    feats = jax.jit(model.apply)(jax.jit(model.init)(RNG, x), x)
     assert feats.shape == (1, 32)
     b16 = ViTConfig.from_variant("B/16")
     assert (b16.dim, b16.num_layers, b16.num_heads, b16.mlp_dim, b16.patch_size) == (768, 12, 12, 3072, 16)
