@@ -33,6 +33,10 @@ image size (what CLIP did going 224 -> 336); `model.apply(..., interpolate_pos_e
 accepts any resolution divisible by the patch size and resamples on the fly (Hugging Face's
 flag of the same name, same numbers).
 
+Norms: every LayerNorm of the encoder family (ViT, CLIP and SigLIP towers) is this module's
+`LayerNorm`: `mmjax.nn.norms.LayerNorm`'s parameters and function with a hand-written backward
+pass (`layer_norm`), which makes a CLIP training step ~20% cheaper on CPU.
+
 Param tree: patch_embed/{kernel [ph*pw*C, dim], bias}, cls [dim], pos_embedding/embedding
 [tokens, dim] (learned only), pre_norm (CLIP's "pre_layrnorm"), layers_{i}/{attn_norm,
 attn/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}}, final_norm, map_head/{probe,
