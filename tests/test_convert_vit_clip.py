@@ -213,9 +213,12 @@ def test_clip_pooling_rule_matters(saved):
     model, _, module, params = saved("clip_legacy")
     tokens, _ = clip_text(model.config)
     c = module.config
-    wrong = module.clone(config=c.replace(text=c.text.__class__(**{**c.text.__dict__, "eos_pooling": "first_eos"})))
-    encode = lambda m: np.asarray(m.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
-                                          method=type(module).encode_text))
+    wrong = module.clone(config=c.replace(text=c.text.replace(eos_pooling="first_eos")))
+
+    def encode(m):
+        return np.asarray(m.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
+                                  method=type(module).encode_text))
+
     assert maxdiff(encode(module), encode(wrong)) > 1e-2
 
 
