@@ -1,0 +1,27 @@
+"""The notebooks in colab/ run top to bottom (a short training run via MMJAX_NOTEBOOK_STEPS)."""
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+
+@pytest.mark.parametrize("name, steps", [("clip_digits.ipynb", 40)])
+def test_notebook_runs_and_renders_its_figure(name, steps, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMJAX_NOTEBOOK_STEPS", str(steps))
+    monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "wd"))
+    # the kernel is a fresh process: one CPU device is enough (no 8-device simulation)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": ROOT}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "zero-shot accuracy on 359 held-out images" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert images, "the figure of test images was not rendered"
