@@ -65,7 +65,7 @@ def _in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", MMJAX_MEMORY_ARGS=json.dumps(args),
                XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={args['devices']}"]))
     proc = subprocess.run([sys.executable, "-m", "mmjax.bench.memory"], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory benchmark subprocess failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,9 +17,8 @@ by default; each parallelism preset has its own, see `mmjax.parallel.presets`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
