@@ -31,28 +31,13 @@ import numpy as np
 
 from mmjax.errors import ConfigError
 from mmjax.eval.linear_probe import linear_probe_accuracy
+from mmjax.eval.retrieval import retrieval_recall
 from mmjax.eval.zero_shot import class_embeddings, zero_shot_accuracy
 from mmjax.models.clip import CLIP, CLIPConfig
 from mmjax.ops.losses import clip_loss, siglip_loss
 from mmjax.tasks import image_data
 from mmjax.tasks.image_data import ImageDataConfig
 from mmjax.train.task import Task
-
-
-def label_retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, image_labels: np.ndarray,
-                           text_labels: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
-    """Class-level retrieval recall@K: image->text is a hit when one of the K texts most similar
-    to the image has the image's label, and text->image likewise. Cosine similarity."""
-    img = image_emb / np.maximum(np.linalg.norm(image_emb, axis=-1, keepdims=True), 1e-12)
-    txt = text_emb / np.maximum(np.linalg.norm(text_emb, axis=-1, keepdims=True), 1e-12)
-    sim = img @ txt.T  # [I, T]
-    out = {}
-    i2t = np.argsort(-sim, axis=1, kind="stable")
-    t2i = np.argsort(-sim.T, axis=1, kind="stable")
-    for k in ks:
-        out[f"i2t_r@{k}"] = float(np.mean((text_labels[i2t[:, :k]] == image_labels[:, None]).any(1)))
-        out[f"t2i_r@{k}"] = float(np.mean((image_labels[t2i[:, :k]] == text_labels[:, None]).any(1)))
-    return out
 
 
 class ContrastiveTask(Task):
@@ -158,7 +143,8 @@ class ContrastiveTask(Task):
         zs = zero_shot_accuracy(img, labels, self.class_embeddings(params), topk=(1, 5))
         texts, text_labels = self.test_captions()
         out = {"zero_shot_accuracy": zs["top1"], "zero_shot_top5": zs["top5"]}
-        out.update(label_retrieval_recall(img, self._texts(params, texts), labels, text_labels))
+        out.update(retrieval_recall(img, self._texts(params, texts), image_labels=labels,
+                                    text_labels=text_labels))
         if final or self.cfg.eval_every:
             feats_train = self._images(self._image_features, params, train.images)
             feats_test = self._images(self._image_features, params, test.images)
