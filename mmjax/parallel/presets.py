@@ -13,6 +13,7 @@ says which arrays each axis splits.
 | fsdp     | `embed` over fsdp              | as params              | data, fsdp          | fsdp=8           |
 | fsdp_tp  | `embed` over fsdp; heads, MLP, vocab over tensor; experts over expert | as params | data, fsdp | fsdp=4,tensor=2 |
 | tp_sp    | heads, MLP, vocab over tensor  | as params              | data; residual length over seq x tensor | data=2,tensor=4 |
+| context  | `embed` over fsdp              | as params              | data, fsdp; every activation's length over seq, ring attention | seq=8 |
 | expert   | experts over expert; `embed` over fsdp | as params      | data, fsdp, expert  | expert=8         |
 | flamingo | embeddings, attention, FFW over tensor; fp32 | + `embed` over data (ZeRO-1) | data | data=2,tensor=4 |
 
@@ -61,6 +62,7 @@ class Preset:
     opt_rules: Rules | None = None
     dtype: str | None = None
     param_dtype: str | None = None
+    attention_impl: str | None = None  # e.g. "ring" for context parallelism (None: keep)
     example_mesh: str = ""
 
     def __post_init__(self):
@@ -83,10 +85,14 @@ class Preset:
     def mesh_axes(self) -> set[str]:
         return mesh_axes_used(self.rules) | mesh_axes_used(self.optimizer_rules)
 
-    def configure_model(self, model_config: Any) -> Any:
-        """`model_config` with this preset's dtypes (unchanged when the preset sets none)."""
-        changes = {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype))
-                   if v is not None}
+    def configure_model(self, model_config: Any, *, on_mesh: bool = True) -> Any:
+        """`model_config` with this preset's dtypes and attention implementation (unchanged
+        when the preset sets none; the attention implementation only `on_mesh`: ring attention
+        needs the mesh's seq axis)."""
+        fields = [("dtype", self.dtype), ("param_dtype", self.param_dtype)]
+        if on_mesh:
+            fields.append(("attention_impl", self.attention_impl))
+        changes = {k: v for k, v in fields if v is not None}
         if not changes:
             return model_config
         missing = [k for k in changes if not hasattr(model_config, k)]
@@ -131,6 +137,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         rules=_TP_PARAMS + (("act_batch", "data"),) + _TP_ACTS
         + (("act_len", ("seq", "tensor")), ("act_len", "seq")),
         example_mesh="data=2,tensor=4",
+    ),
+    Preset(
+        "context", "context (ring) parallelism: every activation's length split over seq, "
+        "attention by ring attention (K/V blocks travel round the seq axis), params FSDP over fsdp",
+        rules=(("embed", "fsdp"), ("act_batch", ("data", "fsdp")), ("act_len", "seq")),
+        attention_impl="ring",
+        example_mesh="seq=8",
     ),
     Preset(
         "expert", "expert parallelism: MoE experts over expert (tokens travel by all-to-all), "

@@ -122,9 +122,16 @@ class LanguageModelingTask(Task):
             eos_token_id=self.data.eos_id, pad_token_id=self.data.pad_id,
         )
         self.model = Llama(self.model_config)
+        # decoding attends one new token to a cache (q_len != kv_len): ring attention, a
+        # training-time layout of the sequence over devices, cannot do it; sample with the
+        # platform's default attention over the same params
+        self.decode_model = (Llama(self.model_config.replace(attention_impl=None))
+                             if self.model_config.attention_impl == "ring" else self.model)
         self.units_per_step = cfg.data.batch_size * cfg.data.seq_len
         self._eval_steps: dict[Any, Callable] = {}
-        self.init_params = lm_init_fn(self.model, cfg.data.seq_len)  # rng -> boxed params
+        # rng -> boxed params (the same tree whatever the attention implementation; init
+        # runs outside the mesh, where ring attention has no sequence axis)
+        self.init_params = lm_init_fn(self.decode_model, cfg.data.seq_len)
         self.loss = lm_loss_fn(self.model)  # (params, batch, rng) -> (total, count, aux)
 
     def describe(self) -> str:
@@ -161,7 +168,8 @@ class LanguageModelingTask(Task):
         return out
 
     def sample(self, params: Any, step: int) -> str | None:
-        return sample_text(self.model, params, self.data, self.cfg.sample, seed=self.cfg.seed + step)
+        return sample_text(self.decode_model, params, self.data, self.cfg.sample,
+                           seed=self.cfg.seed + step)
 
 
 def sample_text(model, params, data: text_data.TextData, cfg: SampleConfig, seed: int = 0) -> str | None:

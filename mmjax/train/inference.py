@@ -26,7 +26,12 @@ def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
     with open(model_file) as f:
         spec = json.load(f)
     family = spec.get("family")
-    model, config = build_model(family, spec.get("config") or {})
+    config = dict(spec.get("config") or {})
+    if config.get("attention_impl") == "ring":
+        # ring attention lays the training sequence over a mesh axis; inference (decoding
+        # with a KV cache) runs the same params with the platform's default attention
+        config["attention_impl"] = None
+    model, config = build_model(family, config)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise InputError(f"{workdir!r} holds no checkpoint yet ({ckpt_dir} missing)")

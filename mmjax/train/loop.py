@@ -103,10 +103,11 @@ def train(
     t_start = time.perf_counter()
 
     preset = get_preset(cfg.parallelism)
-    model_cfg = preset.configure_model(cfg.model)
+    model_cfg = preset.configure_model(cfg.model, on_mesh=bool(mesh_spec) or jax.process_count() > 1)
     if model_cfg != cfg.model:
-        log(f"parallelism={preset.name}: model dtype={getattr(model_cfg, 'dtype', None)}, "
-            f"param_dtype={getattr(model_cfg, 'param_dtype', None)}")
+        changed = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl")
+                   if getattr(model_cfg, k, None) != getattr(cfg.model, k, None)}
+        log(f"parallelism={preset.name}: model " + ", ".join(f"{k}={v}" for k, v in changed.items()))
         cfg = cfg.replace(model=model_cfg)
     if not mesh_spec and jax.process_count() > 1:
         mesh_spec = "data=-1"  # one device per process cannot hold a multi-process job
