@@ -99,7 +99,6 @@ def measure_memory(contexts=MEMORY_CONTEXTS) -> list[dict]:
     """Per-device bytes of the compiled train step: ring on seq=8 vs full attention on 1 device."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
 
     from mmjax.models.llama import Llama, LlamaConfig
     from mmjax.parallel import get_preset, make_mesh
