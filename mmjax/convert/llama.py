@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mmjax.configs import closest_name
+from mmjax.convert.trees import flatten, set_path, short_list
 from mmjax.errors import ConfigError, InputError, UnsupportedModelError
 from mmjax.models.llama import LlamaConfig
 from mmjax.ops.rope import ROPE_TYPES, RopeScaling
@@ -401,9 +402,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> di
                              "model.embed_tokens.weight")
     missing = [r.hf_name for r in rules if r.hf_name not in tensors]
     if missing:
-        raise InputError(f"checkpoint lacks {len(missing)} tensor(s) the config needs: {_names(missing)}")
+        raise InputError(f"checkpoint lacks {len(missing)} tensor(s) the config needs: {short_list(missing)}")
     if extra:
-        raise InputError(f"checkpoint has {len(extra)} unexpected tensor(s): {_names(extra)}")
+        raise InputError(f"checkpoint has {len(extra)} unexpected tensor(s): {short_list(extra)}")
     params: dict[str, Any] = {}
     stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     for r in rules:
@@ -415,23 +416,23 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> di
         if r.expert >= 0:
             stacks.setdefault(r.path, {})[r.expert] = value
         else:
-            _set(params, r.path, value)
+            set_path(params, r.path, value)
     for path, slices in stacks.items():  # MoE: one [experts, ...] param from per-expert tensors
-        _set(params, path, np.stack([slices[j] for j in range(len(slices))]))
+        set_path(params, path, np.stack([slices[j] for j in range(len(slices))]))
     return params
 
 
 def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
     """HF tensors {name: float32 array} from mmjax params of `config` (plain, not boxed)."""
     rules = tensor_rules(config)
-    leaves = dict(_flatten(params))
+    leaves = dict(flatten(params))
     expected = {r.path for r in rules}
     missing = ["/".join(r.path) for r in rules if r.path not in leaves]
     extra = sorted("/".join(p) for p in leaves if p not in expected)
     if missing:
-        raise InputError(f"params lack {len(missing)} entr(ies) the config needs: {_names(missing)}")
+        raise InputError(f"params lack {len(missing)} entr(ies) the config needs: {short_list(missing)}")
     if extra:
-        raise InputError(f"params have {len(extra)} unexpected entr(ies): {_names(extra)}")
+        raise InputError(f"params have {len(extra)} unexpected entr(ies): {short_list(extra)}")
     out = {}
     for r in rules:
         w = np.asarray(leaves[r.path], np.float32)
@@ -441,25 +442,6 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
                              f"{want}")
         out[r.hf_name] = np.ascontiguousarray(r.to_hf(w if r.expert < 0 else w[r.expert]))
     return out
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (str(k),))
-        else:
-            yield prefix + (str(k),), v
 
 
 def _make_converter():

@@ -39,6 +39,7 @@ import numpy as np
 
 from mmjax.configs import closest_name
 from mmjax.convert.llama import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF, TensorRule
+from mmjax.convert.trees import flatten, set_path, short_list
 from mmjax.errors import ConfigError, InputError, UnsupportedModelError
 from mmjax.models.vit import ViTConfig
 
@@ -346,9 +347,9 @@ def apply_rules_from_hf(tensors: Mapping[str, np.ndarray], rules: list[TensorRul
     missing = [r.hf_name for r in rules if r.hf_name not in tensors]
     extra = sorted(k for k in tensors if k not in expected)
     if missing:
-        raise InputError(f"{what} lacks {len(missing)} tensor(s) the config needs: {_names(missing)}")
+        raise InputError(f"{what} lacks {len(missing)} tensor(s) the config needs: {short_list(missing)}")
     if extra:
-        raise InputError(f"{what} has {len(extra)} unexpected tensor(s): {_names(extra)}")
+        raise InputError(f"{what} has {len(extra)} unexpected tensor(s): {short_list(extra)}")
     params: dict[str, Any] = {}
     for r in rules:
         w = tensors[r.hf_name]
@@ -356,20 +357,20 @@ def apply_rules_from_hf(tensors: Mapping[str, np.ndarray], rules: list[TensorRul
             raise InputError(f"tensor {r.hf_name}: shape {tuple(w.shape)} in the {what}, but the "
                              f"config needs {r.hf_shape}")
         # (reshape: np.ascontiguousarray turns a 0-d array such as CLIP's logit_scale into 1-d)
-        _set(params, r.path, np.ascontiguousarray(r.to_mmjax(np.asarray(w, np.float32))).reshape(r.mmjax_shape))
+        set_path(params, r.path, np.ascontiguousarray(r.to_mmjax(np.asarray(w, np.float32))).reshape(r.mmjax_shape))
     return params
 
 
 def apply_rules_to_hf(params: Mapping[str, Any], rules: list[TensorRule]) -> dict[str, np.ndarray]:
     """HF tensors {name: float32 array} from plain nested mmjax params."""
-    leaves = dict(_flatten(params))
+    leaves = dict(flatten(params))
     expected = {r.path for r in rules}
     missing = ["/".join(r.path) for r in rules if r.path not in leaves]
     extra = sorted("/".join(p) for p in leaves if p not in expected)
     if missing:
-        raise InputError(f"params lack {len(missing)} entr(ies) the config needs: {_names(missing)}")
+        raise InputError(f"params lack {len(missing)} entr(ies) the config needs: {short_list(missing)}")
     if extra:
-        raise InputError(f"params have {len(extra)} unexpected entr(ies): {_names(extra)}")
+        raise InputError(f"params have {len(extra)} unexpected entr(ies): {short_list(extra)}")
     out = {}
     for r in rules:
         w = np.asarray(leaves[r.path], np.float32)
@@ -408,25 +409,6 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np
     if tensors and all(k.startswith(prefix) for k in tensors):
         return {k[len(prefix):]: v for k, v in tensors.items()}
     return dict(tensors)
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (str(k),))
-        else:
-            yield prefix + (str(k),), v
 
 
 def _make_converter():
