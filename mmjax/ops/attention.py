@@ -138,32 +138,45 @@ def attention_reference(query, key, value, mask=None, scale=None):
     """Plain-XLA attention with a fully materialised [q_len, kv_len] score matrix.
 
     Scores, softmax and the probability-weighted sum accumulate in float32 whatever the
-    input dtype; the output has the input dtype.
+    input dtype; the output has the input dtype. MHA contracts [batch, seq, heads, head_dim]
+    directly; GQA groups the query heads per K/V head ([b, t, kv_heads, group, head_dim]) so
+    K/V are never repeated. The masked softmax zeroes masked exponentials before normalising,
+    so a row with no visible key comes out as zeros in the same pass.
     """
     b, t, n, h = query.shape
     k = key.shape[2]
     g = n // k
     scale = 1.0 / math.sqrt(h) if scale is None else scale
-    q = query.reshape(b, t, k, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)
-    if mask is not None:
-        m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-        # [B|1, N|1, T|1, S|1] -> [B|1, K|1, G|1, T|1, S|1]
-        if m.shape[1] == 1:
-            m = m[:, :, None]
-        else:
-            m = m.reshape(m.shape[0], k, g, m.shape[2], m.shape[3])
-        big_neg = jnp.finfo(jnp.float32).min
-        logits = jnp.where(m, logits, big_neg)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        # rows with no visible key: zeros instead of a uniform average over masked keys
-        probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum(
-        "bkgts,bskh->btkgh", probs.astype(value.dtype), value, preferred_element_type=jnp.float32
-    )
+    if g == 1:  # MHA: 4-D contractions, fewer layout changes for XLA
+        logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32)
+        m = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    else:
+        q = query.reshape(b, t, k, g, h)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
+        m = None
+        if mask is not None:
+            m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+            # [B|1, N|1, T|1, S|1] -> [B|1, K|1, G|1, T|1, S|1]
+            m = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], k, g, m.shape[2], m.shape[3])
+    probs = _masked_softmax(logits * jnp.float32(scale), m)
+    if g == 1:
+        out = jnp.einsum("bnts,bsnh->btnh", probs.astype(value.dtype), value,
+                         preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value,
+                         preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(query.dtype)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax over the last axis where `mask` is True; rows with no True give zeros."""
+    if mask is None:
+        return jax.nn.softmax(logits, axis=-1)
+    big_neg = jnp.finfo(jnp.float32).min
+    logits = jnp.where(mask, logits, big_neg)
+    e = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))), 0.0)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
 
 
 def _flash_limits(query, key) -> str | None:
