@@ -11,21 +11,25 @@ the first 90% of the characters train, the last 10% validate. A 2048-piece BPE s
 tokenizer is trained on the training split and saved with the checkpoint.
 
 Model: LLaMA (RMSNorm, RoPE, GQA 8 query / 4 key-value heads, SwiGLU, tied embeddings),
-dim 256, 4 layers, 3.43M parameters, fp32 params with bf16 compute, residual dropout 0.1
-(the corpus is small and the model overfits it: final train loss 3.05 vs validation 3.94
-nats/token; at 450 steps dropout 0.1 gave val_bpb 1.737); AdamW (lr 3e-3,
-wd 0.1), 50 warmup steps then cosine to 10%; 450 steps of 32 x 128 tokens (~14 epochs of
-the 128k-token training split, packed documents with segment ids).
+dim 256, 4 layers, 3.43M parameters, fp32 params with bf16 compute, residual dropout 0.15
+(the corpus is small and the model overfits it); AdamW (lr 2e-3, wd 0.1), 100 warmup steps
+then cosine to 10%; 900 steps of 16 x 128 tokens (~14 epochs of the 128k-token training
+split, packed documents with segment ids). These settings won a sweep of batch size, steps,
+width, dropout and learning rate at the same ~5-minute budget (table in docs/training.md).
 
-Expected runtime: about 9-11 minutes on 2 CPU cores (~1.2-1.5 s per step; tokenizer
-training and compilation take under a minute); a resumed run continues from the last
-checkpoint in the workdir, and a finished one just re-evaluates and samples.
+Expected runtime (measured 2026-11-25 from a fresh clone on the 2-core CI machine, quiet):
+README command 1 took 5 min 49 s in all -- creating `.venv/` and installing, tokenizer
+training, 900 steps in 4 min 27 s (~3.4 steps/s, ~7,000 tokens/s), evaluation and
+sampling. A resumed run continues from the last checkpoint in the workdir, and a finished one
+just re-evaluates and samples.
 
-Expected result (measured 2026-11-24 on the 2-core CI machine): validation perplexity per
-token falls from 2080 (untrained) to 51.3, val_bpb from 3.37 to 1.737 bits per UTF-8 byte
-(tokenizer-independent; the outside nanoGPT reference reached 1.74 in 10 minutes), train
-loss 3.05 nats/token; the sample is documentation-like English about Python statements. `--json` prints {"step", "train_loss",
-"val_loss", "val_ppl", "val_bpb", ...} as its last line.
+Expected result (same run): validation perplexity per token falls from 2080 (untrained) to
+64.0 at step 300, 46.4 at step 600 and 43.5 at step 900; val_bpb from 3.371 to 1.835, 1.693,
+1.664 bits per UTF-8 byte (tokenizer-independent; the outside nanoGPT reference reached 1.74
+in 10 minutes); train loss ~2.3 nats/token at the end vs 3.77 on validation (overfitting the
+small split is what limits it). The sample is documentation-like English about Python
+statements. `--json` prints {"step", "train_loss", "val_loss", "val_ppl", "val_bpb", ...} as
+its last line.
 
 Overrides: `--set model.num_layers=2 --set optimizer.learning_rate=1e-3 --set data.corpus=vim`.
 """
