@@ -181,7 +181,7 @@ def _torch_trainer(spec, batches, seed):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        float(loss)
+        float(loss.detach())
 
     return step
 
