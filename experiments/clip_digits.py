@@ -17,9 +17,10 @@ Model: CLIP with a ViT image tower (32x32 images, 8x8 patches -> 16 patches + [C
 projected to 64 dims; learned temperature from 1/0.07. Symmetric contrastive loss (ITC), AdamW
 (lr 2e-3, 50 warmup steps, cosine), batch 128, fp32.
 
-Expected runtime and result: see the numbers measured on the 2-core CI machine in
-docs/clip.md (zero-shot accuracy on the 359 held-out images, retrieval recall@1/5/10 at the
-class level, and a linear probe on the frozen image tower).
+Expected runtime (measured 2026-11-25 on the 2-core CI machine, quiet): 1 min 38 s in all,
+~900 images/s. Expected result (same run, 359 held-out images): zero-shot accuracy 10.3% ->
+96.9% (goal >= 90%), top-5 99.7%; class-level retrieval R@1 image->text 96.9%, text->image
+100%; linear probe on the frozen image tower 97.2% (81.1% untrained). Details in docs/clip.md.
 """
 
 from mmjax.models.clip import CLIP_VISION_LAYOUT, CLIPConfig, CLIPTextConfig

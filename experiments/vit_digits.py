@@ -11,8 +11,9 @@ pooling) plus a new 10-way linear head; every tower param is copied from
 `workdirs/clip_digits` (`init_from`, subtree "vision"), the head starts fresh. Cross-entropy,
 AdamW (lr 5e-4, cosine), batch 128, 300 steps.
 
-Expected runtime and result: measured numbers in docs/clip.md (test accuracy fine-tuned vs
-from scratch with the same budget).
+Expected runtime and result (measured 2026-11-25 on the 2-core CI machine, quiet): 39 s;
+test accuracy 97.8% fine-tuned from the CLIP tower vs 93.6% for the same ViT from scratch
+(38 s). See docs/clip.md.
 """
 
 from mmjax.models.clip import CLIP_VISION_LAYOUT
