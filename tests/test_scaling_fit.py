@@ -51,11 +51,13 @@ def test_sweep_grid_builds_valid_experiment_configs():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     points = mod.grid(quick=False)
-    assert len(points) == len(mod.SIZES) * len(mod.STEPS)
-    for size, steps in points:
-        cfg = load_experiment(mod.LLM_TEXT, mod.overrides(size, steps))
+    assert len(points) == len(mod.SIZES) * (len(mod.STEPS) + 1)
+    for size, steps, every in points:
+        cfg = load_experiment(mod.LLM_TEXT, mod.overrides(size, steps, every))
         dim, layers, heads, kv, mlp = mod.SIZES[size]
         assert (cfg.model.dim, cfg.model.num_layers, cfg.model.dropout) == (dim, layers, 0.0)
+        assert cfg.eval_every == every
+    assert {p for p in points if p[2]} == {(s, mod.LONG_STEPS, mod.EVAL_EVERY) for s in mod.SIZES}
     # the parameter count matches the model's actual non-embedding params
     import jax
 
@@ -68,3 +70,31 @@ def test_sweep_grid_builds_valid_experiment_configs():
     non_emb = sum(x.value.size if hasattr(x, "value") else x.size for p, x in leaves
                   if "embed" not in jax.tree_util.keystr(p))
     assert non_emb == mod.non_embedding_params(*mod.SIZES["d128_l2"])
+
+
+def test_sweep_fits_pick_the_right_runs():
+    """L(N) fits the early-stopped best losses of the long runs, L(D) the largest model's grid
+    runs, L(C) the compute frontier; synthetic results drawn from known power laws."""
+    import importlib.util
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "scaling_laws", os.path.join(here, "..", "experiments", "scaling_laws.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = []
+    for n in (1e5, 4e5, 1.6e6):
+        for d in (2e5, 4e5, 8e5):
+            results.append({"name": f"n{n:g}_d{d:g}", "N": n, "D": d, "C": 6 * n * d,
+                            "val_loss": (3e9 / d) ** 0.2 + (1e4 / n) ** 0.3})
+        # the long run ends overfit: its final loss is worse than its best
+        results.append({"name": f"n{n:g}_es", "N": n, "D": 4e6, "C": 6 * n * 4e6,
+                        "early_stopping": True, "val_loss": 9.0, "best_val_loss": (2e5 / n) ** 0.1})
+    fits = mod.fit_all(results)
+    assert fits["N"]["runs"] == ["n100000_es", "n400000_es", "n1.6e+06_es"]
+    assert np.isclose(fits["N"]["alpha"], 0.1) and np.isclose(fits["N"]["c"], 2e5)
+    assert fits["D"]["runs"] == [f"n1.6e+06_d{d:g}" for d in (2e5, 4e5, 8e5)]
+    assert all(not r.endswith("_es") for r in fits["C"]["runs"])
+    losses = [next(r["val_loss"] for r in results if r["name"] == k) for k in fits["C"]["runs"]]
+    assert losses == sorted(losses, reverse=True)
