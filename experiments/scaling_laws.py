@@ -212,7 +212,7 @@ def write_table(results: list[dict], fits: dict, path: str) -> None:
         lines.append(f"| {r['name']} | {r['N']:,} | {r['D']:,} | {r['C']:.2e} | {r['val_loss']:.4f} | "
                      f"{r['val_bpb']:.4f} | {best} | {r['train_loss']:.4f} | {r['wall_time_s']:.0f} |")
     lines.append("")
-    for key, f in fits.items():
+    for f in fits.values():
         lines.append(f"- {f['formula']}  [{f['loss']} of {', '.join(f['runs'])}]")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")

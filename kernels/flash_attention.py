@@ -863,6 +863,15 @@ def _prepare(q, k, v, segment_ids, mask):
     return q_seg, kv_seg, mask
 
 
+def _prepare_call(q, k, v, segment_ids, mask, *, causal, scale, block_sizes, backend, interpret):
+    """Validated inputs and the static spec shared by the public entry points."""
+    q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
+    spec = make_spec(q, k, causal=causal, has_segments=q_seg is not None,
+                     mask_shape=None if mask is None else mask.shape, scale=scale,
+                     block_sizes=block_sizes, backend=backend, interpret=interpret)
+    return spec, q_seg, kv_seg, mask
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -891,18 +900,9 @@ def flash_attention(
     Returns:
       [batch, q_len, heads, head_dim] in the input dtype.
     """
-    q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
-    spec = make_spec(
-        q,
-        k,
-        causal=causal,
-        has_segments=q_seg is not None,
-        mask_shape=None if mask is None else mask.shape,
-        scale=scale,
-        block_sizes=block_sizes,
-        backend=backend,
-        interpret=interpret,
-    )
+    spec, q_seg, kv_seg, mask = _prepare_call(
+        q, k, v, segment_ids, mask, causal=causal, scale=scale, block_sizes=block_sizes,
+        backend=backend, interpret=interpret)
     return _flash(spec, q, k, v, q_seg, kv_seg, mask)
 
 
@@ -922,18 +922,9 @@ def flash_attention_forward(
     """Forward only: (out [batch, q_len, heads, head_dim], lse [batch, heads, q_len] fp32).
 
     Not differentiable by itself; ring attention pairs it with `flash_attention_backward`."""
-    q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
-    spec = make_spec(
-        q,
-        k,
-        causal=causal,
-        has_segments=q_seg is not None,
-        mask_shape=None if mask is None else mask.shape,
-        scale=scale,
-        block_sizes=block_sizes,
-        backend=backend,
-        interpret=interpret,
-    )
+    spec, q_seg, kv_seg, mask = _prepare_call(
+        q, k, v, segment_ids, mask, causal=causal, scale=scale, block_sizes=block_sizes,
+        backend=backend, interpret=interpret)
     return _forward(spec, q, k, v, q_seg, kv_seg, mask)
 
 
@@ -959,18 +950,9 @@ def flash_attention_backward(
     `out`, `lse` (and `delta = rowsum(out * d_out)` [batch, heads, q_len], computed when None)
     may be those of a larger attention whose keys include these: the result is then the
     contribution of these keys (ring attention sums it over the ring)."""
-    q_seg, kv_seg, mask = _prepare(q, k, v, segment_ids, mask)
-    spec = make_spec(
-        q,
-        k,
-        causal=causal,
-        has_segments=q_seg is not None,
-        mask_shape=None if mask is None else mask.shape,
-        scale=scale,
-        block_sizes=block_sizes,
-        backend=backend,
-        interpret=interpret,
-    )
+    spec, q_seg, kv_seg, mask = _prepare_call(
+        q, k, v, segment_ids, mask, causal=causal, scale=scale, block_sizes=block_sizes,
+        backend=backend, interpret=interpret)
     return _backward(spec, q, k, v, q_seg, kv_seg, mask, out, lse, d_out, delta)
 
 

@@ -54,7 +54,7 @@ def test_sweep_grid_builds_valid_experiment_configs():
     assert len(points) == len(mod.SIZES) * (len(mod.STEPS) + 1)
     for size, steps, every in points:
         cfg = load_experiment(mod.LLM_TEXT, mod.overrides(size, steps, every))
-        dim, layers, heads, kv, mlp = mod.SIZES[size]
+        dim, layers, *_ = mod.SIZES[size]
         assert (cfg.model.dim, cfg.model.num_layers, cfg.model.dropout) == (dim, layers, 0.0)
         assert cfg.eval_every == every
     assert {p for p in points if p[2]} == {(s, mod.LONG_STEPS, mod.EVAL_EVERY) for s in mod.SIZES}
