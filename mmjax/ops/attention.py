@@ -43,6 +43,14 @@ import jax.numpy as jnp
 from mmjax.errors import InputError
 
 IMPLEMENTATIONS = ("xla", "cudnn", "flash", "ring")
+
+
+def decoding_implementation(implementation: str | None) -> str | None:
+    """The implementation to decode with when a model was trained with `implementation`:
+    ring attention lays a training sequence over a mesh axis and cannot attend one new token
+    to a KV cache (q_len != kv_len), so decoding (and init outside the mesh) uses the
+    platform's default over the same params; every other choice is kept."""
+    return None if implementation == "ring" else implementation
 FLASH_MAX_HEAD_DIM = 256  # = mmjax.kernels.flash_attention.MAX_HEAD_DIM
 
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from mmjax.errors import ConfigError
 from mmjax.models.llama import Llama, LlamaConfig
 from mmjax.nn.moe import aux_losses
+from mmjax.ops.attention import decoding_implementation
 from mmjax.tasks import text_data
 from mmjax.tasks.text_data import TextDataConfig
 from mmjax.train.step import make_eval_step, shard_batch
@@ -122,11 +123,9 @@ class LanguageModelingTask(Task):
             eos_token_id=self.data.eos_id, pad_token_id=self.data.pad_id,
         )
         self.model = Llama(self.model_config)
-        # decoding attends one new token to a cache (q_len != kv_len): ring attention, a
-        # training-time layout of the sequence over devices, cannot do it; sample with the
-        # platform's default attention over the same params
-        self.decode_model = (Llama(self.model_config.replace(attention_impl=None))
-                             if self.model_config.attention_impl == "ring" else self.model)
+        decode_impl = decoding_implementation(self.model_config.attention_impl)
+        self.decode_model = (self.model if decode_impl == self.model_config.attention_impl
+                             else Llama(self.model_config.replace(attention_impl=decode_impl)))
         self.units_per_step = cfg.data.batch_size * cfg.data.seq_len
         self._eval_steps: dict[Any, Callable] = {}
         # rng -> boxed params (the same tree whatever the attention implementation; init

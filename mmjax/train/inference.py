@@ -10,6 +10,7 @@ import flax.linen as nn
 
 from mmjax.errors import InputError
 from mmjax.models import abstract_params, build_model
+from mmjax.ops.attention import decoding_implementation
 from mmjax.train.checkpointing import Checkpointer
 from mmjax.train.loop import CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE
 
@@ -27,10 +28,8 @@ def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
         spec = json.load(f)
     family = spec.get("family")
     config = dict(spec.get("config") or {})
-    if config.get("attention_impl") == "ring":
-        # ring attention lays the training sequence over a mesh axis; inference (decoding
-        # with a KV cache) runs the same params with the platform's default attention
-        config["attention_impl"] = None
+    if "attention_impl" in config:
+        config["attention_impl"] = decoding_implementation(config["attention_impl"])
     model, config = build_model(family, config)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
