@@ -65,6 +65,10 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     sample: Any = None
     steps: int = 1000
+    # wall-clock seconds the training steps may take: a fresh run times a few steps and, when
+    # `steps` would not fit, trains fewer with the schedule re-spanned (mmjax.train.budget)
+    time_budget_s: float | None = None
+    budget_calibration_steps: int = 20
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the start and the end
@@ -89,6 +93,11 @@ class ExperimentConfig:
         get_preset(self.parallelism)  # ConfigError naming the closest preset
         if self.steps <= 0:
             raise ConfigError(f"steps must be positive, got {self.steps}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"time_budget_s must be positive (or None), got {self.time_budget_s}")
+        if self.budget_calibration_steps < 1:
+            raise ConfigError(
+                f"budget_calibration_steps must be >= 1, got {self.budget_calibration_steps}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.keep_best_mode not in ("min", "max"):

@@ -35,6 +35,7 @@ from mmjax.train.experiment import ExperimentConfig
 from mmjax.train.metrics import MetricsWriter, Progress, read_metrics
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train import pretrained
+from mmjax.train.budget import BudgetTimer, load_plan, save_plan
 from mmjax.train.plots import plot_loss_curve
 from mmjax.train.state import (
     abstract_boxed_params,
@@ -121,15 +122,19 @@ def train(
                     {"family": task.family, "config": task.model_config.to_dict()})
         _write_json(os.path.join(workdir, "experiment.json"), cfg.to_dict())
 
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed_params(task.init_params))
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=cfg.keep_checkpoints,
                         best_metric=cfg.keep_best_metric, best_mode=cfg.keep_best_mode)
+    latest = ckpt.latest_step()
+    plan = load_plan(workdir, cfg.steps) if latest is not None else None
+    if plan is not None:  # a budgeted run being resumed: same total, same schedule
+        log(f"resuming the plan in {workdir}/plan.json: {plan.describe()}")
+        cfg = cfg.replace(steps=plan.steps)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed_params(task.init_params))
     rules, opt_rules = preset.rules, preset.opt_rules
     shardings = (state_shardings(task.init_params, tx, mesh, rules, opt_rules)
                  if mesh is not None else None)
 
     train_iter = task.train_iterator()
-    latest = ckpt.latest_step()
     history: dict[str, Any] = {}
     if latest is not None:
         abstract = abstract_train_state(task.init_params, tx, shardings=shardings)
@@ -154,9 +159,14 @@ def train(
         + (f" on mesh {describe_mesh(mesh)}, parallelism {preset.name}" if mesh is not None
            else ""))
 
-    train_step = make_train_step(task.loss, tx, schedule,
-                                 grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                                 mesh=mesh, shardings=shardings, rules=rules)
+    def build_train_step(tx, schedule):
+        return make_train_step(task.loss, tx, schedule,
+                               grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                               mesh=mesh, shardings=shardings, rules=rules)
+
+    train_step = build_train_step(tx, schedule)
+    budget = (BudgetTimer(cfg.time_budget_s, cfg.steps, cfg.budget_calibration_steps)
+              if cfg.time_budget_s is not None and step == 0 else None)
     writer = MetricsWriter(workdir, enabled=is_main)
     final: dict[str, Any] = {"step": step}
     sample_text = None
@@ -232,6 +242,18 @@ def train(
                 resolve()  # the previous step's loss, read while this one runs
                 step += 1
                 pending = (step, metrics)
+                plan = budget.observe(step, metrics) if budget is not None else None
+                if plan is not None:
+                    progress.write(f"[budget] {plan.describe()}")
+                    if is_main:
+                        save_plan(workdir, plan)
+                    if plan.steps != cfg.steps:
+                        cfg = cfg.replace(steps=plan.steps)
+                        # the optimizer state's structure does not depend on the schedule
+                        tx, schedule = make_optimizer(cfg.optimizer, cfg.steps,
+                                                      abstract_boxed_params(task.init_params))
+                        train_step = build_train_step(tx, schedule)
+                        progress.set_total(cfg.steps)
                 steps_since_log += 1
                 units_since_log += units_per_step
                 if step % cfg.log_every == 0 or step == cfg.steps:

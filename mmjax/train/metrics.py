@@ -78,6 +78,10 @@ class Progress:
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(n_steps)
 
+    def set_total(self, total: int) -> None:
+        self._bar.total = total
+        self._bar.refresh()
+
     def write(self, line: str) -> None:
         self._bar.write(line, file=sys.stderr)
 
