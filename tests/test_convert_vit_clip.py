@@ -495,3 +495,23 @@ def test_convert_then_export_model_dirs(saved, name, tmp_path):
         np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
     with open(os.path.join(path, "config.json")) as f, open(tmp_path / "hf" / "config.json") as g:
         assert json.load(f)["architectures"] == json.load(g)["architectures"]
+
+
+def test_clip_text_with_eos_outside_the_vocabulary_pools_at_position_0_like_transformers(tmp_path):
+    """transformers' small CLIP test configs keep eos_token_id 49407 beside a tiny vocab: no
+    row can hold it, transformers pools at position 0, and so must mmjax (eagerly, and in
+    `mmjax compare`), instead of refusing the model."""
+    from mmjax.convert.compare import compare
+
+    config = transformers.CLIPTextConfig(**{**CLIP_TEXT, "eos_token_id": 49407})
+    model = randomise(transformers.CLIPTextModel(config), seed=5)
+    model.save_pretrained(str(tmp_path))
+    module, params = from_hf(str(tmp_path))
+    tokens = np.random.default_rng(0).integers(0, CLIP_TEXT["vocab_size"], size=(3, 9))
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(tokens)).pooler_output.numpy()
+    with jax.default_matmul_precision("highest"):
+        ours = module.apply({"params": params}, jnp.asarray(tokens, jnp.int32))  # concrete ids
+    assert maxdiff(ours, ref) <= TOL
+    result = compare(str(tmp_path), batch=2, seq_len=8)
+    assert result["passed"] and result["max_abs_diff"] <= TOL
