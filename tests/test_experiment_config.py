@@ -41,6 +41,14 @@ def test_int_given_for_float_field_is_converted():
     assert isinstance(cfg.optimizer.learning_rate, float)
 
 
+def test_float_given_for_a_float_field_holding_an_int_is_kept():
+    # a config file may write `time_budget_s=540`: the field's type (float | None) decides
+    cfg = apply_overrides(ExperimentConfig(time_budget_s=540), ["time_budget_s=0.5"])
+    assert cfg.time_budget_s == 0.5
+    with pytest.raises(ConfigError, match="expected an integer"):
+        apply_overrides(ExperimentConfig(), ["steps=2.5"])
+
+
 def test_unknown_key_suggests_closest_name():
     with pytest.raises(ConfigError, match=r"did you mean 'optimizer.learning_rate'"):
         apply_overrides(ExperimentConfig(), ["optimizer.learning_rat=1e-3"])
