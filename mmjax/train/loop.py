@@ -165,8 +165,6 @@ def train(
                                mesh=mesh, shardings=shardings, rules=rules)
 
     train_step = build_train_step(tx, schedule)
-    budget = (BudgetTimer(cfg.time_budget_s, cfg.steps, cfg.budget_calibration_steps)
-              if cfg.time_budget_s is not None and step == 0 else None)
     writer = MetricsWriter(workdir, enabled=is_main)
     final: dict[str, Any] = {"step": step}
     sample_text = None
@@ -234,6 +232,8 @@ def train(
                 "was kept; lower the learning rate or check the data.", at)
         train_loss = loss
 
+    budget = (BudgetTimer(cfg.time_budget_s, cfg.steps, cfg.budget_calibration_steps)
+              if cfg.time_budget_s is not None and step == 0 else None)  # times the steps only
     try:
         with _StopSignal() as stop:
             while step < cfg.steps:
