@@ -17,19 +17,26 @@ then cosine to 10%; 900 steps of 16 x 128 tokens (~14 epochs of the 128k-token t
 split, packed documents with segment ids). These settings won a sweep of batch size, steps,
 width, dropout and learning rate at the same ~5-minute budget (table in docs/training.md).
 
-Expected runtime (measured 2026-11-25 from a fresh clone on the 2-core CI machine, quiet):
-README command 1 took 5 min 49 s in all -- creating `.venv/` and installing, tokenizer
-training, 900 steps in 4 min 27 s (~3.4 steps/s, ~7,000 tokens/s), evaluation and
-sampling. A resumed run continues from the last checkpoint in the workdir, and a finished one
-just re-evaluates and samples.
+Time budget: the training steps may take at most 9 minutes (`time_budget_s=540`,
+`mmjax.train.budget`). The project's 2-core machines differ about 4x in matrix-product speed:
+where 900 steps fit (the 2026-11-25 machine, ~485 GFLOP/s float32 matmul) the run is exactly
+the configured one; where they don't (the 2026-11-30 one, AMD EPYC with AVX2, ~120 GFLOP/s,
+~0.86 s per step) the run times 20 steps, trains as many steps as fit with the learning-rate
+schedule re-spanned to end there, logs `[budget] ...` and writes `plan.json`.
 
-Expected result (same run): validation perplexity per token falls from 2080 (untrained) to
-64.0 at step 300, 46.4 at step 600 and 43.5 at step 900; val_bpb from 3.371 to 1.835, 1.693,
-1.664 bits per UTF-8 byte (tokenizer-independent; the outside nanoGPT reference reached 1.74
-in 10 minutes); train loss ~2.3 nats/token at the end vs 3.77 on validation (overfitting the
-small split is what limits it). The sample is documentation-like English about Python
-statements. `--json` prints {"step", "train_loss", "val_loss", "val_ppl", "val_bpb", ...} as
-its last line.
+Expected runtime and result (measured):
+- 2026-11-30, the ~120 GFLOP/s machine, quiet: 9 min 11 s for `mmjax train` (tokenizer,
+  582 steps at ~0.86 s/step, ~2,300 tokens/s, evaluation, sampling); README command 1 adds
+  ~3 min of installation. Validation perplexity per token 2080 -> 64.3 (step 300) -> 47.4
+  (step 582); val_bpb 3.371 -> 1.837 -> 1.702 bits per UTF-8 byte.
+- 2026-11-25, the ~485 GFLOP/s machine (before the budget existed; its 900 steps took less
+  than half of it): README command 1 took 5 min 49 s in all, 900 steps in 4 min 27 s (~7,000 tokens/s);
+  perplexity 2080 -> 64.0 (300) -> 46.4 (600) -> 43.5 (900); val_bpb 3.371 -> 1.835 -> 1.693
+  -> 1.664, train loss ~2.3 nats/token at the end vs 3.77 on validation (overfitting the small
+  split is what limits it).
+val_bpb is tokenizer-independent; the outside nanoGPT reference reached 1.74 in 10 minutes.
+The sample is documentation-like English about Python statements. `--json` prints
+{"step", "train_loss", "val_loss", "val_ppl", "val_bpb", ...} as its last line.
 
 Overrides: `--set model.num_layers=2 --set optimizer.learning_rate=1e-3 --set data.corpus=vim`.
 """
@@ -66,6 +73,9 @@ def get_config() -> ExperimentConfig:
         sample=SampleConfig(prompt="The with statement", max_new_tokens=80, temperature=0.8,
                             top_k=40),
         steps=900,
+        # at most 9 minutes of training steps (see the docstring): 900 steps take ~4.5 min
+        # on a ~485 GFLOP/s CPU, ~13 min on a ~120 GFLOP/s one, which trains what fits
+        time_budget_s=540.0,
         log_every=10,
         eval_every=300,
         checkpoint_every=300,
