@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from mmjax.errors import InputError
 
 IMPLEMENTATIONS = ("xla", "cudnn", "flash", "ring")
+FLASH_MAX_HEAD_DIM = 256  # = mmjax.kernels.flash_attention.MAX_HEAD_DIM
 
 
 def decoding_implementation(implementation: str | None) -> str | None:
@@ -51,7 +52,6 @@ def decoding_implementation(implementation: str | None) -> str | None:
     to a KV cache (q_len != kv_len), so decoding (and init outside the mesh) uses the
     platform's default over the same params; every other choice is kept."""
     return None if implementation == "ring" else implementation
-FLASH_MAX_HEAD_DIM = 256  # = mmjax.kernels.flash_attention.MAX_HEAD_DIM
 
 
 class AttentionInputError(InputError):
