@@ -6,9 +6,9 @@ that step time, and when `steps` would not fit, trains only the steps that do: t
 becomes that number and the learning-rate schedule is re-spanned to end there (warmup is
 unchanged; the calibration steps lie inside it for any usual warmup). The re-spanned step
 compiles again; the time the first step took is set aside for that. Evaluation, sampling and
-checkpoint saves after the calibration are not projected: keep them small against the budget. The decision is made
-once, by process 0 (broadcast to the others), and written to `plan.json` in the workdir so a
-resumed run keeps the same total and schedule.
+checkpoint saves after the calibration are not projected: keep them small against the budget.
+The decision is made once, by process 0 (broadcast to the others), and written to `plan.json`
+in the workdir so a resumed run keeps the same total and schedule.
 
 This trades reproducibility across machines for a bounded run time: on a fast machine the
 budget does not bite and the run is exactly the configured one; on a slower one the result
@@ -81,7 +81,8 @@ class BudgetTimer:
         remaining = self.budget_s - (now - self._t0)
         total = fit_steps(self.requested, step, step_time, remaining)
         if total < self.requested:  # the re-spanned step compiles again: as long as the first did
-            total = fit_steps(self.requested, step, step_time, remaining - (self._t_first - self._t0))
+            compile_s = self._t_first - self._t0
+            total = fit_steps(self.requested, step, step_time, remaining - compile_s)
         total = int(_broadcast(np.int64(total)))
         return StepPlan(self.requested, total, step_time, self.budget_s)
 

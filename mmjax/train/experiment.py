@@ -240,7 +240,7 @@ def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float)
-            and not _allows(hint, float)):  # an int value of a float field takes floats
+            and (hint is None or float not in _hint_types(hint))):  # float fields take floats
         if value != int(value):
             raise ConfigError(f"--set {key}: expected an integer, got {value!r}")
         return int(value)
@@ -259,7 +259,3 @@ def _hint_types(hint: Any) -> tuple[type, ...]:
     """The classes a field's type hint admits (`float | None` -> (float, NoneType))."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     return tuple(t for t in ((typing.get_origin(m) or m) for m in members) if isinstance(t, type))
-
-
-def _allows(hint: Any, cls: type) -> bool:
-    return hint is not None and cls in _hint_types(hint)

@@ -129,7 +129,8 @@ def train(
     if plan is not None:  # a budgeted run being resumed: same total, same schedule
         log(f"resuming the plan in {workdir}/plan.json: {plan.describe()}")
         cfg = cfg.replace(steps=plan.steps)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_boxed_params(task.init_params))
+    abstract_params = abstract_boxed_params(task.init_params)  # the tree the optimizer needs
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
     rules, opt_rules = preset.rules, preset.opt_rules
     shardings = (state_shardings(task.init_params, tx, mesh, rules, opt_rules)
                  if mesh is not None else None)
@@ -250,8 +251,7 @@ def train(
                     if plan.steps != cfg.steps:
                         cfg = cfg.replace(steps=plan.steps)
                         # the optimizer state's structure does not depend on the schedule
-                        tx, schedule = make_optimizer(cfg.optimizer, cfg.steps,
-                                                      abstract_boxed_params(task.init_params))
+                        tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
                         train_step = build_train_step(tx, schedule)
                         progress.set_total(cfg.steps)
                 steps_since_log += 1
