@@ -11,7 +11,7 @@ import pytest
 from mmjax.textgen import generate_text
 from mmjax.train import run
 
-from test_train_resume import LLM_TEXT, ROOT, tiny_overrides
+from support import LLM_TEXT, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 

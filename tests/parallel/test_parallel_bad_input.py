@@ -18,7 +18,7 @@ from mmjax.train.step import shard_batch
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
 
 

@@ -10,7 +10,7 @@ from mmjax.train.budget import PLAN_FILE, fit_steps
 from mmjax.train.experiment import load_experiment
 from mmjax.train.metrics import read_metrics
 from mmjax.train.optimizer import make_schedule
-from test_train_resume import LLM_TEXT, tiny_overrides
+from support import LLM_TEXT, tiny_overrides
 
 
 def test_fit_steps():

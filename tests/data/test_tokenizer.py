@@ -110,7 +110,7 @@ def _train_in_subprocess(text_file, model_path, model_type):
         f"Tokenizer.train([pathlib.Path({str(text_file)!r})], {str(model_path)!r}, {VOCAB}, "
         f"model_type={model_type!r}, input_sentence_size=1000, num_threads=2)"
     )
-    repo_root = pathlib.Path(__file__).parents[1]
+    repo_root = pathlib.Path(__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(repo_root))
     return pathlib.Path(model_path).read_bytes()
 

@@ -21,7 +21,7 @@ from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import abstract_boxed_params, abstract_train_state, state_shardings
 from mmjax.train.task import build_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")

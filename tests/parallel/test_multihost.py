@@ -34,7 +34,7 @@ from mmjax.tasks.lm import lm_init_fn, lm_loss_fn
 from mmjax.train.step import make_eval_step, shard_batch
 from mmjax.train.task import Task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 

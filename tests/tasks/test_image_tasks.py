@@ -12,7 +12,7 @@ from mmjax.errors import InputError
 from mmjax.train import run
 from mmjax.train.pretrained import overlay
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 CLIP_DIGITS = os.path.join(ROOT, "experiments", "clip_digits.py")
 VIT_DIGITS = os.path.join(ROOT, "experiments", "vit_digits.py")
 TINY_TOWER = {"dim": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64}

@@ -7,7 +7,7 @@ import pytest
 from mmjax.errors import ConfigError, InputError
 from mmjax.train.experiment import ExperimentConfig, apply_overrides, load_experiment, parse_override
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from mmjax.errors import InputError
 from mmjax.eval.scaling import fit_power_law
+from support import ROOT
 
 
 def test_recovers_an_exact_power_law():
@@ -45,8 +46,7 @@ def test_sweep_grid_builds_valid_experiment_configs():
 
     from mmjax.train import load_experiment
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "..", "experiments", "scaling_laws.py")
+    path = os.path.join(ROOT, "experiments", "scaling_laws.py")
     spec = importlib.util.spec_from_file_location("scaling_laws", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -78,9 +78,8 @@ def test_sweep_fits_pick_the_right_runs():
     import importlib.util
     import os
 
-    here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.spec_from_file_location(
-        "scaling_laws", os.path.join(here, "..", "experiments", "scaling_laws.py"))
+        "scaling_laws", os.path.join(ROOT, "experiments", "scaling_laws.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     results = []

@@ -8,7 +8,7 @@ import pytest
 
 from mmjax.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
 
 

@@ -16,7 +16,7 @@ from mmjax.train import run
 from mmjax.train.checkpointing import Checkpointer
 from mmjax.train.errors import DataError, IncompatibleCheckpointError, NonFiniteLossError
 
-from test_train_resume import LLM_TEXT, ROOT, tiny_overrides
+from support import LLM_TEXT, ROOT, tiny_overrides
 
 
 def _params_finite(ckpt_dir: str) -> tuple[int, bool]:
