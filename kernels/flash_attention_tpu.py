@@ -1,7 +1,8 @@
 """TPU (Mosaic) kernels for `mmjax.kernels.flash_attention` (backend="mosaic").
 
-The block-size config, the pure-JAX reference, the front end and the benchmark live in
-`flash_attention.py`; this file holds only the TPU kernels. Inputs arrive padded in the
+The pure-JAX reference, the front end and the benchmark live in `flash_attention.py`, the
+block-size config, call spec and tile logic both backends share in `flash_attention_common.py`;
+this file holds only the TPU kernels. Inputs arrive padded in the
 [batch, seq, heads, head_dim] layout and are transposed to heads-major [batch, heads, seq,
 head_dim] so every tile's last two dims are (seq tile, head_dim), as Mosaic wants.
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from mmjax.kernels.flash_attention import (
+from mmjax.kernels.flash_attention_common import (
     MASK_VALUE,
     _dot,
     _first_q_block,
