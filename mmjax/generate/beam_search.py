@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mmjax.generate.common import TRACE_COUNT, is_eos
 from mmjax.generate.processors import no_repeat_ngram_mask
 
 NEG = -1e30  # "minus infinity" that keeps arithmetic finite
@@ -28,8 +29,6 @@ NEG = -1e30  # "minus infinity" that keeps arithmetic finite
 
 @functools.lru_cache(maxsize=64)
 def beam_search_fn(model, config, eos: tuple[int, ...]):
-    from mmjax.generate.loop import TRACE_COUNT, is_eos
-
     k = config.num_beams
     n_new = config.max_new_tokens
     lp = config.length_penalty

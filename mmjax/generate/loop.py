@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError, InputError
+from mmjax.generate.common import TRACE_COUNT, is_eos  # shared with beam_search; re-exported
 from mmjax.generate.processors import choose_next, no_repeat_ngram_mask
 
 
@@ -83,10 +84,6 @@ class GenerationOutput:
     tokens: np.ndarray  # int32 [batch, max_new_tokens]
     lengths: np.ndarray  # int32 [batch]
     scores: np.ndarray  # float32 [batch]
-
-
-# Incremented each time a decode program is traced (tests check it stays put between calls).
-TRACE_COUNT = {"decode": 0, "beam": 0}
 
 
 def generate(
@@ -157,12 +154,6 @@ def _eos_ids(config: GenerationConfig, model) -> tuple[int, ...]:
     if eos is None:
         eos = model.config.eos_ids
     return (int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos)
-
-
-def is_eos(tokens: jax.Array, eos: Sequence[int]) -> jax.Array:
-    if not eos:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos, jnp.int32))
 
 
 @functools.lru_cache(maxsize=64)
