@@ -6,7 +6,10 @@
 
 `from_hf` returns plain (unboxed) float32 params as a nested dict of jax arrays. Conversion is
 strict: config keys mmjax does not understand raise `UnsupportedModelError`, missing,
-unexpected or wrongly shaped tensors raise `InputError` (see `mmjax.convert.llama`).
+unexpected or wrongly shaped tensors raise `InputError` (see `mmjax.convert.core`).
+
+Each family is one converter file here (`llama.py`, `vit.py`, ...) exposing its
+`mmjax.convert.core.Converter` record(s); `mmjax.convert.registry` discovers them.
 """
 
 from __future__ import annotations
@@ -44,15 +47,16 @@ def to_hf(module_or_config: Any, params: Mapping[str, Any], out_dir: str, *,
     """Write `params` of a model (a module with `.config`, or its config) as an HF directory.
 
     family: mmjax family name; default: found from the config's class (e.g. LlamaConfig ->
-      "llama"). model_type: the HF model_type to write (default: the converter's best fit,
-      e.g. "mistral" for a sliding-window LLaMA).
+      "llama"). model_type: the HF model_type to write (default: the best fit, e.g. "mistral"
+      for a sliding-window LLaMA, "mixtral" for an MoE one, "clip_vision_model" for a ViT with
+      CLIP's image-tower layout; `registry.for_export`).
     """
     import flax.linen as nn
     import numpy as np
 
     config = getattr(module_or_config, "config", module_or_config)
     family = family or _family_of(config)
-    converter = registry.for_family(family)
+    converter = registry.for_export(family, config, model_type)
     hf_config = converter.config_to_hf(config, model_type)
     plain = nn.meta.unbox(params)
     if isinstance(plain, Mapping) and set(plain) == {"params"}:
@@ -64,6 +68,13 @@ def to_hf(module_or_config: Any, params: Mapping[str, Any], out_dir: str, *,
 
 def _family_of(config: Any) -> str:
     from mmjax.errors import UnsupportedModelError
+
+    try:
+        from mmjax.models import family_of
+    except ImportError:  # TEMPORARY: until mmjax.models.family_of lands (replacing FAMILIES)
+        family_of = None
+    if family_of is not None:
+        return family_of(config)
     from mmjax.models import FAMILIES
 
     for name, loader in FAMILIES.items():

@@ -26,21 +26,30 @@ Decisions on keys accepted without a field:
 Weights: as `mmjax.convert.vit`, with CLIP's names (`self_attn.{q,k,v,out}_proj`,
 `layer_norm1/2`, `mlp.fc1/fc2`), `pre_layrnorm` -> `vision/pre_norm`, `post_layernorm` ->
 `vision/final_norm` (mmjax normalises every token, HF only the pooled [CLS] one: the pooled
-feature is the same), projections `[proj, dim]` -> `[dim, proj]`.
+feature is the same), projections `[proj, dim]` -> `[dim, proj]`. Rules and helpers come from
+`mmjax.convert.core`; the encoder blocks reuse `mmjax.convert.vit.encoder_layer_rules`.
+`VISION_CONVERTER` declares CLIP's image-tower layout (`Converter.export_when`), so
+`mmjax.convert.to_hf` exports such a ViT as `CLIPVisionModel`.
+
+`mmjax compare`: `compare_clip` (embeddings, logits, both towers' hidden states, right-padded
+text of different lengths), `compare_text_encoder` (`CLIPTextModel`), and ViT's
+`compare_image_encoder` for `CLIPVisionModel`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
+import functools
 from typing import Any, Mapping
 
 import numpy as np
 
-from mmjax.convert.vit import (HARMLESS_KEYS, VisionTensorRule, activation_from_hf, activation_to_hf,
-                               apply_rules_from_hf, apply_rules_to_hf, architecture_of,
-                               check_config_keys, check_dropout, encoder_layer_rules, strip_prefix)
-from mmjax.errors import ConfigError, UnsupportedModelError
+from mmjax.convert import reference
+from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activation_to_hf,
+                                apply_rules_from_hf, apply_rules_to_hf, build_config, check_architecture,
+                                check_config_keys, check_dropout, check_model_type, size_to_hf,
+                                stamp_version, strip_prefix, sub_config, tuple_sizes)
+from mmjax.convert.vit import compare_image_encoder, encoder_layer_rules
+from mmjax.errors import UnsupportedModelError
 from mmjax.models.clip import CLIP_VISION_LAYOUT, CLIPConfig, CLIPTextConfig
 from mmjax.models.vit import ViTConfig
 
@@ -73,22 +82,16 @@ _VISION_DEFAULTS = dict(dim=768, mlp_dim=3072, num_layers=12, num_heads=12, chan
                         patch_size=32, norm_eps=1e-5, initializer_range=0.02)
 _DEFAULT_PROJECTION_DIM = 512
 _DEFAULT_LOGIT_SCALE_INIT = 2.6592
+# buffers of old checkpoints computed from the config
+DERIVED_BUFFERS = ("embeddings.position_ids",)
+# the ViTConfig fields that make a ViT CLIP's image tower
+_LAYOUT_KEYS = ("pool", "posemb", "class_token", "pre_norm", "patch_bias", "qkv_bias")
 
 
 # --- config ---------------------------------------------------------------------------------
 
-def _sub(hf: Mapping[str, Any], key: str, model_type: str) -> Mapping[str, Any]:
-    sub = hf.get(key) or {}
-    if not isinstance(sub, Mapping):
-        raise UnsupportedModelError(f"clip config.json: {key} must be an object, got {sub!r}")
-    if sub.get("model_type", model_type) != model_type:
-        raise UnsupportedModelError(f"clip config.json: {key}.model_type is {sub['model_type']!r}, "
-                                    f"expected {model_type!r}")
-    return sub
-
-
 def text_config_from_hf(hf: Mapping[str, Any], where: str = "text_config") -> CLIPTextConfig:
-    check_config_keys(hf, set(_TEXT_KEYS) | HARMLESS_KEYS, f"clip {where}")
+    check_config_keys(hf, _TEXT_KEYS, f"clip {where}")
     kw = dict(_TEXT_DEFAULTS)
     kw.update({field: hf[k] for k, field in _TEXT_KEYS.items() if field and k in hf})
     kw["activation"] = activation_from_hf(hf.get("hidden_act", "quick_gelu"), f"{where}.hidden_act")
@@ -98,54 +101,43 @@ def text_config_from_hf(hf: Mapping[str, Any], where: str = "text_config") -> CL
         raise UnsupportedModelError(f"{where}.eos_token_id must be one int (the text is pooled at it), "
                                     f"got {eos!r}")
     kw["eos_pooling"] = "argmax" if eos == LEGACY_EOS_ID else "first_eos"
-    try:
-        return CLIPTextConfig(**kw)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"clip {where}: {e}") from None
+    return build_config(CLIPTextConfig, kw, f"clip {where}")
 
 
 def vision_config_from_hf(hf: Mapping[str, Any], where: str = "vision_config") -> ViTConfig:
-    check_config_keys(hf, set(_VISION_KEYS) | HARMLESS_KEYS, f"clip {where}")
+    check_config_keys(hf, _VISION_KEYS, f"clip {where}")
     kw = dict(CLIP_VISION_LAYOUT)
     kw.update(_VISION_DEFAULTS)
     kw.update({field: hf[k] for k, field in _VISION_KEYS.items() if field and k in hf})
-    for key in ("image_size", "patch_size"):
-        if isinstance(kw[key], list):
-            kw[key] = tuple(kw[key])
+    tuple_sizes(kw, "image_size", "patch_size")
     kw["activation"] = activation_from_hf(hf.get("hidden_act", "quick_gelu"), f"{where}.hidden_act")
     check_dropout(hf, "attention_dropout")
-    try:
-        return ViTConfig(**kw)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"clip {where}: {e}") from None
+    return build_config(ViTConfig, kw, f"clip {where}")
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> CLIPConfig:
     """`CLIPConfig` for a parsed `CLIPModel` `config.json` (strict, see the module docstring)."""
-    if hf.get("model_type") != "clip":
-        raise UnsupportedModelError(f"model_type {hf.get('model_type')!r} is not handled by the CLIP "
-                                    "converter; supported: clip")
-    check_config_keys(hf, _TOP_KEYS | HARMLESS_KEYS, "clip config.json")
-    arch = architecture_of(hf, "CLIPModel")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(f"architecture {arch!r} is not supported for model_type 'clip'; "
-                                    f"supported: {', '.join(ARCHITECTURES)}")
-    text = text_config_from_hf(_sub(hf, "text_config", "clip_text_model"))
-    vision = vision_config_from_hf(_sub(hf, "vision_config", "clip_vision_model"))
+    check_model_type(hf, "clip", "CLIP")
+    check_config_keys(hf, _TOP_KEYS, "clip config.json")
+    check_architecture(hf, ARCHITECTURES)
+    text = text_config_from_hf(sub_config(hf, "text_config", "clip_text_model", "clip config.json"))
+    vision = vision_config_from_hf(sub_config(hf, "vision_config", "clip_vision_model", "clip config.json"))
     try:
-        return CLIPConfig(
-            vision=vision, text=text,
-            projection_dim=hf.get("projection_dim") or _DEFAULT_PROJECTION_DIM,
-            logit_scale_init=float(hf.get("logit_scale_init_value", _DEFAULT_LOGIT_SCALE_INIT)),
-        )
-    except (ConfigError, TypeError, ValueError) as e:
+        logit_scale_init = float(hf.get("logit_scale_init_value", _DEFAULT_LOGIT_SCALE_INIT))
+    except (TypeError, ValueError) as e:
         raise UnsupportedModelError(f"clip config.json: {e}") from None
+    return build_config(CLIPConfig, dict(vision=vision, text=text, logit_scale_init=logit_scale_init,
+                                         projection_dim=hf.get("projection_dim") or _DEFAULT_PROJECTION_DIM),
+                        "clip config.json")
+
+
+def has_vision_layout(v: ViTConfig) -> bool:
+    """Whether a ViT has CLIP's image-tower layout (and so exports as `CLIPVisionModel`)."""
+    return all(getattr(v, k) == CLIP_VISION_LAYOUT[k] for k in _LAYOUT_KEYS)
 
 
 def _check_vision_exportable(v: ViTConfig, what: str, prefix: str = "vision.") -> None:
-    differ = [f"{prefix}{k}={getattr(v, k)!r}" for k in ("pool", "posemb", "class_token", "pre_norm",
-                                                          "patch_bias", "qkv_bias")
-              if getattr(v, k) != CLIP_VISION_LAYOUT[k]]
+    differ = [f"{prefix}{k}={getattr(v, k)!r}" for k in _LAYOUT_KEYS if getattr(v, k) != CLIP_VISION_LAYOUT[k]]
     if v.num_classes or v.representation:
         differ.append(f"{prefix}num_classes={v.num_classes}, representation={v.representation}")
     if differ:
@@ -184,15 +176,7 @@ def config_to_hf(config: CLIPConfig, model_type: str | None = None) -> dict[str,
         "logit_scale_init_value": config.logit_scale_init, "initializer_factor": 1.0,
         "text_config": text, "vision_config": vision, "dtype": "float32",
     }
-    return _with_version(hf)
-
-
-def _with_version(hf: dict[str, Any]) -> dict[str, Any]:
-    try:
-        hf["transformers_version"] = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    return hf
+    return stamp_version(hf)
 
 
 def _text_dict(t: CLIPTextConfig, projection_dim: int) -> dict[str, Any]:
@@ -214,8 +198,7 @@ def _vision_dict(v: ViTConfig, projection_dim: int) -> dict[str, Any]:
         "model_type": "clip_vision_model", "hidden_size": v.dim, "intermediate_size": v.mlp_dim,
         "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
         "num_channels": v.channels,
-        "image_size": list(v.image_size) if isinstance(v.image_size, tuple) else v.image_size,
-        "patch_size": list(v.patch_size) if isinstance(v.patch_size, tuple) else v.patch_size,
+        "image_size": size_to_hf(v.image_size), "patch_size": size_to_hf(v.patch_size),
         "hidden_act": activation_to_hf(v.activation), "layer_norm_eps": v.norm_eps,
         "initializer_range": v.initializer_range, "initializer_factor": 1.0, "attention_dropout": 0.0,
         "projection_dim": projection_dim,
@@ -224,16 +207,16 @@ def _vision_dict(v: ViTConfig, projection_dim: int) -> dict[str, Any]:
 
 # --- weights --------------------------------------------------------------------------------
 
-_CLIP_LAYER_NAMES = {
+CLIP_LAYER_NAMES = {
     "ln1": "layer_norm1", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
     "o": "self_attn.out_proj", "ln2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
 }
 
 
-def text_tower_rules(t: CLIPTextConfig, hf: str = "") -> list[VisionTensorRule]:
+def text_tower_rules(t: CLIPTextConfig, hf: str = "") -> list[TensorRule]:
     """Tensors of a CLIP / SigLIP text tower (HF names under `hf`, mmjax paths from the
     tower's root): embeddings, encoder layers, final norm."""
-    R = VisionTensorRule
+    R = TensorRule
     rules = [
         R(hf + "embeddings.token_embedding.weight", ("embed", "embedding"), (t.vocab_size, t.dim), "copy"),
         R(hf + "embeddings.position_embedding.weight", ("pos_embedding", "embedding"), (t.max_len, t.dim),
@@ -241,14 +224,14 @@ def text_tower_rules(t: CLIPTextConfig, hf: str = "") -> list[VisionTensorRule]:
     ]
     for i in range(t.num_layers):
         rules += encoder_layer_rules(f"{hf}encoder.layers.{i}.", f"layers_{i}", t.dim, t.num_heads, t.mlp_dim,
-                                     True, _CLIP_LAYER_NAMES)
+                                     True, CLIP_LAYER_NAMES)
     return rules + [R(hf + "final_layer_norm.weight", ("final_norm", "scale"), (t.dim,), "copy"),
                     R(hf + "final_layer_norm.bias", ("final_norm", "bias"), (t.dim,), "copy")]
 
 
-def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[VisionTensorRule]:
+def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[TensorRule]:
     """Tensors of a CLIP image tower (HF names under `hf`, mmjax paths from the ViT's root)."""
-    R = VisionTensorRule
+    R = TensorRule
     ph, pw = v.patch_hw
     rules = [
         R(hf + "embeddings.class_embedding", ("cls",), (v.dim,), "copy"),
@@ -261,34 +244,28 @@ def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[VisionTensorRule]:
     ]
     for i in range(v.num_layers):
         rules += encoder_layer_rules(f"{hf}encoder.layers.{i}.", f"layers_{i}", v.dim, v.num_heads, v.mlp_dim,
-                                     True, _CLIP_LAYER_NAMES)
+                                     True, CLIP_LAYER_NAMES)
     return rules + [R(hf + "post_layernorm.weight", ("final_norm", "scale"), (v.dim,), "copy"),
                     R(hf + "post_layernorm.bias", ("final_norm", "bias"), (v.dim,), "copy")]
 
 
-def tensor_rules(c: CLIPConfig) -> list[VisionTensorRule]:
+def tensor_rules(c: CLIPConfig) -> list[TensorRule]:
     """Every tensor of an HF `CLIPModel` checkpoint of `c`."""
-    R = VisionTensorRule
+    R = TensorRule
     rules = [R("logit_scale", ("logit_scale",), (), "copy")]
-    rules += [dataclass_prefix(r, "text") for r in text_tower_rules(c.text, "text_model.")]
+    rules += [r.under("text") for r in text_tower_rules(c.text, "text_model.")]
     rules.append(R("text_projection.weight", ("text_projection", "kernel"), (c.projection_dim, c.text.dim),
                    "linear"))
-    rules += [dataclass_prefix(r, "vision") for r in vision_tower_rules(c.vision, "vision_model.")]
+    rules += [r.under("vision") for r in vision_tower_rules(c.vision, "vision_model.")]
     rules.append(R("visual_projection.weight", ("visual_projection", "kernel"),
                    (c.projection_dim, c.vision.dim), "linear"))
     return rules
 
 
-def dataclass_prefix(rule: VisionTensorRule, prefix: str) -> VisionTensorRule:
-    """`rule` with its mmjax path moved under `prefix`."""
-    return dataclasses.replace(rule, path=(prefix,) + rule.path)
-
-
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: CLIPConfig) -> dict[str, Any]:
     """mmjax CLIP params (nested dict of float32 numpy arrays) from HF `CLIPModel` tensors.
     `position_ids` buffers written by old transformers versions are derived data and skipped."""
-    tensors = {k: w for k, w in tensors.items() if not k.endswith("embeddings.position_ids")}
-    return apply_rules_from_hf(tensors, tensor_rules(config))
+    return apply_rules_from_hf(tensors, tensor_rules(config), derived=DERIVED_BUFFERS)
 
 
 def params_to_hf(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
@@ -299,19 +276,10 @@ def params_to_hf(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.
 
 # --- stand-alone towers: CLIPVisionModel, CLIPTextModel ----------------------------------------
 
-def _check_model_type(hf: Mapping[str, Any], model_type: str, archs: tuple[str, ...]) -> None:
-    if hf.get("model_type") != model_type:
-        raise UnsupportedModelError(f"model_type {hf.get('model_type')!r} is not handled here; expected "
-                                    f"{model_type!r}")
-    arch = architecture_of(hf, archs[0])
-    if arch not in archs:
-        raise UnsupportedModelError(f"architecture {arch!r} is not supported for model_type {model_type!r}; "
-                                    f"supported: {', '.join(archs)}")
-
-
 def vision_model_config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
     """`ViTConfig` (CLIP layout) of a `CLIPVisionModel` config.json."""
-    _check_model_type(hf, "clip_vision_model", VISION_ARCHITECTURES)
+    check_model_type(hf, "clip_vision_model", "CLIPVisionModel")
+    check_architecture(hf, VISION_ARCHITECTURES)
     return vision_config_from_hf(hf, where="clip_vision_model config.json")
 
 
@@ -320,13 +288,12 @@ def vision_model_config_to_hf(config: ViTConfig, model_type: str | None = None) 
     _check_vision_exportable(config, "CLIPVisionModel", prefix="")
     hf = _vision_dict(config, _DEFAULT_PROJECTION_DIM)
     hf.update(architectures=list(VISION_ARCHITECTURES), dtype="float32")
-    return _with_version(hf)
+    return stamp_version(hf)
 
 
 def vision_model_params_from_hf(tensors: Mapping[str, np.ndarray], config: ViTConfig) -> dict[str, Any]:
-    tensors = {k: w for k, w in strip_prefix(tensors, "vision_model.").items()
-               if not k.endswith("embeddings.position_ids")}
-    return apply_rules_from_hf(tensors, vision_tower_rules(config))
+    return apply_rules_from_hf(strip_prefix(tensors, "vision_model."), vision_tower_rules(config),
+                               derived=DERIVED_BUFFERS)
 
 
 def vision_model_params_to_hf(params: Mapping[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
@@ -336,7 +303,8 @@ def vision_model_params_to_hf(params: Mapping[str, Any], config: ViTConfig) -> d
 
 def text_model_config_from_hf(hf: Mapping[str, Any]) -> CLIPTextConfig:
     """`CLIPTextConfig` of a `CLIPTextModel` config.json."""
-    _check_model_type(hf, "clip_text_model", TEXT_ARCHITECTURES)
+    check_model_type(hf, "clip_text_model", "CLIPTextModel")
+    check_architecture(hf, TEXT_ARCHITECTURES)
     return text_config_from_hf(hf, where="clip_text_model config.json")
 
 
@@ -347,13 +315,12 @@ def text_model_config_to_hf(config: CLIPTextConfig, model_type: str | None = Non
     _check_text_exportable(config, "CLIPTextModel")
     hf = _text_dict(config, _DEFAULT_PROJECTION_DIM)
     hf.update(architectures=list(TEXT_ARCHITECTURES), dtype="float32")
-    return _with_version(hf)
+    return stamp_version(hf)
 
 
 def text_model_params_from_hf(tensors: Mapping[str, np.ndarray], config: CLIPTextConfig) -> dict[str, Any]:
-    tensors = {k: w for k, w in strip_prefix(tensors, "text_model.").items()
-               if not k.endswith("embeddings.position_ids")}
-    return apply_rules_from_hf(tensors, text_tower_rules(config))
+    return apply_rules_from_hf(strip_prefix(tensors, "text_model."), text_tower_rules(config),
+                               derived=DERIVED_BUFFERS)
 
 
 def text_model_params_to_hf(params: Mapping[str, Any], config: CLIPTextConfig) -> dict[str, np.ndarray]:
@@ -361,27 +328,107 @@ def text_model_params_to_hf(params: Mapping[str, Any], config: CLIPTextConfig) -
     return apply_rules_to_hf(params, text_tower_rules(config))
 
 
-def _make_converters():
-    from mmjax.convert.registry import Converter
+# --- mmjax compare --------------------------------------------------------------------------
 
-    clip = Converter(
-        family="clip", model_types=("clip",), architectures=ARCHITECTURES, task="contrastive_image_text",
-        config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-    )
-    # exported through the "vit" family's converter, which picks CLIPVisionModel by layout
-    vision = Converter(
-        family="vit", model_types=("clip_vision_model",), architectures=VISION_ARCHITECTURES,
-        task="image_encoder", config_from_hf=vision_model_config_from_hf,
-        config_to_hf=vision_model_config_to_hf, params_from_hf=vision_model_params_from_hf,
-        params_to_hf=vision_model_params_to_hf,
-    )
-    text = Converter(
-        family="clip_text", model_types=("clip_text_model",), architectures=TEXT_ARCHITECTURES,
-        task="text_encoder", config_from_hf=text_model_config_from_hf, config_to_hf=text_model_config_to_hf,
-        params_from_hf=text_model_params_from_hf, params_to_hf=text_model_params_to_hf,
-    )
-    return clip, vision, text
+def text_inputs(rng, batch: int, seq_len: int, text_config) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [batch, seq_len] with the end-of-text token at a different place per row and
+    right padding after it, and the matching attention mask. When `eos_token_id` lies outside
+    the vocabulary (transformers' small test configs keep CLIP's 49407 beside a tiny vocab) no
+    row can hold it and both sides pool at position 0, as transformers does."""
+    c = text_config
+    vocab = c.vocab_size
+    pad = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < vocab else 0
+    if c.eos_pooling == "argmax":
+        end_id = vocab - 1  # pooled at the largest id
+        tokens = rng.integers(0, vocab - 1, size=(batch, seq_len))
+    else:
+        end_id = c.eos_token_id if 0 <= c.eos_token_id < vocab else None
+        tokens = rng.integers(0, vocab, size=(batch, seq_len))
+        if end_id is not None:
+            tokens[tokens == end_id] = (end_id + 1) % vocab
+    mask = np.ones((batch, seq_len), bool)
+    for i in range(batch):
+        end = seq_len - 1 - (i * max(1, seq_len // 4)) % seq_len
+        if end_id is not None:
+            tokens[i, end] = end_id
+        tokens[i, end + 1:] = pad
+        mask[i, end + 1:] = False
+    return tokens.astype(np.int64), mask
 
 
-CONVERTER, VISION_CONVERTER, TEXT_CONVERTER = _make_converters()
+def compare_clip(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """CLIPModel: normalised image and text embeddings, logits_per_image, both towers' hidden
+    states (text ones on real tokens), with right-padded text of different lengths."""
+    import jax.numpy as jnp
+
+    seq_len = min(seq_len, config.text.max_len)
+    rng = np.random.default_rng(seed)
+    images = reference.random_images(rng, batch, config.vision)
+    tokens, mask = text_inputs(rng, batch, seq_len, config.text)
+    hf_model = reference.load_reference(transformers, torch, "CLIPModel", hf_dir)
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images),
+                       attention_mask=torch.from_numpy(mask.astype(np.int64)), output_hidden_states=True)
+    out, inter = reference.run_mmjax(module, np_params, jnp.asarray(reference.nhwc(images)),
+                                     jnp.asarray(tokens, jnp.int32), input_mask=jnp.asarray(mask))
+    vref, tref = ref.vision_model_output, ref.text_model_output
+    vision_diffs = reference.layer_diffs(inter["vision"]["hidden_states"], vref.hidden_states)
+    text_diffs = reference.layer_diffs(inter["text"]["hidden_states"], tref.hidden_states, mask)
+    diffs = {
+        "image_embeds": reference.max_abs(out["image_embeds"], ref.image_embeds),
+        "text_embeds": reference.max_abs(out["text_embeds"], ref.text_embeds),
+        "logits_per_image": reference.max_abs(out["logits_per_image"], ref.logits_per_image),
+        "vision_hidden_states": max(vision_diffs),
+        "text_hidden_states": max(text_diffs),
+        "text_last_hidden_state": reference.max_abs(inter["text"]["final_hidden"], tref.last_hidden_state, mask),
+    }
+    extra = {"vision_hidden_state_diffs": vision_diffs, "text_hidden_state_diffs": text_diffs,
+             "inputs": {"batch": batch, "seq_len": seq_len, "image_size": list(config.vision.image_hw),
+                        "seed": seed, "text_lengths": mask.sum(1).tolist()},
+             "reference_logits_max_abs": float(np.abs(ref.logits_per_image.numpy()).max())}
+    return diffs, extra
+
+
+def compare_text_encoder(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """CLIPTextModel: pooler output (at the end-of-text token), last hidden state and every
+    hidden state on real tokens, with right-padded rows of different lengths."""
+    import jax.numpy as jnp
+
+    seq_len = min(seq_len, config.max_len)
+    tokens, mask = text_inputs(np.random.default_rng(seed), batch, seq_len, config)
+    hf_model = reference.load_reference(transformers, torch, "CLIPTextModel", hf_dir)
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                       output_hidden_states=True)
+    pooled, inter = reference.run_mmjax(module, np_params, jnp.asarray(tokens, jnp.int32),
+                                        input_mask=jnp.asarray(mask))
+    layer_diffs = reference.layer_diffs(inter["hidden_states"], ref.hidden_states, mask)
+    diffs = {"pooler_output": reference.max_abs(pooled, ref.pooler_output),
+             "last_hidden_state": reference.max_abs(inter["final_hidden"], ref.last_hidden_state, mask),
+             "hidden_states": max(layer_diffs)}
+    extra = {"hidden_state_diffs": layer_diffs,
+             "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed, "text_lengths": mask.sum(1).tolist()}}
+    return diffs, extra
+
+
+CONVERTER = Converter(
+    family="clip", model_types=("clip",), architectures=ARCHITECTURES,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf, compare=compare_clip,
+)
+# a ViT of CLIP's layout: the "vit" family exports it as CLIPVisionModel (export_when)
+VISION_CONVERTER = Converter(
+    family="vit", model_types=("clip_vision_model",), architectures=VISION_ARCHITECTURES,
+    config_from_hf=vision_model_config_from_hf, config_to_hf=vision_model_config_to_hf,
+    params_from_hf=vision_model_params_from_hf, params_to_hf=vision_model_params_to_hf,
+    # CLIPVisionModel's last_hidden_state is the encoder output before post_layernorm
+    compare=functools.partial(compare_image_encoder, last_hidden_is_encoder_output=True),
+    export_when=has_vision_layout,
+)
+TEXT_CONVERTER = Converter(
+    family="clip_text", model_types=("clip_text_model",), architectures=TEXT_ARCHITECTURES,
+    config_from_hf=text_model_config_from_hf, config_to_hf=text_model_config_to_hf,
+    params_from_hf=text_model_params_from_hf, params_to_hf=text_model_params_to_hf,
+    compare=compare_text_encoder,
+)
+CONVERTERS = (CONVERTER, VISION_CONVERTER, TEXT_CONVERTER)

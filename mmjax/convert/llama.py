@@ -1,5 +1,6 @@
 """Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` <-> mmjax `Llama`
-(`MixtralForCausalLM`, the sparse-MoE member, is in `mmjax.convert.mixtral` and reuses this).
+(`MixtralForCausalLM`, the sparse-MoE member, is in `mmjax.convert.mixtral`, which composes this
+module's config handling and rules with its MoE ones; this module never imports it).
 
 Config: every key of `config.json` is either mapped to a `LlamaConfig` field or on an explicit
 list of keys that do not change the function the model computes; anything else (an unknown
@@ -19,33 +20,27 @@ Weights: HF stores linear layers as `[out, in]`; mmjax keeps heads as their own 
 `q_proj.weight [heads*head_dim, dim]` becomes `query/kernel [dim, heads, head_dim]` by a
 transpose and a reshape. Both use the "rotate half" RoPE layout, so q/k need no permutation.
 `rotary_emb.inv_freq` buffers found in some older checkpoints are derived data and skipped.
+The rules go through the strict engine of `mmjax.convert.core`.
+
+`mmjax compare` (`compare_causal_lm`): logits and every hidden state on random tokens, one row
+left-padded as batched generation does.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mmjax.configs import closest_name
-from mmjax.convert.trees import flatten, set_path, short_list
-from mmjax.errors import ConfigError, InputError, UnsupportedModelError
+from mmjax.convert import reference
+from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activation_to_hf,
+                                apply_rules_from_hf, apply_rules_to_hf, build_config, check_bool,
+                                check_config_keys, check_dropout, check_model_type, stamp_version)
+from mmjax.errors import InputError, UnsupportedModelError
 from mmjax.models.llama import LlamaConfig
 from mmjax.ops.rope import ROPE_TYPES, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-
-# HF hidden_act -> mmjax activation name (mmjax.nn.mlp.ACTIVATIONS)
-ACTIVATIONS_FROM_HF = {
-    "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh", "relu": "relu", "quick_gelu": "quick_gelu",
-}
-ACTIVATIONS_TO_HF = {
-    "silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
-    "quick_gelu": "quick_gelu",
-}
 
 # config.json keys mapped one to one: HF key -> LlamaConfig field
 _DIRECT_KEYS = {
@@ -67,14 +62,9 @@ _DIRECT_KEYS = {
 # keys with their own handling below
 _SPECIAL_KEYS = {"hidden_act", "rope_parameters", "rope_theta", "rope_scaling", "attention_bias",
                  "mlp_bias", "sliding_window", "attention_dropout", "pretraining_tp"}
-# keys that do not change the function computed (see the module docstring)
-HARMLESS_KEYS = {
-    "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict", "_name_or_path",
-    "_attn_implementation", "_attn_implementation_autoset",
-}
-# keys each model type's HF config class defines (others are unknown to that model)
-_MODEL_TYPE_KEYS = {
+# keys each model type's HF config class defines (others are unknown to that model; the
+# bookkeeping keys of every config, `mmjax.convert.core.HARMLESS_KEYS`, are accepted too)
+MODEL_TYPE_KEYS = {
     "llama": set(_DIRECT_KEYS) | _SPECIAL_KEYS - {"sliding_window"},
     "mistral": set(_DIRECT_KEYS) | _SPECIAL_KEYS - {"attention_bias", "mlp_bias", "pretraining_tp"},
 }
@@ -101,17 +91,10 @@ _ROPE_KEYS = {
 
 def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     """`LlamaConfig` for a parsed LLaMA / Mistral `config.json` (strict, see module docstring)."""
-    model_type = hf.get("model_type")
-    if model_type not in _MODEL_TYPE_KEYS:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not handled by the LLaMA converter; "
-            f"supported: {', '.join(_MODEL_TYPE_KEYS)}"
-        )
-    kw = config_kwargs(hf, model_type, _MODEL_TYPE_KEYS[model_type], _HF_DEFAULTS[model_type])
-    try:
-        return LlamaConfig(**kw)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"{model_type} config.json: {e}") from None
+    check_model_type(hf, tuple(MODEL_TYPE_KEYS), "LLaMA")
+    model_type = hf["model_type"]
+    kw = config_kwargs(hf, model_type, MODEL_TYPE_KEYS[model_type], _HF_DEFAULTS[model_type])
+    return build_config(LlamaConfig, kw, f"{model_type} config.json")
 
 
 def config_kwargs(hf: Mapping[str, Any], model_type: str, keys: set[str],
@@ -120,14 +103,7 @@ def config_kwargs(hf: Mapping[str, Any], model_type: str, keys: set[str],
     """`LlamaConfig` keyword arguments of the attention/MLP part of a config.json of
     `model_type`, whose class defines `keys` (+ `extra_keys`, handled by the caller) with
     `defaults` (as LlamaConfig fields) for absent ones; unknown keys raise."""
-    known = keys | extra_keys | HARMLESS_KEYS
-    unknown = [k for k in hf if k not in known]
-    if unknown:
-        hints = "; ".join(f"{k!r}{closest_name(k, known)}" for k in unknown)
-        raise UnsupportedModelError(
-            f"{model_type} config.json: unsupported key(s) {hints} (mmjax maps every key it "
-            "accepts; an unknown one could change the model)"
-        )
+    check_config_keys(hf, keys | extra_keys, f"{model_type} config.json")
 
     kw: dict[str, Any] = dict(defaults)
     kw.pop("rope_theta", None)
@@ -137,25 +113,15 @@ def config_kwargs(hf: Mapping[str, Any], model_type: str, keys: set[str],
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = tuple(kw["eos_token_id"])
 
-    act = hf.get("hidden_act", "silu")
-    if act not in ACTIVATIONS_FROM_HF:
-        raise UnsupportedModelError(
-            f"hidden_act {act!r} is not supported; supported: {', '.join(ACTIVATIONS_FROM_HF)}"
-        )
-    kw["activation"] = ACTIVATIONS_FROM_HF[act]
+    kw["activation"] = activation_from_hf(hf.get("hidden_act", "silu"))
     for key in ("attention_bias", "mlp_bias"):
-        value = hf.get(key, False)
-        if not isinstance(value, bool):
-            raise UnsupportedModelError(f"{key} must be true or false, got {value!r}")
-        kw[key] = value
+        kw[key] = check_bool(hf, key)
     if "sliding_window" in keys:
         window = hf.get("sliding_window", defaults.get("sliding_window"))
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
             raise UnsupportedModelError(f"sliding_window must be a positive int or null, got {window!r}")
         kw["sliding_window"] = window
-    dropout = hf.get("attention_dropout", 0.0)
-    if dropout is not None and (not isinstance(dropout, (int, float)) or dropout < 0):
-        raise UnsupportedModelError(f"attention_dropout must be a number >= 0, got {dropout!r}")
+    check_dropout(hf, "attention_dropout")
     tp = hf.get("pretraining_tp", 1)
     if tp is not None and (not isinstance(tp, int) or tp < 1):
         raise UnsupportedModelError(f"pretraining_tp must be a positive int, got {tp!r}")
@@ -222,10 +188,11 @@ def default_model_type(config: LlamaConfig) -> str:
 def config_to_hf(config: LlamaConfig, model_type: str | None = None) -> dict[str, Any]:
     """The `config.json` dict (transformers 5 layout) of `config` as an HF `model_type`."""
     model_type = model_type or default_model_type(config)
-    if model_type == "mixtral" or config.num_experts:
-        from mmjax.convert import mixtral
-
-        return mixtral.config_to_hf(config, model_type)
+    if config.num_experts:
+        raise UnsupportedModelError(
+            f"an MoE model (num_experts={config.num_experts}) exports only as model_type 'mixtral'"
+            + ("" if model_type == "mixtral" else f", not {model_type!r}")
+            + " (by mmjax.convert.mixtral, which mmjax.convert.to_hf picks for it)")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"cannot export LLaMA-family config as model_type {model_type!r}; supported: "
@@ -236,8 +203,6 @@ def config_to_hf(config: LlamaConfig, model_type: str | None = None) -> dict[str
                                     "window; export as model_type 'mistral'")
     if model_type == "mistral" and (config.attention_bias or config.mlp_bias):
         raise UnsupportedModelError("attention_bias/mlp_bias are set but HF MistralForCausalLM has no biases")
-    if config.activation not in ACTIVATIONS_TO_HF:
-        raise UnsupportedModelError(f"activation {config.activation!r} has no HF hidden_act")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
     scaling = config.rope_scaling
     if scaling is not None and scaling.rope_type != "default":
@@ -258,7 +223,7 @@ def config_to_hf(config: LlamaConfig, model_type: str | None = None) -> dict[str
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_size,
-        "hidden_act": ACTIVATIONS_TO_HF[config.activation],
+        "hidden_act": activation_to_hf(config.activation),
         "max_position_embeddings": config.max_len,
         "initializer_range": config.initializer_range,
         "rms_norm_eps": config.norm_eps,
@@ -275,78 +240,36 @@ def config_to_hf(config: LlamaConfig, model_type: str | None = None) -> dict[str
         hf.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
     else:
         hf["sliding_window"] = config.sliding_window
-    try:
-        hf["transformers_version"] = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    return hf
+    return stamp_version(hf)
 
 
 # --- weights --------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class TensorRule:
-    """One HF tensor <-> one mmjax param, with the layout change between them.
-
-    kind: "copy" (same layout), "linear" (HF [out, in] -> [in, out]), "in_proj"
-    ([heads*hd, dim] -> [dim, heads, hd]), "in_bias" ([heads*hd] -> [heads, hd]),
-    "out_proj" ([dim, heads*hd] -> [heads, hd, dim]).
-    expert: >= 0 when the HF tensor is one expert's slice `[expert]` of a stacked mmjax param
-    (MoE); `mmjax_shape` is then the slice's shape.
-    """
-
-    hf_name: str
-    path: tuple[str, ...]
-    hf_shape: tuple[int, ...]
-    kind: str
-    heads: int = 0
-    expert: int = -1
-
-    @property
-    def mmjax_shape(self) -> tuple[int, ...]:
-        s = self.hf_shape
-        if self.kind == "copy":
-            return s
-        if self.kind == "linear":
-            return s[::-1]
-        if self.kind == "in_proj":
-            return (s[1], self.heads, s[0] // self.heads)
-        if self.kind == "in_bias":
-            return (self.heads, s[0] // self.heads)
-        if self.kind == "out_proj":
-            return (self.heads, s[1] // self.heads, s[0])
-        raise AssertionError(self.kind)
-
-    def to_mmjax(self, w: np.ndarray) -> np.ndarray:
-        if self.kind == "copy":
-            return w
-        if self.kind == "linear":
-            return w.T
-        if self.kind == "in_proj":
-            return w.T.reshape(self.mmjax_shape)
-        if self.kind == "in_bias":
-            return w.reshape(self.mmjax_shape)
-        if self.kind == "out_proj":
-            return w.T.reshape(self.mmjax_shape)
-        raise AssertionError(self.kind)
-
-    def to_hf(self, w: np.ndarray) -> np.ndarray:
-        if self.kind == "copy":
-            return w
-        if self.kind == "linear":
-            return w.T
-        if self.kind == "in_proj":
-            return w.reshape(w.shape[0], -1).T
-        if self.kind == "in_bias":
-            return w.reshape(-1)
-        if self.kind == "out_proj":
-            return w.reshape(-1, w.shape[-1]).T
-        raise AssertionError(self.kind)
+# mlp_rules(config, layer) -> the rules of decoder layer `layer`'s feed-forward block
+MlpRules = Callable[[LlamaConfig, int], list[TensorRule]]
 
 
-def tensor_rules(c: LlamaConfig) -> list[TensorRule]:
-    """Every tensor of an HF checkpoint of `c`, in checkpoint order."""
-    d, hd, h, kv, m = c.dim, c.head_size, c.num_heads, c.kv_heads, c.mlp_dim
+def dense_mlp_rules(c: LlamaConfig, layer: int) -> list[TensorRule]:
+    """The SwiGLU feed-forward tensors of decoder layer `layer` (`mlp.{gate,up,down}_proj`)."""
+    if c.num_experts:
+        raise UnsupportedModelError(
+            f"num_experts={c.num_experts}: an MoE model's layers convert with mmjax.convert.mixtral "
+            "(model_type 'mixtral')")
+    d, m = c.dim, c.mlp_dim
+    hf, mj = f"model.layers.{layer}.mlp.", (f"layers_{layer}", "mlp")
+    rules = []
+    for proj, name, shape in (("gate_proj", "gate", (m, d)), ("up_proj", "up", (m, d)),
+                              ("down_proj", "down", (d, m))):
+        rules.append(TensorRule(f"{hf}{proj}.weight", mj + (name, "kernel"), shape, "linear"))
+        if c.mlp_bias:
+            rules.append(TensorRule(f"{hf}{proj}.bias", mj + (name, "bias"), shape[:1], "copy"))
+    return rules
+
+
+def tensor_rules(c: LlamaConfig, mlp_rules: MlpRules = dense_mlp_rules) -> list[TensorRule]:
+    """Every tensor of an HF checkpoint of `c`, in checkpoint order; `mlp_rules` gives each
+    layer's feed-forward part (Mixtral passes its MoE rules)."""
+    d, hd, h, kv = c.dim, c.head_size, c.num_heads, c.kv_heads
     rules = [TensorRule("model.embed_tokens.weight", ("embed", "embedding"), (c.vocab_size, d), "copy")]
     for i in range(c.num_layers):
         hf, mj = f"model.layers.{i}.", f"layers_{i}"
@@ -364,99 +287,93 @@ def tensor_rules(c: LlamaConfig) -> list[TensorRule]:
             rules.append(TensorRule(hf + "self_attn.o_proj.bias", attn + ("out", "bias"), (d,), "copy"))
         rules.append(TensorRule(hf + "post_attention_layernorm.weight", (mj, "mlp_norm", "scale"), (d,),
                                 "copy"))
-        if c.num_experts:
-            from mmjax.convert.mixtral import moe_tensor_rules
-
-            rules.extend(moe_tensor_rules(c, i))
-            continue
-        for proj, name, shape in (("gate_proj", "gate", (m, d)), ("up_proj", "up", (m, d)),
-                                  ("down_proj", "down", (d, m))):
-            rules.append(TensorRule(f"{hf}mlp.{proj}.weight", (mj, "mlp", name, "kernel"), shape, "linear"))
-            if c.mlp_bias:
-                rules.append(TensorRule(f"{hf}mlp.{proj}.bias", (mj, "mlp", name, "bias"), shape[:1], "copy"))
+        rules.extend(mlp_rules(c, i))
     rules.append(TensorRule("model.norm.weight", ("final_norm", "scale"), (d,), "copy"))
     if not c.tie_embeddings:
         rules.append(TensorRule("lm_head.weight", ("lm_head", "kernel"), (c.vocab_size, d), "linear"))
     return rules
 
 
-def _is_derived_buffer(name: str) -> bool:
-    return name.endswith("rotary_emb.inv_freq")
+DERIVED_BUFFERS = ("rotary_emb.inv_freq",)
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, Any]:
+def _drop_tied_head(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> Mapping[str, np.ndarray]:
+    """Tied checkpoints may still store the head: accepted (and dropped) only if it is the
+    embedding."""
+    if not (config.tie_embeddings and "lm_head.weight" in tensors):
+        return tensors
+    head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
+    if embed is not None and head.shape == embed.shape and np.array_equal(head, embed):
+        return {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    raise InputError("tie_word_embeddings is true but lm_head.weight differs from "
+                     "model.embed_tokens.weight")
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig,
+                   mlp_rules: MlpRules = dense_mlp_rules) -> dict[str, Any]:
     """mmjax params (nested dict of float32 numpy arrays) from HF tensors of `config`.
 
     InputError names missing tensors, unexpected tensors, and shape mismatches.
     """
-    rules = tensor_rules(config)
-    expected = {r.hf_name for r in rules}
-    extra = sorted(k for k in tensors if k not in expected and not _is_derived_buffer(k))
-    if config.tie_embeddings and "lm_head.weight" in extra:
-        # tied checkpoints may still store the head; accept it only if it is the embedding
-        head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
-        if embed is not None and head.shape == embed.shape and np.array_equal(head, embed):
-            extra.remove("lm_head.weight")
-        else:
-            raise InputError("tie_word_embeddings is true but lm_head.weight differs from "
-                             "model.embed_tokens.weight")
-    missing = [r.hf_name for r in rules if r.hf_name not in tensors]
-    if missing:
-        raise InputError(f"checkpoint lacks {len(missing)} tensor(s) the config needs: {short_list(missing)}")
-    if extra:
-        raise InputError(f"checkpoint has {len(extra)} unexpected tensor(s): {short_list(extra)}")
-    params: dict[str, Any] = {}
-    stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
-    for r in rules:
-        w = tensors[r.hf_name]
-        if tuple(w.shape) != r.hf_shape:
-            raise InputError(f"tensor {r.hf_name}: shape {tuple(w.shape)} in the checkpoint, but the "
-                             f"config needs {r.hf_shape}")
-        value = np.ascontiguousarray(r.to_mmjax(np.asarray(w, np.float32)))
-        if r.expert >= 0:
-            stacks.setdefault(r.path, {})[r.expert] = value
-        else:
-            set_path(params, r.path, value)
-    for path, slices in stacks.items():  # MoE: one [experts, ...] param from per-expert tensors
-        set_path(params, path, np.stack([slices[j] for j in range(len(slices))]))
-    return params
+    return apply_rules_from_hf(_drop_tied_head(tensors, config), tensor_rules(config, mlp_rules),
+                               derived=DERIVED_BUFFERS)
 
 
-def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping[str, Any], config: LlamaConfig,
+                 mlp_rules: MlpRules = dense_mlp_rules) -> dict[str, np.ndarray]:
     """HF tensors {name: float32 array} from mmjax params of `config` (plain, not boxed)."""
-    rules = tensor_rules(config)
-    leaves = dict(flatten(params))
-    expected = {r.path for r in rules}
-    missing = ["/".join(r.path) for r in rules if r.path not in leaves]
-    extra = sorted("/".join(p) for p in leaves if p not in expected)
-    if missing:
-        raise InputError(f"params lack {len(missing)} entr(ies) the config needs: {short_list(missing)}")
-    if extra:
-        raise InputError(f"params have {len(extra)} unexpected entr(ies): {short_list(extra)}")
-    out = {}
-    for r in rules:
-        w = np.asarray(leaves[r.path], np.float32)
-        want = r.mmjax_shape if r.expert < 0 else (config.num_experts,) + r.mmjax_shape
-        if tuple(w.shape) != want:
-            raise InputError(f"param {'/'.join(r.path)}: shape {tuple(w.shape)}, but the config needs "
-                             f"{want}")
-        out[r.hf_name] = np.ascontiguousarray(r.to_hf(w if r.expert < 0 else w[r.expert]))
-    return out
+    return apply_rules_to_hf(params, tensor_rules(config, mlp_rules))
 
 
-def _make_converter():
-    from mmjax.convert.registry import Converter
+# --- mmjax compare --------------------------------------------------------------------------
 
-    return Converter(
-        family="llama",
-        model_types=("llama", "mistral"),
-        architectures=tuple(ARCHITECTURES.values()),
-        task="causal_lm",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-    )
+def compare_causal_lm(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """Logits and every hidden state of a causal LM, with one left-padded row."""
+    import jax.numpy as jnp
+
+    if seq_len > config.max_len:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {config.max_len}")
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, size=(batch, seq_len), dtype=np.int64)
+    mask = np.ones((batch, seq_len), bool)
+    num_pad = min(max(1, seq_len // 4), seq_len - 1)
+    if num_pad > 0:
+        mask[-1, :num_pad] = False  # left padding on the last row, as batched generation does
+        tokens[-1, :num_pad] = config.pad_token_id if config.pad_token_id is not None else 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # position ids count real tokens only
+
+    hf_model = reference.load_reference(transformers, torch, transformers.AutoModelForCausalLM, hf_dir)
+    with torch.no_grad():
+        ref = hf_model(
+            input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            position_ids=torch.from_numpy(positions), output_hidden_states=True,
+        )
+    ref_logits = ref.logits.numpy()
+    logits, inter = reference.run_mmjax(module, np_params, jnp.asarray(tokens, jnp.int32),
+                                        input_mask=jnp.asarray(mask))
+    # HF's last hidden state is after the final norm; mmjax keeps that one as final_hidden
+    ours = list(inter["hidden_states"][:-1]) + [inter["final_hidden"]]
+    layer_diffs = reference.layer_diffs(ours, ref.hidden_states, mask)
+    diffs = {
+        "embeddings": layer_diffs[0],
+        "hidden_states": max(layer_diffs),
+        "logits": reference.max_abs(logits, ref_logits, mask),
+    }
+    extra = {
+        "hidden_state_diffs": layer_diffs,
+        "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed, "left_padding_last_row": num_pad},
+        "reference_logits_max_abs": float(np.abs(ref_logits[mask]).max()),
+    }
+    return diffs, extra
 
 
-CONVERTER = _make_converter()
+CONVERTER = Converter(
+    family="llama",
+    model_types=("llama", "mistral"),
+    architectures=tuple(ARCHITECTURES.values()),
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf,
+    compare=compare_causal_lm,
+)

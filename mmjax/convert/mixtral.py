@@ -3,8 +3,11 @@
 Mixtral is Mistral's attention (GQA, RoPE, optional sliding window, no biases) with a sparse MoE
 feed-forward in every layer: router `gate.weight [E, dim]`, softmax, top-k
 (`num_experts_per_tok`), the top-k weights renormalised to sum to 1, SwiGLU experts. The attention
-and embedding part reuses `mmjax.convert.llama` (same strict key handling); this module adds the
-MoE keys and tensors.
+and embedding part reuses `mmjax.convert.llama` (same strict key handling, same rules, same
+`mmjax compare` runner); this module adds the MoE keys and tensors: it passes its per-layer MoE
+rules to `llama.tensor_rules` as the `mlp_rules` hook, so llama never imports this module.
+`mmjax.convert.to_hf` exports an mmjax "llama" config here when it has experts
+(`Converter.export_when`).
 
 Config keys (beyond Mistral's):
   num_local_experts -> num_experts; num_experts_per_tok -> experts_per_token;
@@ -36,8 +39,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from mmjax.convert import llama
-from mmjax.convert.llama import TensorRule
-from mmjax.errors import ConfigError, InputError, UnsupportedModelError
+from mmjax.convert.core import Converter, TensorRule, build_config, check_model_type
+from mmjax.errors import InputError, UnsupportedModelError
 from mmjax.models.llama import LlamaConfig
 
 ARCHITECTURE = "MixtralForCausalLM"
@@ -49,7 +52,7 @@ _MOE_KEYS = {
     "router_jitter_noise": "router_noise",
 }
 _BOOKKEEPING = {"output_router_logits"}
-_KEYS = llama._MODEL_TYPE_KEYS["mistral"]  # MistralConfig's keys (no biases, sliding window)
+_KEYS = llama.MODEL_TYPE_KEYS["mistral"]  # MistralConfig's keys (no biases, sliding window)
 # MixtralConfig class defaults, as LlamaConfig fields
 _DEFAULTS = dict(vocab_size=32000, dim=4096, mlp_dim=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, max_len=4096 * 32, norm_eps=1e-5, tie_embeddings=False,
@@ -60,8 +63,7 @@ _MOE_DEFAULTS = dict(num_experts=8, experts_per_token=2, aux_loss_weight=0.001, 
 
 def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     """`LlamaConfig` (with experts) for a parsed Mixtral `config.json`; strict about keys."""
-    if hf.get("model_type") != "mixtral":
-        raise UnsupportedModelError(f"model_type {hf.get('model_type')!r} is not 'mixtral'")
+    check_model_type(hf, "mixtral", "Mixtral")
     kw = llama.config_kwargs(hf, "mixtral", _KEYS, _DEFAULTS, set(_MOE_KEYS) | _BOOKKEEPING)
     for hf_key, field in _MOE_KEYS.items():
         value = hf.get(hf_key, _MOE_DEFAULTS[field])
@@ -76,10 +78,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     if not isinstance(hf.get("output_router_logits", False), bool):
         raise UnsupportedModelError(
             f"output_router_logits must be true or false, got {hf['output_router_logits']!r}")
-    try:
-        return LlamaConfig(**kw)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"mixtral config.json: {e}") from None
+    return build_config(LlamaConfig, kw, "mixtral config.json")
 
 
 def config_to_hf(config: LlamaConfig, model_type: str | None = None) -> dict[str, Any]:
@@ -153,26 +152,21 @@ def unfuse(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, 
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[str, Any]:
-    return llama.params_from_hf(unfuse(tensors, config), config)
+    return llama.params_from_hf(unfuse(tensors, config), config, mlp_rules=moe_tensor_rules)
 
 
 def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
-    return llama.params_to_hf(params, config)
+    return llama.params_to_hf(params, config, mlp_rules=moe_tensor_rules)
 
 
-def _make_converter():
-    from mmjax.convert.registry import Converter
-
-    return Converter(
-        family="llama",
-        model_types=("mixtral",),
-        architectures=(ARCHITECTURE,),
-        task="causal_lm",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-    )
-
-
-CONVERTER = _make_converter()
+CONVERTER = Converter(
+    family="llama",
+    model_types=("mixtral",),
+    architectures=(ARCHITECTURE,),
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf,
+    compare=llama.compare_causal_lm,
+    export_when=lambda config: bool(config.num_experts),  # an MoE "llama" exports as Mixtral
+)

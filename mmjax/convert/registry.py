@@ -1,78 +1,80 @@
-"""Which converter handles which Hugging Face `model_type` / mmjax model family.
+"""Which converter handles which Hugging Face `model_type` / mmjax model family, derived from the
+converter records themselves.
 
-A `Converter` bundles the four mappings of one model family (config and weights, both ways)
-and the kind of reference comparison `mmjax compare` runs for it (`task`). Families register
-lazily by module path, so adding one (vit, clip, ...) is one line in `_MODEL_TYPES` and a
-module exposing `CONVERTER`.
+Discovery: on first use, every module of the `mmjax.convert` package (`pkgutil.iter_modules`
+over this directory, in name order; names starting with "_" skipped) is imported, and each one
+that exposes `CONVERTERS` (a tuple of `mmjax.convert.core.Converter`) or `CONVERTER` (one)
+contributes its records; helper modules expose neither. Adding a family is adding its converter
+file -- there is no list to edit. Two records claiming one `model_type`, or a family without
+exactly one default exporter (`export_when=None`), is a programming error raised at discovery.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import importlib
-from typing import Any, Callable, Mapping
-
-import numpy as np
+import os
+import pkgutil
+from typing import Any, Mapping
 
 from mmjax.configs import closest_name
+from mmjax.convert.core import Converter
 from mmjax.errors import UnsupportedModelError
 
-
-@dataclasses.dataclass(frozen=True)
-class Converter:
-    """Conversion between one Hugging Face model family and one mmjax model family.
-
-    family: the mmjax family name for `mmjax.models.build_model`.
-    model_types: HF `model_type` values handled; the first is the default for export.
-    architectures: HF `architectures` entries accepted (e.g. "LlamaForCausalLM").
-    task: which comparison `mmjax compare` runs ("causal_lm", ...).
-    config_from_hf(hf_config_dict) -> mmjax config dataclass (strict: unknown keys raise).
-    config_to_hf(config, model_type) -> HF config dict (`model_type` None = best guess).
-    params_from_hf(tensors, config) -> mmjax params (nested dict of numpy arrays).
-    params_to_hf(params, config) -> {HF tensor name: numpy array}.
-    """
-
-    family: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    task: str
-    config_from_hf: Callable[[Mapping[str, Any]], Any]
-    config_to_hf: Callable[[Any, str | None], dict[str, Any]]
-    params_from_hf: Callable[[Mapping[str, np.ndarray], Any], dict[str, Any]]
-    params_to_hf: Callable[[Mapping[str, Any], Any], dict[str, np.ndarray]]
+__all__ = ["Converter", "converters", "for_model_type", "for_hf_config", "for_family", "for_export",
+           "supported_model_types"]
 
 
-# HF model_type -> module defining CONVERTER ("module:NAME" for another attribute)
-_MODEL_TYPES: dict[str, str] = {
-    "llama": "mmjax.convert.llama",
-    "mistral": "mmjax.convert.llama",
-    "mixtral": "mmjax.convert.mixtral",
-    "vit": "mmjax.convert.vit",
-    "clip": "mmjax.convert.clip",
-    "clip_vision_model": "mmjax.convert.clip:VISION_CONVERTER",
-    "clip_text_model": "mmjax.convert.clip:TEXT_CONVERTER",
-    "siglip": "mmjax.convert.siglip",
-    "siglip_vision_model": "mmjax.convert.siglip:VISION_CONVERTER",
-}
+@functools.lru_cache(maxsize=None)
+def _discovered() -> tuple[tuple[Converter, ...], dict[str, Converter]]:
+    package = __name__.rpartition(".")[0]
+    this = __name__.rpartition(".")[2]
+    records: list[tuple[str, Converter]] = []
+    for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == this:
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        found = getattr(module, "CONVERTERS", None)
+        if found is None:
+            found = (module.CONVERTER,) if hasattr(module, "CONVERTER") else ()
+        for record in found:
+            if not isinstance(record, Converter):
+                raise TypeError(f"{module.__name__}: CONVERTER(S) holds {record!r}, not a Converter")
+            records.append((module.__name__, record))
+    by_type: dict[str, Converter] = {}
+    owner: dict[str, str] = {}
+    for module_name, record in records:
+        for model_type in record.model_types:
+            if model_type in by_type:
+                raise ValueError(f"model_type {model_type!r} is claimed by {owner[model_type]} and "
+                                 f"{module_name}")
+            by_type[model_type], owner[model_type] = record, module_name
+    for family in dict.fromkeys(r.family for _, r in records):
+        defaults = [m for m, r in records if r.family == family and r.export_when is None]
+        if len(defaults) != 1:
+            raise ValueError(f"mmjax family {family!r} needs exactly one default exporter "
+                             f"(export_when=None), found {len(defaults)}: {', '.join(defaults)}")
+    return tuple(r for _, r in records), by_type
+
+
+def converters() -> tuple[Converter, ...]:
+    """Every discovered converter record, in module-name order."""
+    return _discovered()[0]
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_MODEL_TYPES)
-
-
-def _load(module: str) -> Converter:
-    path, _, name = module.partition(":")
-    return getattr(importlib.import_module(path), name or "CONVERTER")
+    return sorted(_discovered()[1])
 
 
 def for_model_type(model_type: Any) -> Converter:
     """The converter for an HF `model_type`; UnsupportedModelError listing the supported ones."""
-    if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
-        hint = closest_name(model_type, _MODEL_TYPES) if isinstance(model_type, str) else ""
+    by_type = _discovered()[1]
+    if not isinstance(model_type, str) or model_type not in by_type:
+        hint = closest_name(model_type, by_type) if isinstance(model_type, str) else ""
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}{hint}; supported: {', '.join(supported_model_types())}"
         )
-    return _load(_MODEL_TYPES[model_type])
+    return by_type[model_type]
 
 
 def for_hf_config(hf_config: Mapping[str, Any]) -> Converter:
@@ -94,13 +96,33 @@ def for_hf_config(hf_config: Mapping[str, Any]) -> Converter:
     return converter
 
 
+def _of_family(family: str) -> list[Converter]:
+    found = [c for c in converters() if c.family == family]
+    if not found:
+        families = sorted({c.family for c in converters()})
+        raise UnsupportedModelError(
+            f"no Hugging Face exporter for mmjax family {family!r}; supported: {', '.join(families)}"
+        )
+    return found
+
+
 def for_family(family: str) -> Converter:
-    """The converter that exports mmjax `family` to Hugging Face format."""
-    for module in dict.fromkeys(_MODEL_TYPES.values()):
-        converter = _load(module)
-        if converter.family == family:
-            return converter
-    families = sorted({_load(m).family for m in set(_MODEL_TYPES.values())})
-    raise UnsupportedModelError(
-        f"no Hugging Face exporter for mmjax family {family!r}; supported: {', '.join(families)}"
-    )
+    """The default converter that exports mmjax `family` to Hugging Face format."""
+    return next(c for c in _of_family(family) if c.export_when is None)
+
+
+def for_export(family: str, config: Any, model_type: str | None = None) -> Converter:
+    """The converter that exports `config` of mmjax `family`: the one handling `model_type` when
+    given, else the first whose `export_when(config)` holds, else the family's default."""
+    found = _of_family(family)
+    if model_type is not None:
+        for c in found:
+            if model_type in c.model_types:
+                return c
+        types = [t for c in found for t in c.model_types]
+        raise UnsupportedModelError(f"cannot export mmjax family {family!r} as model_type {model_type!r}; "
+                                    f"supported: {', '.join(types)}")
+    for c in found:
+        if c.export_when is not None and c.export_when(config):
+            return c
+    return next(c for c in found if c.export_when is None)

@@ -18,7 +18,15 @@ Weights: as `mmjax.convert.clip` for the encoders. The pooling head's
 `in_proj_bias [3*dim]`: they are split into mmjax's `map_head/attn/{query,key,value}` (heads
 kept as their own dimension) and concatenated back on export. `probe [1, 1, dim]` ->
 `map_head/probe [dim]`; `logit_scale` / `logit_bias` `[1]` -> 0-d params; the text head
-`[proj, dim]` -> `text_head/kernel [dim, proj]`.
+`[proj, dim]` -> `text_head/kernel [dim, proj]`. The head's in_proj is split and joined with
+`mmjax.convert.core.split_rows` / `join_rows`; the text tower reuses CLIP's rules
+(`mmjax.convert.clip.text_tower_rules`), the encoder blocks ViT's. `VISION_CONVERTER` declares
+SigLIP's image-tower layout (`Converter.export_when`), so `mmjax.convert.to_hf` exports such a
+ViT as `SiglipVisionModel`.
+
+`mmjax compare`: `compare_siglip` (embeddings, logits, pooled image output, both towers' hidden
+states; text unpadded and unmasked, as SigLIP was trained) and ViT's `compare_image_encoder` for
+`SiglipVisionModel`.
 """
 
 from __future__ import annotations
@@ -27,12 +35,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mmjax.convert.clip import (_CLIP_LAYER_NAMES, _check_model_type, _with_version, dataclass_prefix,
-                                text_tower_rules)
-from mmjax.convert.vit import (HARMLESS_KEYS, VisionTensorRule, activation_from_hf, activation_to_hf,
-                               apply_rules_from_hf, apply_rules_to_hf, check_config_keys,
-                               check_dropout, encoder_layer_rules, strip_prefix)
-from mmjax.errors import ConfigError, InputError, UnsupportedModelError
+from mmjax.convert import reference
+from mmjax.convert.clip import CLIP_LAYER_NAMES, DERIVED_BUFFERS, text_tower_rules
+from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activation_to_hf,
+                                apply_rules_from_hf, apply_rules_to_hf, build_config, check_architecture,
+                                check_config_keys, check_dropout, check_model_type, int_or_none, join_rows,
+                                split_rows, stamp_version, strip_prefix, sub_config)
+from mmjax.convert.vit import compare_image_encoder, encoder_layer_rules
+from mmjax.errors import UnsupportedModelError
 from mmjax.models.clip import CLIPTextConfig
 from mmjax.models.siglip import SIGLIP_TEXT_LAYOUT, SIGLIP_VISION_LAYOUT, SiglipConfig
 from mmjax.models.vit import ViTConfig
@@ -59,46 +69,27 @@ _TEXT_DEFAULTS = dict(vocab_size=32000, dim=768, mlp_dim=3072, num_layers=12, nu
                       norm_eps=1e-6, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 _VISION_DEFAULTS = dict(dim=768, mlp_dim=3072, num_layers=12, num_heads=12, channels=3, image_size=224,
                         patch_size=16, norm_eps=1e-6)
-_PACKED = ("in_proj_weight", "in_proj_bias")
+_LAYOUT_KEYS = ("pool", "posemb", "class_token", "pre_norm", "patch_bias", "qkv_bias")
 
 
 # --- config ---------------------------------------------------------------------------------
 
-def _sub(hf: Mapping[str, Any], key: str, model_type: str) -> Mapping[str, Any]:
-    sub = hf.get(key) or {}
-    if not isinstance(sub, Mapping):
-        raise UnsupportedModelError(f"siglip config.json: {key} must be an object, got {sub!r}")
-    if sub.get("model_type", model_type) != model_type:
-        raise UnsupportedModelError(f"siglip config.json: {key}.model_type is {sub['model_type']!r}, "
-                                    f"expected {model_type!r}")
-    return sub
-
-
-def _int_or_none(value: Any, key: str) -> int | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise UnsupportedModelError(f"{key} must be one int or null, got {value!r}")
-
-
 def text_config_from_hf(hf: Mapping[str, Any], where: str = "text_config") -> tuple[CLIPTextConfig, int]:
     """(CLIPTextConfig with SigLIP's layout, head width) of a SigLIP text config."""
-    check_config_keys(hf, set(_TEXT_KEYS) | HARMLESS_KEYS, f"siglip {where}")
+    check_config_keys(hf, _TEXT_KEYS, f"siglip {where}")
     kw = dict(_TEXT_DEFAULTS)
     kw.update({field: hf[k] for k, field in _TEXT_KEYS.items() if field and k in hf})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        kw[key] = _int_or_none(kw[key], f"{where}.{key}")
+        kw[key] = int_or_none(kw[key], f"{where}.{key}")
     kw["activation"] = activation_from_hf(hf.get("hidden_act", "gelu_pytorch_tanh"), f"{where}.hidden_act")
     check_dropout(hf, "attention_dropout")
     projection = hf.get("projection_size") or kw["dim"]
-    try:
-        return CLIPTextConfig(**kw, **SIGLIP_TEXT_LAYOUT), projection
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"siglip {where}: {e}") from None
+    return build_config(CLIPTextConfig, {**kw, **SIGLIP_TEXT_LAYOUT}, f"siglip {where}"), projection
 
 
 def vision_config_from_hf(hf: Mapping[str, Any], where: str = "vision_config") -> ViTConfig:
     """ViTConfig with SigLIP's layout of a SigLIP vision config."""
-    check_config_keys(hf, set(_VISION_KEYS) | HARMLESS_KEYS, f"siglip {where}")
+    check_config_keys(hf, _VISION_KEYS, f"siglip {where}")
     if hf.get("vision_use_head", True) is not True:
         raise UnsupportedModelError(f"siglip {where}.vision_use_head={hf['vision_use_head']!r}: only the "
                                     "attention-pooling head (true) has a pooled output")
@@ -109,27 +100,27 @@ def vision_config_from_hf(hf: Mapping[str, Any], where: str = "vision_config") -
             raise UnsupportedModelError(f"siglip {where}.{key} must be one int (square images), got {kw[key]!r}")
     kw["activation"] = activation_from_hf(hf.get("hidden_act", "gelu_pytorch_tanh"), f"{where}.hidden_act")
     check_dropout(hf, "attention_dropout")
-    try:
-        return ViTConfig(**kw, **SIGLIP_VISION_LAYOUT)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"siglip {where}: {e}") from None
+    return build_config(ViTConfig, {**kw, **SIGLIP_VISION_LAYOUT}, f"siglip {where}")
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> SiglipConfig:
     """`SiglipConfig` for a parsed `SiglipModel` config.json (strict)."""
-    _check_model_type(hf, "siglip", ARCHITECTURES)
-    check_config_keys(hf, _TOP_KEYS | HARMLESS_KEYS, "siglip config.json")
-    text, projection = text_config_from_hf(_sub(hf, "text_config", "siglip_text_model"))
-    vision = vision_config_from_hf(_sub(hf, "vision_config", "siglip_vision_model"))
-    try:
-        return SiglipConfig(vision=vision, text=text, projection_dim=projection)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"siglip config.json: {e}") from None
+    check_model_type(hf, "siglip", "SigLIP")
+    check_architecture(hf, ARCHITECTURES)
+    check_config_keys(hf, _TOP_KEYS, "siglip config.json")
+    text, projection = text_config_from_hf(sub_config(hf, "text_config", "siglip_text_model", "siglip config.json"))
+    vision = vision_config_from_hf(sub_config(hf, "vision_config", "siglip_vision_model", "siglip config.json"))
+    return build_config(SiglipConfig, dict(vision=vision, text=text, projection_dim=projection),
+                        "siglip config.json")
+
+
+def has_vision_layout(v: ViTConfig) -> bool:
+    """Whether a ViT has SigLIP's image-tower layout (and so exports as `SiglipVisionModel`)."""
+    return all(getattr(v, k) == SIGLIP_VISION_LAYOUT[k] for k in _LAYOUT_KEYS)
 
 
 def _check_vision_exportable(v: ViTConfig, what: str) -> None:
-    keys = ("pool", "posemb", "class_token", "pre_norm", "patch_bias", "qkv_bias")
-    differ = [f"{k}={getattr(v, k)!r}" for k in keys if getattr(v, k) != SIGLIP_VISION_LAYOUT[k]]
+    differ = [f"{k}={getattr(v, k)!r}" for k in _LAYOUT_KEYS if getattr(v, k) != SIGLIP_VISION_LAYOUT[k]]
     if v.num_classes or v.representation:
         differ.append(f"num_classes={v.num_classes}, representation={v.representation}")
     if v.image_hw[0] != v.image_hw[1] or v.patch_hw[0] != v.patch_hw[1]:
@@ -169,11 +160,12 @@ def config_to_hf(config: SiglipConfig, model_type: str | None = None) -> dict[st
     }
     hf = {"architectures": list(ARCHITECTURES), "model_type": "siglip", "initializer_factor": 1.0,
           "text_config": text, "vision_config": _vision_dict(config.vision), "dtype": "float32"}
-    return _with_version(hf)
+    return stamp_version(hf)
 
 
 def vision_model_config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
-    _check_model_type(hf, "siglip_vision_model", VISION_ARCHITECTURES)
+    check_model_type(hf, "siglip_vision_model", "SiglipVisionModel")
+    check_architecture(hf, VISION_ARCHITECTURES)
     return vision_config_from_hf(hf, where="siglip_vision_model config.json")
 
 
@@ -181,16 +173,16 @@ def vision_model_config_to_hf(config: ViTConfig, model_type: str | None = None) 
     _check_vision_exportable(config, "SiglipVisionModel")
     hf = _vision_dict(config)
     hf.update(architectures=list(VISION_ARCHITECTURES), dtype="float32")
-    return _with_version(hf)
+    return stamp_version(hf)
 
 
 # --- weights --------------------------------------------------------------------------------
 
-def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[VisionTensorRule]:
+def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[TensorRule]:
     """Tensors of a SigLIP image tower (HF names under `hf`, mmjax paths from the ViT's root).
     The pooling head's packed in_proj appears as virtual `head.attention.{q,k,v}_proj` names
-    (see `unpack_in_proj`)."""
-    R = VisionTensorRule
+    (see `head_in_proj`)."""
+    R = TensorRule
     d, m, heads = v.dim, v.mlp_dim, v.num_heads
     ph, pw = v.patch_hw
     rules = [
@@ -200,7 +192,7 @@ def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[VisionTensorRule]:
     ]
     for i in range(v.num_layers):
         rules += encoder_layer_rules(f"{hf}encoder.layers.{i}.", f"layers_{i}", d, heads, m, True,
-                                     _CLIP_LAYER_NAMES)
+                                     CLIP_LAYER_NAMES)
     rules += [R(hf + "post_layernorm.weight", ("final_norm", "scale"), (d,), "copy"),
               R(hf + "post_layernorm.bias", ("final_norm", "bias"), (d,), "copy")]
     h = hf + "head."
@@ -222,93 +214,94 @@ def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[VisionTensorRule]:
     return rules
 
 
-def tensor_rules(c: SiglipConfig) -> list[VisionTensorRule]:
+def tensor_rules(c: SiglipConfig) -> list[TensorRule]:
     """Every tensor of an HF `SiglipModel` checkpoint of `c` (in_proj unpacked)."""
-    R = VisionTensorRule
+    R = TensorRule
     t = c.text
     rules = [R("logit_scale", ("logit_scale",), (1,), "scalar"), R("logit_bias", ("logit_bias",), (1,), "scalar")]
-    rules += [dataclass_prefix(r, "text") for r in text_tower_rules(t, "text_model.")]
+    rules += [r.under("text") for r in text_tower_rules(t, "text_model.")]
     rules += [R("text_model.head.weight", ("text_head", "kernel"), (c.embed_dim, t.dim), "linear"),
               R("text_model.head.bias", ("text_head", "bias"), (c.embed_dim,), "copy")]
-    rules += [dataclass_prefix(r, "vision") for r in vision_tower_rules(c.vision, "vision_model.")]
+    rules += [r.under("vision") for r in vision_tower_rules(c.vision, "vision_model.")]
     return rules
 
 
-def unpack_in_proj(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Split every `...attention.in_proj_weight [3d, d]` / `in_proj_bias [3d]` into
-    `...attention.{q,k,v}_proj.{weight,bias}`."""
-    out = {}
-    for name, w in tensors.items():
-        base, _, leaf = name.rpartition(".")
-        if leaf in _PACKED:
-            if w.shape[0] % 3:
-                raise InputError(f"tensor {name}: first dimension {w.shape[0]} is not 3 x dim")
-            suffix = "weight" if leaf == "in_proj_weight" else "bias"
-            for role, part in zip("qkv", np.split(w, 3, axis=0)):
-                out[f"{base}.{role}_proj.{suffix}"] = part
-        else:
-            out[name] = w
-    return out
-
-
-def pack_in_proj(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse of `unpack_in_proj`."""
-    out = dict(tensors)
-    for name in list(tensors):
-        if name.endswith("attention.q_proj.weight") or name.endswith("attention.q_proj.bias"):
-            base, suffix = name.rsplit(".q_proj.", 1)
-            parts = [out.pop(f"{base}.{r}_proj.{suffix}") for r in "qkv"]
-            out[f"{base}.in_proj_{suffix}"] = np.concatenate(parts, axis=0)
-    return out
-
-
-def _head_only(tensors: Mapping[str, np.ndarray], packer) -> dict[str, np.ndarray]:
-    """Apply `packer` to the pooling head's tensors only (encoder q/k/v stay separate)."""
-    head = {k: v for k, v in tensors.items() if ".head.attention." in "." + k}
-    rest = {k: v for k, v in tensors.items() if k not in head}
-    return {**rest, **packer(head)}
+def head_in_proj(hf: str = "") -> dict[str, tuple[str, ...]]:
+    """The pooling head's packed tensors (`torch.nn.MultiheadAttention`, under `hf`) -> the
+    virtual per-projection names the rules use, for `split_rows` / `join_rows`."""
+    a = hf + "head.attention."
+    return {f"{a}in_proj_{leaf}": tuple(f"{a}{role}_proj.{leaf}" for role in "qkv") for leaf in ("weight", "bias")}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: SiglipConfig) -> dict[str, Any]:
     """mmjax SigLIP params (nested dict of float32 numpy arrays) from HF `SiglipModel` tensors."""
-    tensors = {k: w for k, w in tensors.items() if not k.endswith("embeddings.position_ids")}
-    return apply_rules_from_hf(_head_only(tensors, unpack_in_proj), tensor_rules(config))
+    return apply_rules_from_hf(split_rows(tensors, head_in_proj("vision_model.")), tensor_rules(config),
+                               derived=DERIVED_BUFFERS)
 
 
 def params_to_hf(params: Mapping[str, Any], config: SiglipConfig) -> dict[str, np.ndarray]:
     """HF `SiglipModel` tensors from plain mmjax SigLIP params."""
     _check_vision_exportable(config.vision, "SiglipModel")
     _check_text_exportable(config.text)
-    return _head_only(apply_rules_to_hf(params, tensor_rules(config)), pack_in_proj)
+    return join_rows(apply_rules_to_hf(params, tensor_rules(config)), head_in_proj("vision_model."))
 
 
 def vision_model_params_from_hf(tensors: Mapping[str, np.ndarray], config: ViTConfig) -> dict[str, Any]:
-    tensors = {k: w for k, w in strip_prefix(tensors, "vision_model.").items()
-               if not k.endswith("embeddings.position_ids")}
-    return apply_rules_from_hf(_head_only(tensors, unpack_in_proj), vision_tower_rules(config))
+    tensors = split_rows(strip_prefix(tensors, "vision_model."), head_in_proj())
+    return apply_rules_from_hf(tensors, vision_tower_rules(config), derived=DERIVED_BUFFERS)
 
 
 def vision_model_params_to_hf(params: Mapping[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
     _check_vision_exportable(config, "SiglipVisionModel")
-    return _head_only(apply_rules_to_hf(params, vision_tower_rules(config)), pack_in_proj)
+    return join_rows(apply_rules_to_hf(params, vision_tower_rules(config)), head_in_proj())
 
 
-def _make_converters():
-    from mmjax.convert.registry import Converter
+# --- mmjax compare --------------------------------------------------------------------------
 
-    siglip = Converter(
-        family="siglip", model_types=("siglip",), architectures=ARCHITECTURES, task="siglip",
-        config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-    )
-    # exported through the "vit" family's converter, which picks SiglipVisionModel by layout
-    vision = Converter(
-        family="vit", model_types=("siglip_vision_model",), architectures=VISION_ARCHITECTURES,
-        task="image_encoder", config_from_hf=vision_model_config_from_hf,
-        config_to_hf=vision_model_config_to_hf, params_from_hf=vision_model_params_from_hf,
-        params_to_hf=vision_model_params_to_hf,
-    )
-    return siglip, vision
+def compare_siglip(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers):
+    """SiglipModel: normalised embeddings, logits (scale and bias), the image tower's pooled
+    (attention-pooling head) output and both towers' hidden states. SigLIP's text is padded to
+    its full length and read without an attention mask, as the model was trained."""
+    import jax.numpy as jnp
+
+    seq_len = min(seq_len, config.text.max_len)
+    rng = np.random.default_rng(seed)
+    images = reference.random_images(rng, batch, config.vision)
+    tokens = rng.integers(0, config.text.vocab_size, size=(batch, seq_len)).astype(np.int64)
+    hf_model = reference.load_reference(transformers, torch, "SiglipModel", hf_dir)
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images),
+                       output_hidden_states=True)
+    out, inter = reference.run_mmjax(module, np_params, jnp.asarray(reference.nhwc(images)),
+                                     jnp.asarray(tokens, jnp.int32))
+    vref, tref = ref.vision_model_output, ref.text_model_output
+    vision_diffs = reference.layer_diffs(inter["vision"]["hidden_states"], vref.hidden_states)
+    text_diffs = reference.layer_diffs(inter["text"]["hidden_states"], tref.hidden_states)
+    diffs = {
+        "image_embeds": reference.max_abs(out["image_embeds"], ref.image_embeds),
+        "text_embeds": reference.max_abs(out["text_embeds"], ref.text_embeds),
+        "logits_per_image": reference.max_abs(out["logits_per_image"], ref.logits_per_image),
+        "vision_pooler_output": reference.max_abs(inter["vision"]["pooled"], vref.pooler_output),
+        "vision_hidden_states": max(vision_diffs),
+        "text_hidden_states": max(text_diffs),
+    }
+    extra = {"vision_hidden_state_diffs": vision_diffs, "text_hidden_state_diffs": text_diffs,
+             "inputs": {"batch": batch, "seq_len": seq_len, "image_size": list(config.vision.image_hw),
+                        "seed": seed},
+             "reference_logits_max_abs": float(np.abs(ref.logits_per_image.numpy()).max())}
+    return diffs, extra
 
 
-CONVERTER, VISION_CONVERTER = _make_converters()
+CONVERTER = Converter(
+    family="siglip", model_types=("siglip",), architectures=ARCHITECTURES,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf, compare=compare_siglip,
+)
+# a ViT of SigLIP's layout: the "vit" family exports it as SiglipVisionModel (export_when)
+VISION_CONVERTER = Converter(
+    family="vit", model_types=("siglip_vision_model",), architectures=VISION_ARCHITECTURES,
+    config_from_hf=vision_model_config_from_hf, config_to_hf=vision_model_config_to_hf,
+    params_from_hf=vision_model_params_from_hf, params_to_hf=vision_model_params_to_hf,
+    compare=compare_image_encoder, export_when=has_vision_layout,
+)
+CONVERTERS = (CONVERTER, VISION_CONVERTER)

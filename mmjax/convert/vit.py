@@ -18,29 +18,35 @@ pooler and a linear classifier on the normalised [CLS] token (`num_classes`). A 
 saved with `add_pooling_layer=False` lacks the pooler tensors and is refused by name.
 
 Export of the "vit" family goes by the model's layout: the HF ViT layout exports as `vit`
-(here), CLIP's image-tower layout as `clip_vision_model` (`CLIPVisionModel`,
-`mmjax.convert.clip`), SigLIP's as `siglip_vision_model` (`SiglipVisionModel`,
-`mmjax.convert.siglip`); an explicit `model_type` (e.g. recorded at conversion) picks one.
+(here, the family's default exporter), CLIP's image-tower layout as `clip_vision_model`
+(`CLIPVisionModel`, `mmjax.convert.clip`), SigLIP's as `siglip_vision_model`
+(`SiglipVisionModel`, `mmjax.convert.siglip`): those records declare the layout they take
+(`Converter.export_when`) and `mmjax.convert.to_hf` picks by it, so this module imports neither;
+an explicit `model_type` (e.g. recorded at conversion) picks one.
 
 Weights: the patch convolution `[dim, C, ph, pw]` becomes a Dense kernel `[ph*pw*C, dim]` on
 (row, column, channel)-ordered patches; `cls_token [1, 1, dim]` and `position_embeddings
 [1, tokens, dim]` lose their leading ones; attention projections keep heads as their own
 dimension as in `mmjax.convert.llama`. Images are NHWC in mmjax and NCHW in transformers:
-transpose with `images_nchw.transpose(0, 2, 3, 1)`.
+transpose with `images_nchw.transpose(0, 2, 3, 1)`. `encoder_layer_rules` (one pre-norm encoder
+block under any HF naming) is shared with the CLIP and SigLIP towers.
+
+`mmjax compare` (`compare_image_encoder`, also the runner of the CLIP / SigLIP vision towers):
+pooled output or logits, last hidden state and every hidden state on random images.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from mmjax.configs import closest_name
-from mmjax.convert.llama import ACTIVATIONS_FROM_HF, ACTIVATIONS_TO_HF, TensorRule
-from mmjax.convert.trees import flatten, set_path, short_list
-from mmjax.errors import ConfigError, InputError, UnsupportedModelError
+from mmjax.convert import hf_io, reference
+from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activation_to_hf,
+                                apply_rules_from_hf, apply_rules_to_hf, build_config, check_architecture,
+                                check_config_keys, check_dropout, check_model_type, size_to_hf,
+                                stamp_version, tuple_sizes)
+from mmjax.errors import UnsupportedModelError
 from mmjax.models.vit import ViTConfig
 
 ARCHITECTURES = ("ViTModel", "ViTForImageClassification")
@@ -61,12 +67,6 @@ _DIRECT_KEYS = {
 _SPECIAL_KEYS = {"hidden_act", "pooler_output_size", "pooler_act", "id2label", "label2id",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "encoder_stride",
                  "problem_type"}
-# bookkeeping keys of any transformers config
-HARMLESS_KEYS = {
-    "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict", "_name_or_path",
-    "_attn_implementation", "_attn_implementation_autoset",
-}
 # transformers.ViTConfig class defaults, used when a key is absent
 _HF_DEFAULTS = dict(dim=768, num_layers=12, num_heads=12, mlp_dim=3072, norm_eps=1e-12,
                     image_size=224, patch_size=16, channels=3, qkv_bias=True, initializer_range=0.02)
@@ -76,65 +76,16 @@ _HF_LAYOUT = dict(pool="cls", posemb="learned", class_token=True, pre_norm=False
 
 # --- config ---------------------------------------------------------------------------------
 
-def check_config_keys(hf: Mapping[str, Any], known: Iterable[str], what: str) -> None:
-    """UnsupportedModelError naming every key of `hf` outside `known` (with a close match)."""
-    known = set(known)
-    unknown = [k for k in hf if k not in known]
-    if unknown:
-        hints = "; ".join(f"{k!r}{closest_name(k, known)}" for k in unknown)
-        raise UnsupportedModelError(
-            f"{what}: unsupported key(s) {hints} (mmjax maps every key it accepts; an unknown "
-            "one could change the model)"
-        )
-
-
-def activation_from_hf(act: Any, key: str = "hidden_act") -> str:
-    if act not in ACTIVATIONS_FROM_HF:
-        raise UnsupportedModelError(f"{key} {act!r} is not supported; supported: "
-                                    f"{', '.join(ACTIVATIONS_FROM_HF)}")
-    return ACTIVATIONS_FROM_HF[act]
-
-
-def activation_to_hf(act: str) -> str:
-    if act not in ACTIVATIONS_TO_HF:
-        raise UnsupportedModelError(f"activation {act!r} has no Hugging Face hidden_act")
-    return ACTIVATIONS_TO_HF[act]
-
-
-def check_dropout(hf: Mapping[str, Any], *keys: str) -> None:
-    for key in keys:
-        value = hf.get(key, 0.0)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value < 0):
-            raise UnsupportedModelError(f"{key} must be a number >= 0, got {value!r}")
-
-
-def architecture_of(hf: Mapping[str, Any], default: str) -> str:
-    archs = hf.get("architectures") or [default]
-    if isinstance(archs, str):
-        archs = [archs]
-    if len(archs) != 1:
-        raise UnsupportedModelError(f"config.json lists {len(archs)} architectures {archs}; expected one")
-    return archs[0]
-
-
 def config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
     """`ViTConfig` for a parsed ViT `config.json` (strict, see the module docstring)."""
-    if hf.get("model_type") != "vit":
-        raise UnsupportedModelError(f"model_type {hf.get('model_type')!r} is not handled by the ViT "
-                                    "converter; supported: vit")
-    check_config_keys(hf, set(_DIRECT_KEYS) | _SPECIAL_KEYS | HARMLESS_KEYS, "vit config.json")
-    arch = architecture_of(hf, "ViTModel")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(f"architecture {arch!r} is not supported for model_type 'vit'; "
-                                    f"supported: {', '.join(ARCHITECTURES)}")
+    check_model_type(hf, "vit", "ViT")
+    check_config_keys(hf, set(_DIRECT_KEYS) | _SPECIAL_KEYS, "vit config.json")
+    arch = check_architecture(hf, ARCHITECTURES)
     kw: dict[str, Any] = dict(_HF_DEFAULTS)
     for hf_key, field in _DIRECT_KEYS.items():
         if hf_key in hf:
             kw[field] = hf[hf_key]
-    for key in ("image_size", "patch_size"):
-        if isinstance(kw[key], list):
-            kw[key] = tuple(kw[key])
+    tuple_sizes(kw, "image_size", "patch_size")
     kw["activation"] = activation_from_hf(hf.get("hidden_act", "gelu"))
     check_dropout(hf, "hidden_dropout_prob", "attention_probs_dropout_prob")
     if hf.get("pooler_act", "tanh") != "tanh":
@@ -146,10 +97,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
         kw["num_classes"] = len(labels)
     else:
         kw["representation"] = hf.get("pooler_output_size") or kw["dim"]
-    try:
-        return ViTConfig(**kw, **_HF_LAYOUT)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"vit config.json: {e}") from None
+    return build_config(ViTConfig, {**kw, **_HF_LAYOUT}, "vit config.json")
 
 
 def _check_exportable(config: ViTConfig) -> None:
@@ -161,41 +109,14 @@ def _check_exportable(config: ViTConfig) -> None:
         )
 
 
-EXPORT_MODEL_TYPES = ("vit", "clip_vision_model", "siglip_vision_model")
-
-
-def export_model_type(config: ViTConfig, model_type: str | None = None) -> str:
-    """The HF model_type a ViT exports as: `model_type` when given, else the one whose layout
-    the config has (HF ViT when none matches, which then names the differences)."""
-    if model_type is not None:
-        if model_type not in EXPORT_MODEL_TYPES:
-            raise UnsupportedModelError(f"cannot export a ViT as model_type {model_type!r}; supported: "
-                                        f"{', '.join(EXPORT_MODEL_TYPES)}")
-        return model_type
-    from mmjax.models.clip import CLIP_VISION_LAYOUT
-    from mmjax.models.siglip import SIGLIP_VISION_LAYOUT
-
-    for name, layout in (("clip_vision_model", CLIP_VISION_LAYOUT),
-                         ("siglip_vision_model", SIGLIP_VISION_LAYOUT)):
-        keys = ("pool", "posemb", "class_token", "pre_norm", "patch_bias", "qkv_bias")
-        if all(getattr(config, k) == layout[k] for k in keys):
-            return name
-    return "vit"
-
-
 def config_to_hf(config: ViTConfig, model_type: str | None = None) -> dict[str, Any]:
-    """`config.json` dict for the model type `export_model_type` picks (see the module
-    docstring); for HF ViT, `ViTForImageClassification` when the model has a classification
-    head (and no pre-logits layer), `ViTModel` when it has a pre-logits layer (HF's pooler)."""
-    target = export_model_type(config, model_type)
-    if target == "clip_vision_model":
-        from mmjax.convert.clip import vision_model_config_to_hf
-
-        return vision_model_config_to_hf(config)
-    if target == "siglip_vision_model":
-        from mmjax.convert.siglip import vision_model_config_to_hf
-
-        return vision_model_config_to_hf(config)
+    """HF ViT `config.json` dict: `ViTForImageClassification` when the model has a
+    classification head (and no pre-logits layer), `ViTModel` when it has a pre-logits layer
+    (HF's pooler). (CLIP / SigLIP tower layouts export through their own converters, see the
+    module docstring.)"""
+    if model_type not in (None, "vit"):
+        raise UnsupportedModelError(f"cannot export a ViT as model_type {model_type!r} here; supported: vit "
+                                    "(mmjax.convert.to_hf also knows the CLIP / SigLIP tower types)")
     _check_exportable(config)
     hf: dict[str, Any] = {
         "model_type": "vit",
@@ -205,8 +126,8 @@ def config_to_hf(config: ViTConfig, model_type: str | None = None) -> dict[str, 
         "intermediate_size": config.mlp_dim,
         "hidden_act": activation_to_hf(config.activation),
         "layer_norm_eps": config.norm_eps,
-        "image_size": list(config.image_size) if isinstance(config.image_size, tuple) else config.image_size,
-        "patch_size": list(config.patch_size) if isinstance(config.patch_size, tuple) else config.patch_size,
+        "image_size": size_to_hf(config.image_size),
+        "patch_size": size_to_hf(config.patch_size),
         "num_channels": config.channels,
         "qkv_bias": config.qkv_bias,
         "initializer_range": config.initializer_range,
@@ -231,59 +152,16 @@ def config_to_hf(config: ViTConfig, model_type: str | None = None) -> dict[str, 
                 "has a pooler (Dense + tanh); set representation=dim or add a classification head")
         hf["architectures"] = ["ViTModel"]
         hf["pooler_output_size"] = config.representation
-    try:
-        hf["transformers_version"] = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    return hf
+    return stamp_version(hf)
 
 
 # --- weights --------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class VisionTensorRule(TensorRule):
-    """`TensorRule` plus two layouts of vision checkpoints.
-
-    kind "patch": a stride-patch Conv2d weight [dim, C, ph, pw] <-> Dense kernel
-    [ph*pw*C, dim]; kind "squeeze": HF's leading size-1 dims dropped ([1, 1, dim] -> [dim]);
-    kind "scalar": a one-element tensor (SigLIP's logit_scale [1]) <-> a 0-d param.
-    """
-
-    @property
-    def mmjax_shape(self) -> tuple[int, ...]:
-        s = self.hf_shape
-        if self.kind == "patch":
-            return (s[2] * s[3] * s[1], s[0])
-        if self.kind == "scalar":
-            return ()
-        if self.kind == "squeeze":
-            shape = tuple(s)
-            while len(shape) > 1 and shape[0] == 1:
-                shape = shape[1:]
-            return shape
-        return super().mmjax_shape
-
-    def to_mmjax(self, w: np.ndarray) -> np.ndarray:
-        if self.kind == "patch":
-            return w.transpose(2, 3, 1, 0).reshape(self.mmjax_shape)
-        if self.kind in ("squeeze", "scalar"):
-            return w.reshape(self.mmjax_shape)
-        return super().to_mmjax(w)
-
-    def to_hf(self, w: np.ndarray) -> np.ndarray:
-        if self.kind == "patch":
-            d, c, ph, pw = self.hf_shape
-            return w.reshape(ph, pw, c, d).transpose(3, 2, 0, 1)
-        if self.kind in ("squeeze", "scalar"):
-            return w.reshape(self.hf_shape)
-        return super().to_hf(w)
-
-
 def encoder_layer_rules(hf: str, mj: str, dim: int, heads: int, mlp: int, qkv_bias: bool,
-                        names: Mapping[str, str]) -> list[VisionTensorRule]:
+                        names: Mapping[str, str]) -> list[TensorRule]:
     """Rules of one pre-norm encoder block (`mmjax.models.vit.EncoderBlock`) whose HF tensor
     names are `hf` + names[role] for the roles ln1, q, k, v, o, ln2, fc1, fc2."""
-    R = VisionTensorRule
+    R = TensorRule
     rules = [R(f"{hf}{names['ln1']}.weight", (mj, "attn_norm", "scale"), (dim,), "copy"),
              R(f"{hf}{names['ln1']}.bias", (mj, "attn_norm", "bias"), (dim,), "copy")]
     for role, name in (("q", "query"), ("k", "key"), ("v", "value")):
@@ -310,9 +188,9 @@ _VIT_LAYER_NAMES = {
 }
 
 
-def tensor_rules(c: ViTConfig) -> list[VisionTensorRule]:
+def tensor_rules(c: ViTConfig) -> list[TensorRule]:
     """Every tensor of an HF ViT checkpoint of `c` (classification models under `vit.`)."""
-    R = VisionTensorRule
+    R = TensorRule
     d = c.dim
     ph, pw = c.patch_hw
     p = "vit." if c.num_classes else ""
@@ -339,91 +217,53 @@ def tensor_rules(c: ViTConfig) -> list[VisionTensorRule]:
     return rules
 
 
-def apply_rules_from_hf(tensors: Mapping[str, np.ndarray], rules: list[TensorRule],
-                        what: str = "checkpoint") -> dict[str, Any]:
-    """Nested mmjax params (float32 numpy) from HF `tensors`; InputError naming missing,
-    unexpected and wrongly shaped tensors."""
-    expected = {r.hf_name for r in rules}
-    missing = [r.hf_name for r in rules if r.hf_name not in tensors]
-    extra = sorted(k for k in tensors if k not in expected)
-    if missing:
-        raise InputError(f"{what} lacks {len(missing)} tensor(s) the config needs: {short_list(missing)}")
-    if extra:
-        raise InputError(f"{what} has {len(extra)} unexpected tensor(s): {short_list(extra)}")
-    params: dict[str, Any] = {}
-    for r in rules:
-        w = tensors[r.hf_name]
-        if tuple(w.shape) != r.hf_shape:
-            raise InputError(f"tensor {r.hf_name}: shape {tuple(w.shape)} in the {what}, but the "
-                             f"config needs {r.hf_shape}")
-        # (reshape: np.ascontiguousarray turns a 0-d array such as CLIP's logit_scale into 1-d)
-        set_path(params, r.path, np.ascontiguousarray(r.to_mmjax(np.asarray(w, np.float32))).reshape(r.mmjax_shape))
-    return params
-
-
-def apply_rules_to_hf(params: Mapping[str, Any], rules: list[TensorRule]) -> dict[str, np.ndarray]:
-    """HF tensors {name: float32 array} from plain nested mmjax params."""
-    leaves = dict(flatten(params))
-    expected = {r.path for r in rules}
-    missing = ["/".join(r.path) for r in rules if r.path not in leaves]
-    extra = sorted("/".join(p) for p in leaves if p not in expected)
-    if missing:
-        raise InputError(f"params lack {len(missing)} entr(ies) the config needs: {short_list(missing)}")
-    if extra:
-        raise InputError(f"params have {len(extra)} unexpected entr(ies): {short_list(extra)}")
-    out = {}
-    for r in rules:
-        w = np.asarray(leaves[r.path], np.float32)
-        if tuple(w.shape) != r.mmjax_shape:
-            raise InputError(f"param {'/'.join(r.path)}: shape {tuple(w.shape)}, but the config needs "
-                             f"{r.mmjax_shape}")
-        out[r.hf_name] = np.ascontiguousarray(r.to_hf(w)).reshape(r.hf_shape)
-    return out
-
-
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: ViTConfig) -> dict[str, Any]:
     """mmjax ViT params (nested dict of float32 numpy arrays) from HF ViT tensors."""
     return apply_rules_from_hf(tensors, tensor_rules(config))
 
 
 def params_to_hf(params: Mapping[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
-    """HF tensors from plain mmjax ViT params, for the model type of the config's layout
-    (`export_model_type`)."""
-    target = export_model_type(config)
-    if target == "clip_vision_model":
-        from mmjax.convert.clip import vision_model_params_to_hf
-
-        return vision_model_params_to_hf(params, config)
-    if target == "siglip_vision_model":
-        from mmjax.convert.siglip import vision_model_params_to_hf
-
-        return vision_model_params_to_hf(params, config)
+    """HF ViT tensors from plain mmjax ViT params."""
     _check_exportable(config)
     return apply_rules_to_hf(params, tensor_rules(config))
 
 
-def strip_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """`tensors` with `prefix` removed from every name when all names carry it (checkpoints of
-    stand-alone towers written by older transformers versions nest them under e.g.
-    `vision_model.`; transformers 5 writes them without)."""
-    if tensors and all(k.startswith(prefix) for k in tensors):
-        return {k[len(prefix):]: v for k, v in tensors.items()}
-    return dict(tensors)
+# --- mmjax compare --------------------------------------------------------------------------
+
+def compare_image_encoder(hf_dir, module, config, np_params, batch, seq_len, seed, torch, transformers,
+                          last_hidden_is_encoder_output: bool = False):
+    """ViTModel / CLIPVisionModel / SiglipVisionModel (pooler output, last hidden state) and
+    ViTForImageClassification (logits), and every hidden state, on random images (mmjax gets
+    them NHWC). `last_hidden_is_encoder_output`: the HF model's `last_hidden_state` is the
+    encoder output before the final norm (CLIPVisionModel's, before `post_layernorm`)."""
+    import jax.numpy as jnp
+
+    arch = (hf_io.read_config(hf_dir).get("architectures") or ["ViTModel"])[0]
+    images = reference.random_images(np.random.default_rng(seed), batch, config)
+    hf_model = reference.load_reference(transformers, torch, arch, hf_dir)
+    with torch.no_grad():
+        ref = hf_model(pixel_values=torch.from_numpy(images), output_hidden_states=True)
+    output, inter = reference.run_mmjax(module, np_params, jnp.asarray(reference.nhwc(images)))
+    layer_diffs = reference.layer_diffs(inter["hidden_states"], ref.hidden_states)
+    diffs = {"embeddings": layer_diffs[0], "hidden_states": max(layer_diffs)}
+    if config.num_classes:
+        diffs["logits"] = reference.max_abs(output, ref.logits)
+    else:
+        ours_last = inter["hidden_states"][-1] if last_hidden_is_encoder_output else inter["final_hidden"]
+        diffs["last_hidden_state"] = reference.max_abs(ours_last, ref.last_hidden_state)
+        diffs["pooler_output"] = reference.max_abs(output, ref.pooler_output)
+    extra = {"hidden_state_diffs": layer_diffs,
+             "inputs": {"batch": batch, "image_size": list(config.image_hw), "seed": seed}}
+    return diffs, extra
 
 
-def _make_converter():
-    from mmjax.convert.registry import Converter
-
-    return Converter(
-        family="vit",
-        model_types=("vit",),
-        architectures=ARCHITECTURES,
-        task="image_encoder",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-    )
-
-
-CONVERTER = _make_converter()
+CONVERTER = Converter(
+    family="vit",
+    model_types=("vit",),
+    architectures=ARCHITECTURES,
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    params_from_hf=params_from_hf,
+    params_to_hf=params_to_hf,
+    compare=compare_image_encoder,
+)
