@@ -137,7 +137,8 @@ def has_vision_layout(v: ViTConfig) -> bool:
 
 
 def _check_vision_exportable(v: ViTConfig, what: str, prefix: str = "vision.") -> None:
-    differ = [f"{prefix}{k}={getattr(v, k)!r}" for k in _LAYOUT_KEYS if getattr(v, k) != CLIP_VISION_LAYOUT[k]]
+    differ = [f"{prefix}{k}={getattr(v, k)!r}" for k in _LAYOUT_KEYS
+              if getattr(v, k) != CLIP_VISION_LAYOUT[k]]
     if v.num_classes or v.representation:
         differ.append(f"{prefix}num_classes={v.num_classes}, representation={v.representation}")
     if differ:
@@ -380,7 +381,8 @@ def compare_clip(hf_dir, module, config, np_params, batch, seq_len, seed, torch,
         "logits_per_image": reference.max_abs(out["logits_per_image"], ref.logits_per_image),
         "vision_hidden_states": max(vision_diffs),
         "text_hidden_states": max(text_diffs),
-        "text_last_hidden_state": reference.max_abs(inter["text"]["final_hidden"], tref.last_hidden_state, mask),
+        "text_last_hidden_state": reference.max_abs(inter["text"]["final_hidden"], tref.last_hidden_state,
+                                                    mask),
     }
     extra = {"vision_hidden_state_diffs": vision_diffs, "text_hidden_state_diffs": text_diffs,
              "inputs": {"batch": batch, "seq_len": seq_len, "image_size": list(config.vision.image_hw),
@@ -398,8 +400,8 @@ def compare_text_encoder(hf_dir, module, config, np_params, batch, seq_len, seed
     tokens, mask = text_inputs(np.random.default_rng(seed), batch, seq_len, config)
     hf_model = reference.load_reference(transformers, torch, "CLIPTextModel", hf_dir)
     with torch.no_grad():
-        ref = hf_model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                       output_hidden_states=True)
+        ref = hf_model(input_ids=torch.from_numpy(tokens),
+                       attention_mask=torch.from_numpy(mask.astype(np.int64)), output_hidden_states=True)
     pooled, inter = reference.run_mmjax(module, np_params, jnp.asarray(tokens, jnp.int32),
                                         input_mask=jnp.asarray(mask))
     layer_diffs = reference.layer_diffs(inter["hidden_states"], ref.hidden_states, mask)
@@ -407,7 +409,8 @@ def compare_text_encoder(hf_dir, module, config, np_params, batch, seq_len, seed
              "last_hidden_state": reference.max_abs(inter["final_hidden"], ref.last_hidden_state, mask),
              "hidden_states": max(layer_diffs)}
     extra = {"hidden_state_diffs": layer_diffs,
-             "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed, "text_lengths": mask.sum(1).tolist()}}
+             "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed,
+                        "text_lengths": mask.sum(1).tolist()}}
     return diffs, extra
 
 

@@ -129,7 +129,8 @@ class TensorRule:
 
     def __post_init__(self):
         if self.kind not in _LAYOUTS:
-            raise ValueError(f"rule {self.hf_name}: unknown kind {self.kind!r}; kinds: {', '.join(LAYOUT_KINDS)}")
+            raise ValueError(f"rule {self.hf_name}: unknown kind {self.kind!r}; "
+                             f"kinds: {', '.join(LAYOUT_KINDS)}")
         if self.kind in _HEADED and self.heads <= 0:
             raise ValueError(f"rule {self.hf_name}: kind {self.kind!r} needs heads > 0")
 
@@ -153,7 +154,8 @@ def _check_rule_table(rules: Sequence[TensorRule]) -> None:
     for r in rules:
         key = (r.path, r.expert)
         if r.hf_name in names or key in paths:
-            raise ValueError(f"rule table names {r.hf_name if r.hf_name in names else '/'.join(r.path)} twice")
+            twice = r.hf_name if r.hf_name in names else "/".join(r.path)
+            raise ValueError(f"rule table names {twice} twice")
         names.add(r.hf_name)
         paths.add(key)
 
@@ -220,7 +222,8 @@ def apply_rules_to_hf(params: Mapping[str, Any], rules: Sequence[TensorRule]) ->
     return out
 
 
-def split_rows(tensors: Mapping[str, np.ndarray], fused: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+def split_rows(tensors: Mapping[str, np.ndarray],
+               fused: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
     """`tensors` with each present `fused` tensor split along its first dimension into equal
     parts named `fused[name]` (e.g. `in_proj_weight [3d, d]` -> q/k/v `[d, d]`), so that plain
     rules can name the parts."""
@@ -237,7 +240,8 @@ def split_rows(tensors: Mapping[str, np.ndarray], fused: Mapping[str, Sequence[s
     return out
 
 
-def join_rows(tensors: Mapping[str, np.ndarray], fused: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+def join_rows(tensors: Mapping[str, np.ndarray],
+              fused: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
     """The inverse of `split_rows`: the parts concatenated back under their fused name."""
     out = dict(tensors)
     for name, parts in fused.items():

@@ -108,10 +108,10 @@ def config_from_hf(hf: Mapping[str, Any]) -> SiglipConfig:
     check_model_type(hf, "siglip", "SigLIP")
     check_architecture(hf, ARCHITECTURES)
     check_config_keys(hf, _TOP_KEYS, "siglip config.json")
-    text, projection = text_config_from_hf(sub_config(hf, "text_config", "siglip_text_model", "siglip config.json"))
-    vision = vision_config_from_hf(sub_config(hf, "vision_config", "siglip_vision_model", "siglip config.json"))
-    return build_config(SiglipConfig, dict(vision=vision, text=text, projection_dim=projection),
-                        "siglip config.json")
+    what = "siglip config.json"
+    text, projection = text_config_from_hf(sub_config(hf, "text_config", "siglip_text_model", what))
+    vision = vision_config_from_hf(sub_config(hf, "vision_config", "siglip_vision_model", what))
+    return build_config(SiglipConfig, dict(vision=vision, text=text, projection_dim=projection), what)
 
 
 def has_vision_layout(v: ViTConfig) -> bool:
@@ -218,7 +218,8 @@ def tensor_rules(c: SiglipConfig) -> list[TensorRule]:
     """Every tensor of an HF `SiglipModel` checkpoint of `c` (in_proj unpacked)."""
     R = TensorRule
     t = c.text
-    rules = [R("logit_scale", ("logit_scale",), (1,), "scalar"), R("logit_bias", ("logit_bias",), (1,), "scalar")]
+    rules = [R("logit_scale", ("logit_scale",), (1,), "scalar"),
+             R("logit_bias", ("logit_bias",), (1,), "scalar")]
     rules += [r.under("text") for r in text_tower_rules(t, "text_model.")]
     rules += [R("text_model.head.weight", ("text_head", "kernel"), (c.embed_dim, t.dim), "linear"),
               R("text_model.head.bias", ("text_head", "bias"), (c.embed_dim,), "copy")]
@@ -230,7 +231,8 @@ def head_in_proj(hf: str = "") -> dict[str, tuple[str, ...]]:
     """The pooling head's packed tensors (`torch.nn.MultiheadAttention`, under `hf`) -> the
     virtual per-projection names the rules use, for `split_rows` / `join_rows`."""
     a = hf + "head.attention."
-    return {f"{a}in_proj_{leaf}": tuple(f"{a}{role}_proj.{leaf}" for role in "qkv") for leaf in ("weight", "bias")}
+    return {f"{a}in_proj_{leaf}": tuple(f"{a}{role}_proj.{leaf}" for role in "qkv")
+            for leaf in ("weight", "bias")}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: SiglipConfig) -> dict[str, Any]:
