@@ -31,16 +31,15 @@ import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
-from mmjax.nn.attention import Attention
 from mmjax.nn.cache import KVCache
 from mmjax.nn.embeddings import Embed
 from mmjax.nn.linear import DenseGeneral
-from mmjax.nn.mlp import GatedMLP
-from mmjax.nn.moe import DISPATCH_MODES, MoE
+from mmjax.nn.moe import DISPATCH_MODES
 from mmjax.nn.norms import RMSNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
+from mmjax.nn.transformer import REMAT_POLICIES, BlockSpec, make_layers, run_layers
 from mmjax.ops import masks as masks_lib
-from mmjax.ops.rope import RopeScaling, inverse_frequencies
+from mmjax.ops.rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +68,8 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
     remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str = "full"  # with remat: "full" (save nothing), "dots", "dots_no_batch"
+    scan_layers: bool = False  # nn.scan over layers: one compiled block (params [layers, ...])
     dropout: float = 0.0  # residual dropout (embeddings, attention and MLP outputs) in training
     # Mixture of Experts (mmjax.nn.moe): num_experts > 0 replaces every MLP by a sparse MoE
     num_experts: int = 0
@@ -120,6 +121,9 @@ class LlamaConfig:
             for name in ("aux_loss_weight", "router_z_loss_weight"):
                 if getattr(self, name) < 0:
                     raise ConfigError(f"LlamaConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.remat_policy not in REMAT_POLICIES[1:]:
+            raise ConfigError(f"LlamaConfig.remat_policy {self.remat_policy!r}; choose one of "
+                              f"{', '.join(REMAT_POLICIES[1:])}")
         if self.head_size % 2:
             raise ConfigError(f"LlamaConfig: RoPE needs an even head_dim, got {self.head_size}")
         if isinstance(self.rope_scaling, dict):
@@ -233,43 +237,50 @@ def check_token_ids(tokens: jax.Array, vocab_size: int) -> None:
         raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
-class DecoderLayer(nn.Module):
-    config: LlamaConfig
-    causal: bool = True
-    deterministic: bool = True  # False: apply config.dropout (needs a "dropout" rng)
+def block_spec(c: LlamaConfig) -> BlockSpec:
+    """The shared transformer block (`mmjax.nn.transformer`) a LLaMA-family layer is: pre-norm
+    RMSNorm, RoPE attention (MHA / GQA / MQA), SwiGLU MLP or sparse MoE."""
+    return BlockSpec(
+        num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size, mlp_dim=c.mlp_dim,
+        norm="rms", norm_eps=c.norm_eps, norm_position="pre",
+        mlp="moe" if c.num_experts else "gated", activation=c.activation,
+        qkv_bias=c.attention_bias, out_bias=c.attention_bias, mlp_bias=c.mlp_bias,
+        rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, dropout=c.dropout,
+        initializer_range=c.initializer_range, implementation=c.attention_impl,
+        dtype=c.dtype, param_dtype=c.param_dtype,
+        num_experts=c.num_experts, experts_per_token=c.experts_per_token,
+        moe_dispatch=c.moe_dispatch, capacity_factor=c.capacity_factor,
+        router_noise=c.router_noise, router_renormalize=c.router_renormalize,
+        aux_loss_weight=c.aux_loss_weight, router_z_loss_weight=c.router_z_loss_weight,
+    )
 
-    @nn.compact
-    def __call__(self, x, mask, segment_ids, positions, cache_kv, cache_index):
-        c = self.config
-        inv_freq = inverse_frequencies(c.head_size, c.rope_theta, c.rope_scaling)
-        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        init = nn.initializers.normal(c.initializer_range)
-        h = RMSNorm(c.norm_eps, dtype, pdtype, name="attn_norm")(x)
-        a = Attention(
-            num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
-            qkv_bias=c.attention_bias, out_bias=c.attention_bias, dtype=dtype, param_dtype=pdtype,
-            kernel_init=init, implementation=c.attention_impl, name="attn",
-        )(h, mask=mask, causal=self.causal, segment_ids=segment_ids, positions=positions,
-          inv_freq=inv_freq, cache_kv=cache_kv, cache_index=cache_index)
-        if cache_kv is not None:
-            a, cache_kv = a
-        drop = nn.Dropout(c.dropout, deterministic=self.deterministic or c.dropout == 0.0)
-        x = constrain(x + drop(a), BATCH_LEN_EMBED)
-        h = RMSNorm(c.norm_eps, dtype, pdtype, name="mlp_norm")(x)
-        if c.num_experts:
-            h = MoE(c.num_experts, c.experts_per_token, c.mlp_dim, c.activation, c.moe_dispatch,
-                    c.capacity_factor, c.router_noise, c.router_renormalize, c.aux_loss_weight,
-                    c.router_z_loss_weight, dtype, pdtype, init, name="moe")(
-                        h, deterministic=self.deterministic)
-        else:
-            h = GatedMLP(c.mlp_dim, c.activation, c.mlp_bias, dtype, pdtype, init, name="mlp")(h)
-        return constrain(x + drop(h), BATCH_LEN_EMBED), cache_kv
+
+def _prefill_mask(cache_mask: jax.Array, input_mask: jax.Array, mask_ar: jax.Array,
+                  cache_index: jax.Array) -> jax.Array:
+    """The cache's attention mask [batch, 1, T, max_len] with the new tokens' own block
+    replaced by the `mask_ar` pattern (a bidirectional prefix sees its later tokens)."""
+    cumsum = jnp.cumsum(mask_ar.astype(jnp.int32), axis=1)
+    block = (cumsum[:, None, :] <= cumsum[:, :, None]) & input_mask.astype(bool)[:, None, :]
+    return jax.lax.dynamic_update_slice(cache_mask, block[:, None], (0, 0, 0, cache_index))
 
 
 class Llama(nn.Module):
     """Decoder-only LM. See the module docstring for the call forms."""
 
     config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        init = nn.initializers.normal(c.initializer_range)
+        self.embed = Embed(c.vocab_size, c.dim, dtype, pdtype, init, name="embed")
+        self.embed_dropout = nn.Dropout(c.dropout)
+        self.layers = make_layers(block_spec(c), c.num_layers, scan=c.scan_layers,
+                                  remat=c.remat_policy if c.remat else "none")
+        self.final_norm = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")
+        if not c.tie_embeddings:
+            self.lm_head = DenseGeneral(c.vocab_size, ("embed", "vocab"), dtype=dtype,
+                                        param_dtype=pdtype, kernel_init=init, name="lm_head")
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens (default config.max_len)."""
@@ -279,13 +290,26 @@ class Llama(nn.Module):
             jnp.dtype(dtype or c.dtype),
         )
 
-    @nn.compact
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Token ids [batch, seq] -> input embeddings [batch, seq, dim] (what `__call__` feeds
+        its first block). `model.apply(variables, tokens, method="embed_tokens")`."""
+        c = self.config
+        if getattr(tokens, "ndim", None) != 2:
+            raise InputError(f"Llama: tokens must be [batch, seq], got shape "
+                             f"{tuple(getattr(tokens, 'shape', ()))}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise InputError(f"Llama: tokens must be integer ids, got dtype {tokens.dtype}")
+        check_token_ids(tokens, c.vocab_size)
+        return self.embed(tokens)
+
     def __call__(
         self,
-        tokens: jax.Array,
+        tokens: jax.Array | None = None,
         *,
+        embeddings: jax.Array | None = None,
         positions: jax.Array | None = None,
         input_mask: jax.Array | None = None,
+        mask_ar: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
@@ -294,14 +318,20 @@ class Llama(nn.Module):
     ):
         """
         Args:
-          tokens: [batch, seq] int token ids.
+          tokens: [batch, seq] int token ids; or, instead,
+          embeddings: [batch, seq, dim] input embeddings (`embed_tokens(tokens)`, a soft prompt,
+            projected image features, or a concatenation of them).
           positions: [batch, seq] position ids; default: 0.. per row, counting only real tokens
             (input_mask), restarting at each packed document (segment_ids), or continuing the
             cache.
           input_mask: [batch, seq] bool, False for padding (padding keys are never attended).
+          mask_ar: [batch, seq] int/bool autoregressive-block mask (`ops.masks.
+            make_attention_mask`): zeros = one bidirectional block (a prefix: image tokens, a
+            prompt), a one starts a new causal block; None = causal everywhere (all ones).
+            With a cache it shapes the new tokens' block; cached tokens stay visible.
           segment_ids: [batch, seq] int, packed documents (no attention across documents).
           attention_mask: extra bool mask broadcastable to [batch, heads, seq, kv_len]
-            (prefix-LM or any custom pattern), ANDed with the causal mask.
+            (any custom pattern), ANDed with the rest.
           cache: a KVCache from `init_cache`; the new tokens are appended and attend the cache.
           return_intermediates: also return a dict of named activations.
           deterministic: False applies `config.dropout` (pass `rngs={"dropout": key}`).
@@ -312,25 +342,28 @@ class Llama(nn.Module):
           (after the final norm).
         """
         c = self.config
-        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        if tokens.ndim != 2:
-            raise InputError(f"Llama: tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise InputError(f"Llama: tokens must be integer ids, got dtype {tokens.dtype}")
-        check_token_ids(tokens, c.vocab_size)
-        b, t = tokens.shape
+        if (tokens is None) == (embeddings is None):
+            raise InputError("Llama: pass exactly one of tokens [batch, seq] or embeddings "
+                             "[batch, seq, dim]")
+        if tokens is not None:
+            x = self.embed_tokens(tokens)
+        else:
+            if getattr(embeddings, "ndim", None) != 3 or embeddings.shape[-1] != c.dim:
+                raise InputError(f"Llama: embeddings must be [batch, seq, dim={c.dim}], got shape "
+                                 f"{tuple(getattr(embeddings, 'shape', ()))}")
+            if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+                raise InputError(f"Llama: embeddings must be floating point, got {embeddings.dtype}")
+            x = embeddings.astype(jnp.dtype(c.dtype))
+        b, t = x.shape[:2]
         for name, arr in (("positions", positions), ("input_mask", input_mask),
-                          ("segment_ids", segment_ids)):
+                          ("mask_ar", mask_ar), ("segment_ids", segment_ids)):
             if arr is not None and tuple(arr.shape) != (b, t):
                 raise InputError(f"Llama: {name} must have shape {(b, t)}, got {tuple(arr.shape)}")
         if cache is None and t > c.max_len:
             raise InputError(f"Llama: sequence length {t} exceeds max_len={c.max_len}")
-
-        embed = Embed(c.vocab_size, c.dim, dtype, pdtype, nn.initializers.normal(c.initializer_range),
-                      name="embed")
-        x = constrain(embed(tokens), BATCH_LEN_EMBED)
+        x = constrain(x, BATCH_LEN_EMBED)
         if c.dropout > 0.0 and not deterministic:
-            x = nn.Dropout(c.dropout, deterministic=False)(x)
+            x = self.embed_dropout(x, deterministic=False)
 
         if cache is not None:
             if segment_ids is not None:
@@ -339,6 +372,8 @@ class Llama(nn.Module):
                 input_mask = jnp.ones((b, t), bool)
             cache_index = cache.index
             cache, default_pos, mask = cache.advance(input_mask)
+            if mask_ar is not None:
+                mask = _prefill_mask(mask, input_mask, mask_ar, cache_index)
             if positions is None:
                 positions = default_pos
             else:  # caller's positions win: keep the cache's record of them in step
@@ -348,7 +383,13 @@ class Llama(nn.Module):
             causal = False
         else:
             cache_index = None
-            mask = None if input_mask is None else masks_lib.padding_mask(input_mask)
+            if mask_ar is not None:
+                valid = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
+                mask = masks_lib.make_attention_mask(valid, mask_ar)
+                causal = False
+            else:
+                mask = None if input_mask is None else masks_lib.padding_mask(input_mask)
+                causal = True
             if positions is None:
                 if segment_ids is not None:
                     positions = segment_positions(segment_ids)
@@ -357,36 +398,23 @@ class Llama(nn.Module):
                 else:
                     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_positions = positions
-            causal = True
         if c.sliding_window is not None:
             window = masks_lib.sliding_window_mask(positions, kv_positions, c.sliding_window)
             mask = masks_lib.and_masks(mask, window[:, None])
         mask = masks_lib.and_masks(mask, attention_mask)
 
-        layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
-        hidden_states = [x]
-        new_k, new_v = [], []
-        for i in range(c.num_layers):
-            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, cache_kv = layer_cls(c, causal, deterministic, name=f"layers_{i}")(
-                x, mask, segment_ids, positions, cache_kv, cache_index
-            )
-            hidden_states.append(x)
-            if cache is not None:
-                new_k.append(cache_kv[0])
-                new_v.append(cache_kv[1])
-        h = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(h)
-        else:
-            logits = DenseGeneral(c.vocab_size, ("embed", "vocab"), dtype=dtype, param_dtype=pdtype,
-                                  kernel_init=nn.initializers.normal(c.initializer_range),
-                                  name="lm_head")(h)
+        embedded = x
+        x, hidden, new_kv = run_layers(
+            self.layers, x, mask=mask, segment_ids=segment_ids, positions=positions,
+            cache_kv=None if cache is None else (cache.k, cache.v), cache_index=cache_index,
+            causal=causal, deterministic=deterministic, keep_hidden=return_intermediates)
+        h = self.final_norm(x)
+        logits = self.embed.attend(h) if c.tie_embeddings else self.lm_head(h)
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
 
         outputs: tuple = (logits,)
         if cache is not None:
-            outputs += (cache.replace(k=tuple(new_k), v=tuple(new_v)),)
+            outputs += (cache.replace(k=new_kv[0], v=new_kv[1]),)
         if return_intermediates:
-            outputs += ({"hidden_states": tuple(hidden_states), "final_hidden": h},)
+            outputs += ({"hidden_states": (embedded,) + hidden, "final_hidden": h},)
         return outputs[0] if len(outputs) == 1 else outputs

@@ -102,15 +102,16 @@ def slot_positions(experts: jax.Array, num_experts: int) -> jax.Array:
 
 def aux_losses(collections: Any) -> dict[str, jax.Array]:
     """{name: mean over the layers that sowed it} from a `mutable=["losses"]` apply's second
-    output (or its "losses" entry); {} when nothing was sown."""
+    output (or its "losses" entry); {} when nothing was sown. A scanned stack sows one
+    [num_layers] array per name: its elements count as layers."""
     tree = collections.get(LOSS_COLLECTION, collections) if hasattr(collections, "get") else {}
     sums: dict[str, list[jax.Array]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = [getattr(k, "key", None) for k in path]
         name = next((n for n in reversed(names) if isinstance(n, str)), None)
         if name is not None:
-            sums.setdefault(name, []).append(jnp.asarray(leaf, jnp.float32))
-    return {name: sum(vals) / len(vals) for name, vals in sums.items()}
+            sums.setdefault(name, []).append(jnp.ravel(jnp.asarray(leaf, jnp.float32)))
+    return {name: jnp.mean(jnp.concatenate(vals)) for name, vals in sums.items()}
 
 
 # --- expert computation ----------------------------------------------------------------------
