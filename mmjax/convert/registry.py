@@ -7,6 +7,9 @@ that exposes `CONVERTERS` (a tuple of `mmjax.convert.core.Converter`) or `CONVER
 contributes its records; helper modules expose neither. Adding a family is adding its converter
 file -- there is no list to edit. Two records claiming one `model_type`, or a family without
 exactly one default exporter (`export_when=None`), is a programming error raised at discovery.
+A module that fails to import (an ImportError: a missing optional dependency, a broken name) is
+left out rather than breaking every other family's conversion; "unsupported model_type" and
+"no exporter" errors then name it and the error.
 """
 
 from __future__ import annotations
@@ -26,14 +29,19 @@ __all__ = ["Converter", "converters", "for_model_type", "for_hf_config", "for_fa
 
 
 @functools.lru_cache(maxsize=None)
-def _discovered() -> tuple[tuple[Converter, ...], dict[str, Converter]]:
+def _discovered() -> tuple[tuple[Converter, ...], dict[str, Converter], dict[str, str]]:
     package = __name__.rpartition(".")[0]
     this = __name__.rpartition(".")[2]
     records: list[tuple[str, Converter]] = []
+    broken: dict[str, str] = {}  # module -> why it did not import
     for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda m: m.name):
         if info.name.startswith("_") or info.name == this:
             continue
-        module = importlib.import_module(f"{package}.{info.name}")
+        try:
+            module = importlib.import_module(f"{package}.{info.name}")
+        except ImportError as e:
+            broken[f"{package}.{info.name}"] = f"{type(e).__name__}: {e}"
+            continue
         found = getattr(module, "CONVERTERS", None)
         if found is None:
             found = (module.CONVERTER,) if hasattr(module, "CONVERTER") else ()
@@ -54,7 +62,12 @@ def _discovered() -> tuple[tuple[Converter, ...], dict[str, Converter]]:
         if len(defaults) != 1:
             raise ValueError(f"mmjax family {family!r} needs exactly one default exporter "
                              f"(export_when=None), found {len(defaults)}: {', '.join(defaults)}")
-    return tuple(r for _, r in records), by_type
+    return tuple(r for _, r in records), by_type, broken
+
+
+def _broken_note() -> str:
+    broken = _discovered()[2]
+    return "".join(f" ({name} could not be imported: {why})" for name, why in broken.items())
 
 
 def converters() -> tuple[Converter, ...]:
@@ -73,6 +86,7 @@ def for_model_type(model_type: Any) -> Converter:
         hint = closest_name(model_type, by_type) if isinstance(model_type, str) else ""
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}{hint}; supported: {', '.join(supported_model_types())}"
+            + _broken_note()
         )
     return by_type[model_type]
 
@@ -102,6 +116,7 @@ def _of_family(family: str) -> list[Converter]:
         families = sorted({c.family for c in converters()})
         raise UnsupportedModelError(
             f"no Hugging Face exporter for mmjax family {family!r}; supported: {', '.join(families)}"
+            + _broken_note()
         )
     return found
 

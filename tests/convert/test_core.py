@@ -225,3 +225,26 @@ def test_export_picks_the_record_by_model_type_or_layout():
     with pytest.raises(UnsupportedModelError, match="cannot export mmjax family 'vit' as model_type 'gpt2'; "
                                                     "supported: .*clip_vision_model"):
         registry.for_export("vit", ViTConfig(**small), "gpt2")
+
+
+def test_a_converter_module_that_does_not_import_leaves_the_others_working(monkeypatch):
+    real = registry.importlib.import_module
+
+    def import_module(name, *args):
+        if name == "mmjax.convert.siglip":
+            raise ImportError("simulated missing dependency")
+        return real(name, *args)
+
+    monkeypatch.setattr(registry.importlib, "import_module", import_module)
+    registry._discovered.cache_clear()
+    try:
+        assert registry.for_model_type("llama").family == "llama"
+        assert "siglip" not in registry.supported_model_types()
+        with pytest.raises(UnsupportedModelError, match=r"unsupported model_type 'siglip'.*"
+                                                        r"mmjax\.convert\.siglip could not be imported: "
+                                                        r"ImportError: simulated missing dependency"):
+            registry.for_model_type("siglip")
+    finally:
+        monkeypatch.undo()
+        registry._discovered.cache_clear()
+    assert registry.for_model_type("siglip").family == "siglip"
