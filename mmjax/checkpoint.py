@@ -11,6 +11,14 @@ Layout of a model directory:
 Saving is atomic: everything is written into a temporary directory next to `out_dir` and
 renamed into place only when complete, so a failed or killed save never leaves `out_dir`
 half-written, and an existing good `out_dir` stays intact until the new one is complete.
+
+Training workdirs (written by `mmjax train`, `mmjax.train.loop`) are read here too, so that
+`mmjax export` and the layers below `mmjax.train` can use a trained model:
+    module, config, params = load_workdir("workdirs/llm_text")   # the latest checkpoint
+Their layout, as far as reading a model goes:
+  mmjax_model.json  {"family": ..., "config": {...}}
+  checkpoints/      Orbax `CheckpointManager` steps; each step's "params" item holds the params
+  tokenizer.model   the sentencepiece tokenizer of a text run (absent otherwise)
 """
 
 from __future__ import annotations
@@ -30,6 +38,12 @@ MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
 FORMAT = "mmjax-model"
 VERSION = 1
+
+# Training workdir layout (mmjax.train.loop writes these; it re-exports them under the names
+# MODEL_FILE, TOKENIZER_FILE and CHECKPOINT_DIR).
+WORKDIR_MODEL_FILE = "mmjax_model.json"
+WORKDIR_TOKENIZER_FILE = "tokenizer.model"
+WORKDIR_CHECKPOINT_DIR = "checkpoints"
 
 # family -> example inputs for `module.init`, used to check restored param shapes
 def is_model_dir(path: str) -> bool:
@@ -147,9 +161,12 @@ def load_model_dir(path: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _check_shapes(family: str, module: Any, config: Any, params: Any, where: str) -> None:
-    from mmjax.models import EXAMPLE_INPUTS, abstract_params
+    from mmjax.errors import UnsupportedModelError
+    from mmjax.models import abstract_params, example_inputs
 
-    if family not in EXAMPLE_INPUTS:
+    try:
+        example_inputs(family, config)
+    except UnsupportedModelError:  # a family without registered example inputs: not checked
         return
     expected = abstract_params(family, module, config)
     want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
@@ -162,3 +179,58 @@ def _check_shapes(family: str, module: Any, config: Any, params: Any, where: str
     for name, shape in want.items():
         if got[name] != shape:
             raise InputError(f"{where}: param {name} has shape {got[name]}, the config needs {shape}")
+
+
+def is_workdir(path: str) -> bool:
+    """Whether `path` is a training workdir (it has `mmjax_model.json`)."""
+    return os.path.isfile(os.path.join(path, WORKDIR_MODEL_FILE))
+
+
+def read_workdir_info(workdir: str) -> dict[str, Any]:
+    """The parsed `mmjax_model.json` ({"family", "config"}) of a training workdir.
+
+    Raises InputError when `workdir` is not a training workdir.
+    """
+    model_file = os.path.join(workdir, WORKDIR_MODEL_FILE)
+    if not os.path.isfile(model_file):
+        raise InputError(f"{workdir!r} is not a training workdir (no {WORKDIR_MODEL_FILE})")
+    with open(model_file) as f:
+        return json.load(f)
+
+
+def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
+    """(module, config, params) of a training workdir's latest checkpoint.
+
+    The module is rebuilt for use outside the training mesh: an `attention_impl` that cannot
+    decode or init there (ring) becomes the platform default (`decoding_implementation`); the
+    params are the same. Raises InputError when `workdir` is not a training workdir or holds no
+    checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    from mmjax.models import abstract_params, build_model
+    from mmjax.ops.attention import decoding_implementation
+
+    spec = read_workdir_info(workdir)
+    family = spec.get("family")
+    config = dict(spec.get("config") or {})
+    if "attention_impl" in config:
+        config["attention_impl"] = decoding_implementation(config["attention_impl"])
+    module, config = build_model(family, config)
+    ckpt_dir = os.path.join(workdir, WORKDIR_CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise InputError(f"{workdir!r} holds no checkpoint yet ({ckpt_dir} missing)")
+    manager = ocp.CheckpointManager(
+        os.path.abspath(ckpt_dir),
+        options=ocp.CheckpointManagerOptions(create=False),  # (read_only=True logs warnings)
+        item_handlers={"params": ocp.StandardCheckpointHandler()},
+    )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise InputError(f"{workdir!r} holds no checkpoint yet")
+        restore = ocp.args.StandardRestore(abstract_params(family, module, config))
+        params = manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+    finally:
+        manager.close()
+    return module, config, params

@@ -25,7 +25,6 @@ in that family's converter file, the shared pieces in `mmjax.convert.reference`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
@@ -114,15 +113,11 @@ def export_dir(ckpt_dir: str, hf_out_dir: str) -> None:
         _, config, params = checkpoint.load_model_dir(ckpt_dir)
         family = info["family"]
         model_type = (info.get("metadata") or {}).get("hf_model_type")
-    elif os.path.isfile(os.path.join(ckpt_dir, "mmjax_model.json")):
-        from mmjax.train.inference import load_for_inference
-        from mmjax.train.loop import MODEL_FILE, TOKENIZER_FILE
-
-        module, params, _ = load_for_inference(ckpt_dir)
-        with open(os.path.join(ckpt_dir, MODEL_FILE)) as f:
-            family = json.load(f)["family"]
-        config, model_type = module.config, None
-        tokenizer_file = os.path.join(ckpt_dir, TOKENIZER_FILE)
+    elif checkpoint.is_workdir(ckpt_dir):
+        _, config, params = checkpoint.load_workdir(ckpt_dir)
+        family = checkpoint.read_workdir_info(ckpt_dir)["family"]
+        model_type = None
+        tokenizer_file = os.path.join(ckpt_dir, checkpoint.WORKDIR_TOKENIZER_FILE)
     elif not os.path.isdir(ckpt_dir):
         raise InputError(f"checkpoint directory {ckpt_dir!r} does not exist")
     else:

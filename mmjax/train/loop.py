@@ -27,6 +27,11 @@ from typing import Any
 
 import jax
 
+from mmjax.checkpoint import (
+    WORKDIR_CHECKPOINT_DIR as CHECKPOINT_DIR,
+    WORKDIR_MODEL_FILE as MODEL_FILE,
+    WORKDIR_TOKENIZER_FILE as TOKENIZER_FILE,
+)
 from mmjax.parallel.mesh import activate, make_mesh
 from mmjax.parallel.presets import check_mesh, describe_mesh, get_preset
 from mmjax.train.checkpointing import Checkpointer
@@ -47,9 +52,10 @@ from mmjax.train.state import (
 from mmjax.train.step import make_train_step, shard_batch
 from mmjax.train.task import build_task
 
-MODEL_FILE = "mmjax_model.json"
-TOKENIZER_FILE = "tokenizer.model"
-CHECKPOINT_DIR = "checkpoints"
+# The workdir layout constants live in mmjax.checkpoint (imported above), which reads workdirs
+# for `mmjax export`; MODEL_FILE, TOKENIZER_FILE and CHECKPOINT_DIR are re-exported from here.
+__all__ = ["CHECKPOINT_DIR", "MODEL_FILE", "TOKENIZER_FILE", "check_workdir_writable",
+           "format_metrics", "train"]
 
 
 class _StopSignal:

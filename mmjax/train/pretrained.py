@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmjax import checkpoint
 from mmjax.errors import InputError
 from mmjax.train.optimizer import path_str
 
@@ -30,13 +31,9 @@ def load_source_params(path: str) -> Any:
     if not os.path.isdir(path):
         raise InputError(f"init_from={path!r} is not a directory (train or convert that model "
                          "first, or --set init_from=None to start from scratch)")
-    if os.path.isfile(os.path.join(path, "mmjax_model.json")):
-        from mmjax.train.inference import load_for_inference
-
-        _, params, _ = load_for_inference(path)
+    if checkpoint.is_workdir(path):
+        _, _, params = checkpoint.load_workdir(path)
         return params
-    from mmjax import checkpoint
-
     if checkpoint.is_model_dir(path):
         _, _, params = checkpoint.load_model_dir(path)
         return params
