@@ -74,7 +74,10 @@ def _family_of(config: Any) -> str:
     except ImportError:  # TEMPORARY: until mmjax.models.family_of lands (replacing FAMILIES)
         family_of = None
     if family_of is not None:
-        return family_of(config)
+        try:
+            return family_of(config)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"to_hf: {e}; pass family=...") from None
     from mmjax.models import FAMILIES
 
     for name, loader in FAMILIES.items():
