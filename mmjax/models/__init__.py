@@ -1,101 +1,82 @@
-"""Model families by name: `build_model(family, config_dict) -> (module, config)`."""
+"""Model families by name, derived from the records each family declares next to its model.
+
+    module, config = build_model("llama", {"dim": 64, ...})   # or a LlamaConfig
+    family_of(config)                                         # -> "llama"
+    families()                                                # {name: Family}
+
+A family is `mmjax/models/<file>.py` ending in `FAMILIES = (Family(name, ConfigClass,
+ModuleClass, example_inputs, summary),)` (`mmjax.models.family`). `families()` imports every
+module of this package once and collects those records: adding a family edits no list here.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import importlib
+import pkgutil
+from typing import Any
 
 from mmjax.configs import closest_name
 from mmjax.errors import UnsupportedModelError
+from mmjax.models.family import Family
+
+_NOT_MODEL_FILES = {"family"}
 
 
-def _llama():
-    from mmjax.models.llama import Llama, LlamaConfig
-
-    return LlamaConfig, Llama
-
-
-def _vit():
-    from mmjax.models.vit import ViT, ViTConfig
-
-    return ViTConfig, ViT
-
-
-def _clip():
-    from mmjax.models.clip import CLIP, CLIPConfig
-
-    return CLIPConfig, CLIP
-
-
-def _clip_text():
-    from mmjax.models.clip import CLIPTextConfig, TextTransformer
-
-    return CLIPTextConfig, TextTransformer
+@functools.lru_cache(maxsize=None)
+def _discover() -> tuple[Family, ...]:
+    records: list[Family] = []
+    seen: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _NOT_MODEL_FILES or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for record in getattr(module, "FAMILIES", ()):
+            if record.name in seen:
+                raise RuntimeError(f"model family {record.name!r} is declared twice: in "
+                                   f"{seen[record.name]} and {module.__name__}")
+            seen[record.name] = module.__name__
+            records.append(record)
+    return tuple(records)
 
 
-def _siglip():
-    from mmjax.models.siglip import SigLIP, SiglipConfig
-
-    return SiglipConfig, SigLIP
-
-
-# family name -> lazy loader of (config class, module class)
-FAMILIES: dict[str, Callable[[], tuple[type, type]]] = {
-    "llama": _llama,
-    "vit": _vit,
-    "clip": _clip,
-    "clip_text": _clip_text,
-    "siglip": _siglip,
-}
+def families() -> dict[str, Family]:
+    """Every declared family by name."""
+    return {f.name: f for f in _discover()}
 
 
 def get_family(family: str) -> tuple[type, type]:
-    if family not in FAMILIES:
+    """(config class, module class) of `family`; UnsupportedModelError listing the known ones."""
+    record = family_record(family)
+    return record.config_class, record.module_class
+
+
+def family_record(family: str) -> Family:
+    known = families()
+    if family not in known:
         raise UnsupportedModelError(
-            f"unknown model family {family!r}{closest_name(family, FAMILIES)}; known: {', '.join(FAMILIES)}"
-        )
-    return FAMILIES[family]()
+            f"unknown model family {family!r}{closest_name(str(family), known)}; "
+            f"known: {', '.join(known)}")
+    return known[family]
 
 
-def _example_vision(config) -> tuple:
-    import jax.numpy as jnp
-
-    h, w = config.image_hw
-    return (jnp.zeros((1, h, w, config.channels), jnp.float32),)
-
-
-def _example_clip_text(config) -> tuple:
-    import jax.numpy as jnp
-
-    # the end-of-text id where the tower pools at it (it refuses concrete rows without one)
-    eos = config.eos_token_id if config.eos_pooling == "first_eos" else 0
-    return (jnp.full((1, 1), eos, jnp.int32),)
-
-
-def _example_clip(config) -> tuple:
-    return _example_vision(config.vision) + _example_clip_text(config.text)
-
-
-def _example_tokens(config) -> tuple:
-    import jax.numpy as jnp
-
-    return (jnp.zeros((1, 1), jnp.int32),)
-
-
-# family -> config -> positional inputs of a smallest `module.init` call (param shapes only)
-EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple]] = {
-    "llama": _example_tokens,
-    "vit": _example_vision,
-    "clip": _example_clip,
-    "clip_text": _example_clip_text,
-    "siglip": _example_clip,
-}
+def family_of(config: Any) -> str:
+    """The family whose config class `config` is an instance of (exact class first)."""
+    records = _discover()
+    for record in records:
+        if type(config) is record.config_class:
+            return record.name
+    for record in records:
+        if isinstance(config, record.config_class):
+            return record.name
+    raise UnsupportedModelError(
+        f"no model family has config class {type(config).__name__}; known: "
+        f"{', '.join(f'{r.name} ({r.config_class.__name__})' for r in records)}")
 
 
 def example_inputs(family: str, config: Any) -> tuple:
     """Inputs with which `module.init` builds every param of `family` (batch 1)."""
-    if family not in EXAMPLE_INPUTS:
-        raise UnsupportedModelError(f"model family {family!r} has no example inputs registered")
-    return EXAMPLE_INPUTS[family](config)
+    return family_record(family).example_inputs(config)
 
 
 def abstract_params(family: str, module: Any, config: Any) -> Any:
@@ -110,7 +91,8 @@ def abstract_params(family: str, module: Any, config: Any) -> Any:
 
 def build_model(family: str, config: dict[str, Any] | Any):
     """Module for `family` from a config dataclass or its dict form. Returns (module, config)."""
-    config_cls, module_cls = get_family(family)
-    if isinstance(config, dict):
-        config = config_cls.from_dict(config)
-    return module_cls(config), config
+    return family_record(family).build(config)
+
+
+__all__ = ["Family", "families", "family_record", "family_of", "get_family", "example_inputs",
+           "abstract_params", "build_model"]

@@ -31,6 +31,7 @@ import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
+from mmjax.models.family import Family, token_inputs
 from mmjax.nn.cache import KVCache
 from mmjax.nn.embeddings import Embed
 from mmjax.nn.linear import DenseGeneral
@@ -418,3 +419,8 @@ class Llama(nn.Module):
         if return_intermediates:
             outputs += ({"hidden_states": (embedded,) + hidden, "final_hidden": h},)
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+FAMILIES = (Family("llama", LlamaConfig, Llama, token_inputs,
+                   "LLaMA 1/2/3, Llama 3.1, Mistral, Mixtral (decoder-only LM, dense or MoE)",
+                   tasks=("lm",)),)

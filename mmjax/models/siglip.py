@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from mmjax import configs
 from mmjax.errors import ConfigError
+from mmjax.models.family import Family
 from mmjax.models.clip import CLIPTextConfig, TextTransformer, contrastive_outputs, l2_normalize
 from mmjax.models.vit import ViT, ViTConfig
 from mmjax.nn.linear import DenseGeneral
@@ -169,3 +170,13 @@ def _dense(features: int, text: CLIPTextConfig) -> DenseGeneral:
     return DenseGeneral(features, ("embed", "mlp"), use_bias=True, dtype=jnp.dtype(text.dtype),
                         param_dtype=jnp.dtype(text.param_dtype),
                         kernel_init=nn.initializers.normal(text.dim ** -0.5))
+
+
+def _siglip_inputs(config: SiglipConfig) -> tuple:
+    from mmjax.models.clip import _clip_inputs
+
+    return _clip_inputs(config)
+
+
+FAMILIES = (Family("siglip", SiglipConfig, SigLIP, _siglip_inputs,
+                   "SigLIP: ViT with MAP pooling + text tower, sigmoid loss with a learned bias"),)

@@ -88,19 +88,46 @@ class Preset:
     def configure_model(self, model_config: Any, *, on_mesh: bool = True) -> Any:
         """`model_config` with this preset's dtypes and attention implementation (unchanged
         when the preset sets none; the attention implementation only `on_mesh`: ring attention
-        needs the mesh's seq axis)."""
+        needs the mesh's seq axis).
+
+        The settings reach every nested model config (a dataclass field that is itself a
+        config: CLIP's `vision` / `text` towers, a VLM's vision encoder and LLM), each config
+        taking those of the settings it has a field for. ConfigError when no config in the tree
+        has a field for one of them."""
         fields = [("dtype", self.dtype), ("param_dtype", self.param_dtype)]
         if on_mesh:
             fields.append(("attention_impl", self.attention_impl))
         changes = {k: v for k, v in fields if v is not None}
         if not changes:
             return model_config
-        missing = [k for k in changes if not hasattr(model_config, k)]
+        used: set[str] = set()
+        out = _configure_tree(model_config, changes, used)
+        missing = [k for k in changes if k not in used]
         if missing:
             raise ConfigError(
-                f"parallelism={self.name!r} sets the model's {', '.join(missing)}, but "
-                f"{type(model_config).__name__} has no such field")
-        return dataclasses.replace(model_config, **changes)
+                f"parallelism={self.name!r} sets the model's {', '.join(missing)}, but neither "
+                f"{type(model_config).__name__} nor any config nested in it has such a field")
+        return out
+
+
+def _configure_tree(config: Any, changes: dict[str, Any], used: set[str]) -> Any:
+    """`config` (a dataclass) with `changes` applied to it and, recursively, to every field that
+    is itself a dataclass; `used` collects the names some config accepted."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    names = {f.name for f in dataclasses.fields(config)}
+    own = {k: v for k, v in changes.items() if k in names}
+    used.update(own)
+    nested = {}
+    for name in names - set(own):
+        value = getattr(config, name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            new = _configure_tree(value, changes, used)
+            if new is not value:
+                nested[name] = new
+    if not own and not nested:
+        return config
+    return dataclasses.replace(config, **own, **nested)
 
 
 _TP_PARAMS: Rules = (("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),

@@ -19,7 +19,6 @@ import numpy as np
 import optax
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import ViT, ViTConfig
 from mmjax.tasks import image_data
 from mmjax.tasks.image_data import ImageDataConfig
 from mmjax.train.task import Task
@@ -28,9 +27,7 @@ from mmjax.train.task import Task
 class ImageClassificationTask(Task):
     """Softmax classification of images with a ViT."""
 
-    family = "vit"
     unit = "images"
-    model_config_class = ViTConfig
     data_config_class = ImageDataConfig
 
     @classmethod
@@ -49,7 +46,7 @@ class ImageClassificationTask(Task):
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the {cfg.data.dataset} "
                               f"dataset has {n} classes (0 = take the dataset's)")
         self.model_config = cfg.model.replace(num_classes=n)
-        self.model = ViT(self.model_config)
+        self.model = self.build_model(self.model_config)
         self.units_per_step = cfg.data.batch_size
         h, w = self.model_config.image_hw
         self._example = jnp.zeros((1, h, w, self.model_config.channels), jnp.float32)

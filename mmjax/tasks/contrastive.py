@@ -33,7 +33,6 @@ from mmjax.errors import ConfigError
 from mmjax.eval.linear_probe import linear_probe_accuracy
 from mmjax.eval.retrieval import retrieval_recall
 from mmjax.eval.zero_shot import class_embeddings, zero_shot_accuracy
-from mmjax.models.clip import CLIP, CLIPConfig
 from mmjax.ops.losses import clip_loss, siglip_loss
 from mmjax.tasks import image_data
 from mmjax.tasks.image_data import ImageDataConfig
@@ -43,9 +42,7 @@ from mmjax.train.task import Task
 class ContrastiveTask(Task):
     """CLIP / SigLIP on an image-caption dataset."""
 
-    family = "clip"
     unit = "images"
-    model_config_class = CLIPConfig
     data_config_class = ImageDataConfig
 
     @classmethod
@@ -66,7 +63,7 @@ class ContrastiveTask(Task):
         text = cfg.model.text.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         self.model_config = cfg.model.replace(text=text)
-        self.model = CLIP(self.model_config)
+        self.model = self.build_model(self.model_config)
         self.objective = "siglip" if self.model_config.logit_bias_init is not None else "clip"
         self.units_per_step = cfg.data.batch_size
         h, w = self.model_config.vision.image_hw
@@ -74,11 +71,11 @@ class ContrastiveTask(Task):
         self._example = (jnp.zeros((1, h, w, self.model_config.vision.channels), jnp.float32),
                          jnp.asarray(example_tokens))
         m = self.model
-        self._encode_image = jax.jit(lambda p, x: m.apply({"params": p}, x, method=CLIP.encode_image))
+        self._encode_image = jax.jit(lambda p, x: m.apply({"params": p}, x, method="encode_image"))
         self._image_features = jax.jit(lambda p, x: m.apply(
-            {"params": p}, x, return_intermediates=True, method=CLIP.encode_image)[1]["pooled"])
+            {"params": p}, x, return_intermediates=True, method="encode_image")[1]["pooled"])
         self._encode_text = jax.jit(lambda p, t, msk: m.apply(
-            {"params": p}, t, input_mask=msk, method=CLIP.encode_text))
+            {"params": p}, t, input_mask=msk, method="encode_text"))
         self._eval_loss = jax.jit(lambda p, b: self.loss(p, b, None)[0])
 
     def describe(self) -> str:

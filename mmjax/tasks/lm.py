@@ -24,7 +24,6 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax.errors import ConfigError
-from mmjax.models.llama import Llama, LlamaConfig
 from mmjax.nn.moe import aux_losses
 from mmjax.ops.attention import decoding_implementation
 from mmjax.tasks import text_data
@@ -100,11 +99,10 @@ def lm_init_fn(model: nn.Module, seq_len: int) -> Callable[[jax.Array], Any]:
 
 
 class LanguageModelingTask(Task):
-    """Next-token prediction with a LLaMA-family model on a sentencepiece-tokenized corpus."""
+    """Next-token prediction with a decoder-only LM (any family whose record lists "lm") on a
+    sentencepiece-tokenized corpus."""
 
-    family = "llama"
     unit = "tokens"
-    model_config_class = LlamaConfig
     data_config_class = TextDataConfig
     sample_config_class = SampleConfig
 
@@ -122,10 +120,10 @@ class LanguageModelingTask(Task):
             vocab_size=self.data.vocab_size, bos_token_id=self.data.bos_id,
             eos_token_id=self.data.eos_id, pad_token_id=self.data.pad_id,
         )
-        self.model = Llama(self.model_config)
+        self.model = self.build_model(self.model_config)
         decode_impl = decoding_implementation(self.model_config.attention_impl)
         self.decode_model = (self.model if decode_impl == self.model_config.attention_impl
-                             else Llama(self.model_config.replace(attention_impl=decode_impl)))
+                             else self.build_model(self.model_config.replace(attention_impl=decode_impl)))
         self.units_per_step = cfg.data.batch_size * cfg.data.seq_len
         self._eval_steps: dict[Any, Callable] = {}
         # rng -> boxed params (the same tree whatever the attention implementation; init

@@ -36,9 +36,13 @@ class Task:
     """Base class. Subclasses set `model`, `family` and `model_config` in `__init__` and
     implement `init_params`, `loss`, `train_iterator` and `evaluate`.
 
+    A task knows no model class: it builds its model with `self.build_model(config)` through
+    the family records (`mmjax.models`), and any family whose record lists the task's name in
+    `Family.tasks` can be trained by it.
+
     Attributes:
       model: the Linen module being trained.
-      family: its name in `mmjax.models.FAMILIES` (recorded in the workdir for inference).
+      family: its family name (`mmjax.models.families()`; recorded in the workdir for inference).
       model_config: the final model config (e.g. vocab size taken from the trained tokenizer).
       unit: what the throughput counts ("tokens", "images", "examples").
       units_per_step: how many of them one optimizer step consumes.
@@ -49,15 +53,32 @@ class Task:
     model_config: Any
     unit: str = "examples"
     units_per_step: int = 0
+    # the Family.tasks entry a model's family must list for this task to train it (None: the
+    # task's registered name, e.g. "lm"); a task of one's own that trains LMs sets "lm"
+    trains: str | None = None
     # the task's config classes; ExperimentConfig fills data / sample with default instances
-    model_config_class: type | None = None
     data_config_class: type | None = None
     sample_config_class: type | None = None
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         """Raise ConfigError for configs this task cannot run (types, cross-field limits)."""
-        for field, expected in (("model", cls.model_config_class), ("data", cls.data_config_class),
+        from mmjax.errors import UnsupportedModelError
+        from mmjax.models import families, family_of, family_record
+
+        try:
+            family = family_of(cfg.model)
+        except UnsupportedModelError as e:
+            raise ConfigError(f"task {cfg.task!r}: model={type(cfg.model).__name__}(...) is not a "
+                              f"model config ({e})") from None
+        need = cls.trains or cfg.task
+        if need not in family_record(family).tasks:
+            able = [f"{n} ({r.config_class.__name__})" for n, r in families().items()
+                    if need in r.tasks]
+            raise ConfigError(f"task {cfg.task!r} cannot train model family {family!r} "
+                              f"({type(cfg.model).__name__}); families it trains: "
+                              f"{', '.join(able) or 'none'}")
+        for field, expected in (("data", cls.data_config_class),
                                 ("sample", cls.sample_config_class)):
             value = getattr(cfg, field)
             if expected is not None and not isinstance(value, expected):
@@ -68,6 +89,13 @@ class Task:
         self.cfg = cfg
         self.workdir = workdir
         self.log = log
+
+    def build_model(self, config: Any) -> nn.Module:
+        """The module for `config`, through its family's record; sets `self.family`."""
+        from mmjax.models import build_model, family_of
+
+        self.family = family_of(config)
+        return build_model(self.family, config)[0]
 
     # --- required --------------------------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:

@@ -89,7 +89,7 @@ class SyntheticLMTask(Task):
 
     family = "llama"
     unit = "tokens"
-    model_config_class = LlamaConfig
+    trains = "lm"  # any family whose record lists "lm"
     data_config_class = SyntheticDataConfig
 
     def __init__(self, cfg, workdir, log=print):

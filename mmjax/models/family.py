@@ -1,0 +1,57 @@
+"""The record a model family declares once, next to its model (`FAMILIES = (Family(...),)` at
+the bottom of `mmjax/models/<family>.py`). Every registry by family name (`build_model`,
+checkpoints, tasks, conversion, export) is derived from these records by
+`mmjax.models.families()`, which discovers them; nothing else lists the families.
+
+The Hugging Face side of a family (architectures, config/weight conversion, what
+`mmjax compare` feeds and compares) is declared the same way in its converter file
+(`mmjax/convert/<family>.py`, `mmjax.convert.core.Converter`), keyed by the family name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    name: the family name (`build_model(name, config)`, recorded in checkpoints and workdirs).
+    config_class: its dataclass config (`from_dict`, `to_dict`, `replace`).
+    module_class: the Linen module, built as `module_class(config)`.
+    example_inputs: config -> positional inputs of a smallest `module.init` call that creates
+      every param (batch 1; shapes only matter).
+    summary: one line for `mmjax` listings and docs.
+    tasks: the training tasks (`mmjax.train.task.TASKS` names) that can train this family; a
+      task refuses a model whose family does not list it.
+    """
+
+    name: str
+    config_class: type
+    module_class: type
+    example_inputs: Callable[[Any], tuple]
+    summary: str = ""
+    tasks: tuple[str, ...] = ()
+
+    def build(self, config: Any) -> tuple[Any, Any]:
+        """(module, config) from a config instance or its dict form."""
+        if isinstance(config, dict):
+            config = self.config_class.from_dict(config)
+        return self.module_class(config), config
+
+
+def token_inputs(config: Any) -> tuple:
+    """Example inputs of a model on token ids: one [1, 1] int32 token."""
+    import jax.numpy as jnp
+
+    return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def image_inputs(config: Any) -> tuple:
+    """Example inputs of an image model: one zero image [1, H, W, C] at the config's size."""
+    import jax.numpy as jnp
+
+    h, w = config.image_hw
+    return (jnp.zeros((1, h, w, config.channels), jnp.float32),)
