@@ -111,8 +111,8 @@ class SyntheticLMTask(Task):
 
 
 EXPERIMENT = textwrap.dedent('''
-    import sys
-    sys.path.insert(0, {tests!r})
+    import os, sys
+    sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]  # this folder, and tests/ (support.py)
     from mmjax.train.task import TASKS
     TASKS["synthetic_lm"] = "test_multihost:SyntheticLMTask"
     from test_multihost import SyntheticDataConfig
