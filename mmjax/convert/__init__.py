@@ -54,6 +54,8 @@ def to_hf(module_or_config: Any, params: Mapping[str, Any], out_dir: str, *,
     import flax.linen as nn
     import numpy as np
 
+    from mmjax.nn.transformer import unstack_layer_params
+
     config = getattr(module_or_config, "config", module_or_config)
     family = family or _family_of(config)
     converter = registry.for_export(family, config, model_type)
@@ -62,31 +64,19 @@ def to_hf(module_or_config: Any, params: Mapping[str, Any], out_dir: str, *,
     if isinstance(plain, Mapping) and set(plain) == {"params"}:
         plain = plain["params"]
     np_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), plain)
+    np_params = unstack_layer_params(np_params)  # a scanned stack exports as its layers
     tensors = converter.params_to_hf(np_params, config)
     hf_io.write_hf_dir(out_dir, hf_config, tensors)
 
 
 def _family_of(config: Any) -> str:
     from mmjax.errors import UnsupportedModelError
+    from mmjax.models import family_of
 
     try:
-        from mmjax.models import family_of
-    except ImportError:  # TEMPORARY: until mmjax.models.family_of lands (replacing FAMILIES)
-        family_of = None
-    if family_of is not None:
-        try:
-            return family_of(config)
-        except UnsupportedModelError as e:
-            raise UnsupportedModelError(f"to_hf: {e}; pass family=...") from None
-    from mmjax.models import FAMILIES
-
-    for name, loader in FAMILIES.items():
-        config_cls, _ = loader()
-        if isinstance(config, config_cls):
-            return name
-    raise UnsupportedModelError(
-        f"to_hf: cannot tell the model family of {type(config).__name__}; pass family=..."
-    )
+        return family_of(config)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"to_hf: {e}; pass family=...") from None
 
 
 __all__ = ["from_hf", "to_hf", "read_hf"]

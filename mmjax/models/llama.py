@@ -44,7 +44,7 @@ from mmjax.ops.rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(configs.Config):
     vocab_size: int = 32000
     dim: int = 4096
     num_layers: int = 32
@@ -131,11 +131,7 @@ class LlamaConfig:
             object.__setattr__(self, "rope_scaling", configs.from_dict(RopeScaling, self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                raise ConfigError(f"LlamaConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+        self.check_dtypes("dtype", "param_dtype")
 
     @property
     def kv_heads(self) -> int:
@@ -150,26 +146,6 @@ class LlamaConfig:
         if self.eos_token_id is None:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
-    def replace(self, **kw) -> "LlamaConfig":
-        configs.check_keys("LlamaConfig", kw, {f.name for f in dataclasses.fields(self)})
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return configs.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> "LlamaConfig":
-        return configs.from_dict(cls, d)
-
-    @classmethod
-    def from_variant(cls, name: str, **overrides) -> "LlamaConfig":
-        if name not in VARIANTS:
-            raise ConfigError(
-                f"unknown LLaMA variant {name!r}{configs.closest_name(name, VARIANTS)}; "
-                f"known: {', '.join(VARIANTS)}"
-            )
-        return cls(**{**VARIANTS[name], **overrides})
 
     def num_params(self) -> int:
         e, h, kv, hd = self.dim, self.num_heads, self.kv_heads, self.head_size
@@ -212,6 +188,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mistral-7b": dict(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                        mlp_dim=14336, max_len=32768, norm_eps=1e-5, sliding_window=4096),
 }
+
+
+LlamaConfig.NAME = "LLaMA"
+LlamaConfig.VARIANTS = VARIANTS
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
