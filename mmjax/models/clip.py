@@ -32,8 +32,13 @@ themselves live in `mmjax.ops.losses` (`clip_loss` is the symmetric ITC loss).
 The text tower (`TextTransformer`, config `CLIPTextConfig`) is also SigLIP's: `causal=False`
 and `eos_pooling="last"` (pooled at the last position) give SigLIP's text encoder.
 
-Param tree: vision/... (ViT), text/{embed, pos_embedding, layers_{i}, final_norm},
-visual_projection/kernel, text_projection/kernel, logit_scale (, logit_bias).
+Both towers are the shared transformer stack (`mmjax.nn.transformer`); each config's
+`scan_layers` / `remat` / `remat_policy` pick a loop or `nn.scan` over its layers and the
+rematerialisation (see `mmjax.models.vit`).
+
+Param tree: vision/... (ViT), text/{embed, pos_embedding, layers_{i} (or layers/block/... when
+scanned), final_norm}, visual_projection/kernel, text_projection/kernel, logit_scale
+(, logit_bias).
 """
 
 from __future__ import annotations
@@ -49,11 +54,12 @@ import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
-from mmjax.models.vit import EncoderBlock, LayerNorm, ViT, ViTConfig
+from mmjax.models.vit import LayerNorm, ViT, ViTConfig, check_remat_policy, encoder_block_spec
 from mmjax.nn.embeddings import Embed, LearnedPositions
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
+from mmjax.nn.transformer import BlockSpec, make_layers, run_layers
 from mmjax.ops import masks as masks_lib
 
 EOS_POOLINGS = ("first_eos", "argmax", "last")
@@ -79,7 +85,9 @@ class CLIPTextConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str = "full"  # with remat: "full" (save nothing), "dots", "dots_no_batch"
+    scan_layers: bool = False  # nn.scan over layers: one compiled block (params [layers, ...])
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "dim", "num_layers", "num_heads", "mlp_dim"):
@@ -100,6 +108,7 @@ class CLIPTextConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 raise ConfigError(f"CLIPTextConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+        check_remat_policy("CLIPTextConfig", self.remat_policy)
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +208,15 @@ VARIANTS = {
 }
 
 
+def text_block_spec(c: CLIPTextConfig) -> BlockSpec:
+    """The block every layer of the text tower is (the ViT encoder block; causality is a call
+    argument, `c.causal`)."""
+    return encoder_block_spec(
+        num_heads=c.num_heads, mlp_dim=c.mlp_dim, head_dim=c.head_dim, activation=c.activation,
+        norm_eps=c.norm_eps, qkv_bias=True, initializer_range=c.initializer_range,
+        attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype)
+
+
 def eos_positions(tokens: jax.Array, config: CLIPTextConfig) -> jax.Array:
     """Index of the pooled (end-of-text) token of each row: [batch, seq] -> [batch]."""
     if config.eos_pooling == "argmax":
@@ -258,21 +276,17 @@ class TextTransformer(nn.Module):
         x = x + LearnedPositions(c.max_len, c.dim, dtype, pdtype, init, name="pos_embedding")(jnp.arange(t))[None]
         x = constrain(x, BATCH_LEN_EMBED)
         mask = None if input_mask is None else masks_lib.padding_mask(input_mask)
-        block_cls = nn.remat(EncoderBlock) if c.remat else EncoderBlock
-        hidden_states = [x]
-        for i in range(c.num_layers):
-            x = block_cls(
-                num_heads=c.num_heads, mlp_dim=c.mlp_dim, activation=c.activation, norm_eps=c.norm_eps,
-                qkv_bias=True, causal=c.causal, dtype=dtype, param_dtype=pdtype,
-                initializer_range=c.initializer_range, attention_impl=c.attention_impl,
-                name=f"layers_{i}",
-            )(x, mask)
-            hidden_states.append(x)
+        layers = make_layers(text_block_spec(c), c.num_layers, scan=c.scan_layers,
+                             remat=c.remat_policy if c.remat else "none")
+        embedded = x
+        x, hidden, _ = run_layers(layers, x, mask=mask, causal=c.causal,
+                                  keep_hidden=return_intermediates)
         h = LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         index = eos_positions(tokens, c)
         pooled = h[jnp.arange(b), index].astype(jnp.float32)
         if return_intermediates:
-            return pooled, {"hidden_states": tuple(hidden_states), "final_hidden": h, "eos_index": index}
+            return pooled, {"hidden_states": (embedded,) + hidden, "final_hidden": h,
+                            "eos_index": index}
         return pooled
 
 
