@@ -54,6 +54,7 @@ import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
+from mmjax.models.family import Family, image_inputs
 from mmjax.models.vit import LayerNorm, ViT, ViTConfig, check_remat_policy, encoder_block_spec
 from mmjax.nn.embeddings import Embed, LearnedPositions
 from mmjax.nn.linear import DenseGeneral
@@ -386,3 +387,22 @@ def clamp_logit_scale(params: dict[str, Any], config: CLIPConfig) -> dict[str, A
         return params
     limit = math.log(config.logit_scale_max)
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, limit)}
+
+
+def _text_inputs(config: CLIPTextConfig) -> tuple:
+    # the end-of-text id where the tower pools at it (it refuses concrete rows without one)
+    eos = config.eos_token_id if config.eos_pooling == "first_eos" else 0
+    return (jnp.full((1, 1), eos, jnp.int32),)
+
+
+def _clip_inputs(config) -> tuple:
+    return image_inputs(config.vision) + _text_inputs(config.text)
+
+
+FAMILIES = (
+    Family("clip", CLIPConfig, CLIP, _clip_inputs,
+           "CLIP: ViT image tower + causal text tower pooled at EOS, contrastive (ITC)",
+           tasks=("contrastive",)),
+    Family("clip_text", CLIPTextConfig, TextTransformer, _text_inputs,
+           "CLIP's text tower alone (CLIPTextModel)"),
+)

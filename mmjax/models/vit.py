@@ -63,6 +63,7 @@ import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
+from mmjax.models.family import Family, image_inputs
 from mmjax.nn.attention import Attention
 from mmjax.nn.embeddings import LearnedPositions
 from mmjax.nn.linear import DenseGeneral
@@ -585,3 +586,8 @@ class ViT(nn.Module):
         if return_intermediates:
             return result, out
         return result
+
+
+FAMILIES = (Family("vit", ViTConfig, ViT, image_inputs,
+                   "Vision Transformer (classifier or feature encoder; CLIP/SigLIP image towers)",
+                   tasks=("classification",)),)
