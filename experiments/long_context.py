@@ -124,7 +124,7 @@ def measure_memory(contexts=MEMORY_CONTEXTS) -> list[dict]:
         row = {"context": t}
         for name, mesh_spec, impl in (("ring_seq8", MESH, "ring"), ("one_device", None, "xla")):
             init = lm_init_fn(Llama(cfg), t)
-            model = Llama(cfg.replace(attention_impl=impl))
+            model = Llama(cfg.replace(implementation=impl))
             tx, schedule = make_optimizer(OptimizerConfig(), 100, abstract_boxed_params(init))
             if mesh_spec:
                 mesh = make_mesh(mesh_spec, devices=jax.devices()[:DEVICES])

@@ -201,7 +201,7 @@ def read_workdir_info(workdir: str) -> dict[str, Any]:
 def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
     """(module, config, params) of a training workdir's latest checkpoint.
 
-    The module is rebuilt for use outside the training mesh: an `attention_impl` that cannot
+    The module is rebuilt for use outside the training mesh: an `implementation` that cannot
     decode or init there (ring) becomes the platform default (`decoding_implementation`); the
     params are the same. Raises InputError when `workdir` is not a training workdir or holds no
     checkpoint.
@@ -214,8 +214,10 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
     spec = read_workdir_info(workdir)
     family = spec.get("family")
     config = dict(spec.get("config") or {})
-    if "attention_impl" in config:
-        config["attention_impl"] = decoding_implementation(config["attention_impl"])
+    if "attention_impl" in config:  # workdirs written before the field was renamed
+        config["implementation"] = config.pop("attention_impl")
+    if "implementation" in config:
+        config["implementation"] = decoding_implementation(config["implementation"])
     module, config = build_model(family, config)
     ckpt_dir = os.path.join(workdir, WORKDIR_CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):

@@ -78,6 +78,8 @@ class Config:
     RENAMED: typing.ClassVar[Mapping[str, str]] = {}
 
     def replace(self: T, **kw) -> T:
+        renamed = type(self).RENAMED
+        kw = {renamed.get(k, k): v for k, v in kw.items()}
         check_keys(type(self).__name__, kw, {f.name for f in dataclasses.fields(self)})
         return dataclasses.replace(self, **kw)
 

@@ -44,7 +44,7 @@ from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activ
 from mmjax.convert.vit import compare_image_encoder, encoder_layer_rules
 from mmjax.errors import UnsupportedModelError
 from mmjax.models.clip import CLIPTextConfig
-from mmjax.models.siglip import SIGLIP_TEXT_LAYOUT, SIGLIP_VISION_LAYOUT, SiglipConfig
+from mmjax.models.siglip import SIGLIP_TEXT_LAYOUT, SIGLIP_VISION_LAYOUT, SigLIPConfig
 from mmjax.models.vit import ViTConfig
 
 ARCHITECTURES = ("SiglipModel",)
@@ -103,15 +103,15 @@ def vision_config_from_hf(hf: Mapping[str, Any], where: str = "vision_config") -
     return build_config(ViTConfig, {**kw, **SIGLIP_VISION_LAYOUT}, f"siglip {where}")
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> SiglipConfig:
-    """`SiglipConfig` for a parsed `SiglipModel` config.json (strict)."""
+def config_from_hf(hf: Mapping[str, Any]) -> SigLIPConfig:
+    """`SigLIPConfig` for a parsed `SiglipModel` config.json (strict)."""
     check_model_type(hf, "siglip", "SigLIP")
     check_architecture(hf, ARCHITECTURES)
     check_config_keys(hf, _TOP_KEYS, "siglip config.json")
     what = "siglip config.json"
     text, projection = text_config_from_hf(sub_config(hf, "text_config", "siglip_text_model", what))
     vision = vision_config_from_hf(sub_config(hf, "vision_config", "siglip_vision_model", what))
-    return build_config(SiglipConfig, dict(vision=vision, text=text, projection_dim=projection), what)
+    return build_config(SigLIPConfig, dict(vision=vision, text=text, projection_dim=projection), what)
 
 
 def has_vision_layout(v: ViTConfig) -> bool:
@@ -144,7 +144,7 @@ def _vision_dict(v: ViTConfig) -> dict[str, Any]:
     }
 
 
-def config_to_hf(config: SiglipConfig, model_type: str | None = None) -> dict[str, Any]:
+def config_to_hf(config: SigLIPConfig, model_type: str | None = None) -> dict[str, Any]:
     """`config.json` dict of a `SiglipModel` (transformers 5 layout)."""
     if model_type not in (None, "siglip"):
         raise UnsupportedModelError(f"cannot export a SigLIP as model_type {model_type!r}; supported: siglip")
@@ -214,7 +214,7 @@ def vision_tower_rules(v: ViTConfig, hf: str = "") -> list[TensorRule]:
     return rules
 
 
-def tensor_rules(c: SiglipConfig) -> list[TensorRule]:
+def tensor_rules(c: SigLIPConfig) -> list[TensorRule]:
     """Every tensor of an HF `SiglipModel` checkpoint of `c` (in_proj unpacked)."""
     R = TensorRule
     t = c.text
@@ -235,13 +235,13 @@ def head_in_proj(hf: str = "") -> dict[str, tuple[str, ...]]:
             for leaf in ("weight", "bias")}
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: SiglipConfig) -> dict[str, Any]:
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: SigLIPConfig) -> dict[str, Any]:
     """mmjax SigLIP params (nested dict of float32 numpy arrays) from HF `SiglipModel` tensors."""
     return apply_rules_from_hf(split_rows(tensors, head_in_proj("vision_model.")), tensor_rules(config),
                                derived=DERIVED_BUFFERS)
 
 
-def params_to_hf(params: Mapping[str, Any], config: SiglipConfig) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping[str, Any], config: SigLIPConfig) -> dict[str, np.ndarray]:
     """HF `SiglipModel` tensors from plain mmjax SigLIP params."""
     _check_vision_exportable(config.vision, "SiglipModel")
     _check_text_exportable(config.text)

@@ -159,7 +159,7 @@ def config_to_hf(config: ViTConfig, model_type: str | None = None) -> dict[str, 
 
 def encoder_layer_rules(hf: str, mj: str, dim: int, heads: int, mlp: int, qkv_bias: bool,
                         names: Mapping[str, str]) -> list[TensorRule]:
-    """Rules of one pre-norm encoder block (`mmjax.models.vit.EncoderBlock`) whose HF tensor
+    """Rules of one pre-norm encoder block (`mmjax.nn.transformer.Block`, `vit_block_spec`) whose HF tensor
     names are `hf` + names[role] for the roles ln1, q, k, v, o, ln2, fc1, fc2."""
     R = TensorRule
     rules = [R(f"{hf}{names['ln1']}.weight", (mj, "attn_norm", "scale"), (dim,), "copy"),

@@ -67,7 +67,8 @@ EOS_POOLINGS = ("first_eos", "argmax", "last")
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(configs.Config):
+    RENAMED = {"attention_impl": "implementation"}  # dicts written before the rename
     vocab_size: int = 49408
     max_len: int = 77  # context length (learned positions)
     dim: int = 512
@@ -85,7 +86,7 @@ class CLIPTextConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str | None = None
+    implementation: str | None = None
     remat: bool = False  # recompute each block in the backward pass
     remat_policy: str = "full"  # with remat: "full" (save nothing), "dots", "dots_no_batch"
     scan_layers: bool = False  # nn.scan over layers: one compiled block (params [layers, ...])
@@ -104,27 +105,14 @@ class CLIPTextConfig:
             raise ConfigError("CLIPTextConfig: eos_pooling='first_eos' needs an eos_token_id")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"CLIPTextConfig.activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                raise ConfigError(f"CLIPTextConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+        self.check_dtypes("dtype", "param_dtype")
         check_remat_policy("CLIPTextConfig", self.remat_policy)
 
     @property
-    def head_dim(self) -> int:
+    def head_size(self) -> int:
+        """Per-head width (dim // num_heads)."""
         return self.dim // self.num_heads
 
-    def replace(self, **kw) -> "CLIPTextConfig":
-        configs.check_keys("CLIPTextConfig", kw, {f.name for f in dataclasses.fields(self)})
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return configs.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> "CLIPTextConfig":
-        return configs.from_dict(cls, d)
 
 
 def _default_vision() -> ViTConfig:
@@ -138,7 +126,7 @@ CLIP_VISION_LAYOUT = dict(pool="cls", posemb="learned", class_token=True, pre_no
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(configs.Config):
     vision: ViTConfig = dataclasses.field(default_factory=_default_vision)
     text: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
     projection_dim: int = 512
@@ -159,23 +147,6 @@ class CLIPConfig:
         if self.logit_scale_max is not None and self.logit_scale_max <= 0:
             raise ConfigError(f"CLIPConfig.logit_scale_max must be positive or None, got {self.logit_scale_max}")
 
-    def replace(self, **kw) -> "CLIPConfig":
-        configs.check_keys("CLIPConfig", kw, {f.name for f in dataclasses.fields(self)})
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return configs.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> "CLIPConfig":
-        return configs.from_dict(cls, d)
-
-    @classmethod
-    def from_variant(cls, name: str, **overrides) -> "CLIPConfig":
-        if name not in VARIANTS:
-            raise ConfigError(f"unknown CLIP variant {name!r}{configs.closest_name(name, VARIANTS)}; "
-                              f"known: {', '.join(VARIANTS)}")
-        return cls(**{**VARIANTS[name](), **overrides})
 
 
 def _tiny() -> dict[str, Any]:
@@ -207,15 +178,18 @@ VARIANTS = {
     "ViT-L/14": _openai(14, 224, 1024, 24, 16, 768, 12, 768),
     "ViT-L/14@336": _openai(14, 336, 1024, 24, 16, 768, 12, 768),
 }
+CLIPConfig.NAME = "CLIP"
+CLIPConfig.VARIANTS = VARIANTS
+CLIPTextConfig.NAME = "CLIP text"
 
 
 def text_block_spec(c: CLIPTextConfig) -> BlockSpec:
     """The block every layer of the text tower is (the ViT encoder block; causality is a call
     argument, `c.causal`)."""
     return encoder_block_spec(
-        num_heads=c.num_heads, mlp_dim=c.mlp_dim, head_dim=c.head_dim, activation=c.activation,
+        num_heads=c.num_heads, mlp_dim=c.mlp_dim, head_dim=c.head_size, activation=c.activation,
         norm_eps=c.norm_eps, qkv_bias=True, initializer_range=c.initializer_range,
-        attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype)
+        implementation=c.implementation, dtype=c.dtype, param_dtype=c.param_dtype)
 
 
 def eos_positions(tokens: jax.Array, config: CLIPTextConfig) -> jax.Array:

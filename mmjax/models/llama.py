@@ -45,6 +45,7 @@ from mmjax.ops.rope import RopeScaling
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(configs.Config):
+    RENAMED = {"attention_impl": "implementation"}  # dicts written before the rename
     vocab_size: int = 32000
     dim: int = 4096
     num_layers: int = 32
@@ -67,7 +68,7 @@ class LlamaConfig(configs.Config):
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
+    implementation: str | None = None  # ops.attention implementation (None = best for platform)
     remat: bool = False  # recompute each block in the backward pass
     remat_policy: str = "full"  # with remat: "full" (save nothing), "dots", "dots_no_batch"
     scan_layers: bool = False  # nn.scan over layers: one compiled block (params [layers, ...])
@@ -227,7 +228,7 @@ def block_spec(c: LlamaConfig) -> BlockSpec:
         mlp="moe" if c.num_experts else "gated", activation=c.activation,
         qkv_bias=c.attention_bias, out_bias=c.attention_bias, mlp_bias=c.mlp_bias,
         rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, dropout=c.dropout,
-        initializer_range=c.initializer_range, implementation=c.attention_impl,
+        initializer_range=c.initializer_range, implementation=c.implementation,
         dtype=c.dtype, param_dtype=c.param_dtype,
         num_experts=c.num_experts, experts_per_token=c.experts_per_token,
         moe_dispatch=c.moe_dispatch, capacity_factor=c.capacity_factor,

@@ -1,6 +1,6 @@
 """SigLIP: CLIP's two towers trained with a sigmoid loss (Zhai et al. 2023).
 
-    config = SiglipConfig.from_variant("tiny")
+    config = SigLIPConfig.from_variant("tiny")
     model = SigLIP(config)
     params = model.init(rng, images, tokens)["params"]     # images NHWC float, tokens [B, T] int
     out = model.apply({"params": params}, images, tokens)  # same dict as mmjax.models.clip.CLIP
@@ -57,7 +57,7 @@ def _default_text() -> CLIPTextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipConfig:
+class SigLIPConfig(configs.Config):
     vision: ViTConfig = dataclasses.field(default_factory=_default_vision)
     text: CLIPTextConfig = dataclasses.field(default_factory=_default_text)
     projection_dim: int | None = None  # text head width (HF projection_size); None = text.dim
@@ -70,13 +70,13 @@ class SiglipConfig:
         if isinstance(self.text, dict):
             object.__setattr__(self, "text", configs.from_dict(CLIPTextConfig, self.text))
         if self.vision.pool != "map":
-            raise ConfigError(f"SiglipConfig.vision.pool must be 'map' (SigLIP's attention pooling), "
+            raise ConfigError(f"SigLIPConfig.vision.pool must be 'map' (SigLIP's attention pooling), "
                               f"got {self.vision.pool!r}")
         if self.vision.num_classes or self.vision.representation:
-            raise ConfigError("SiglipConfig.vision: the image tower must output pooled features "
+            raise ConfigError("SigLIPConfig.vision: the image tower must output pooled features "
                               "(num_classes=0, representation=None)")
         if self.embed_dim != self.vision.dim:
-            raise ConfigError(f"SiglipConfig: the text head width {self.embed_dim} must equal the image "
+            raise ConfigError(f"SigLIPConfig: the text head width {self.embed_dim} must equal the image "
                               f"tower width vision.dim={self.vision.dim} (image features are not projected)")
 
     @property
@@ -84,23 +84,6 @@ class SiglipConfig:
         """Width of the joint embedding space."""
         return self.projection_dim or self.text.dim
 
-    def replace(self, **kw) -> "SiglipConfig":
-        configs.check_keys("SiglipConfig", kw, {f.name for f in dataclasses.fields(self)})
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return configs.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> "SiglipConfig":
-        return configs.from_dict(cls, d)
-
-    @classmethod
-    def from_variant(cls, name: str, **overrides) -> "SiglipConfig":
-        if name not in VARIANTS:
-            raise ConfigError(f"unknown SigLIP variant {name!r}{configs.closest_name(name, VARIANTS)}; "
-                              f"known: {', '.join(VARIANTS)}")
-        return cls(**{**VARIANTS[name](), **overrides})
 
 
 def _tiny() -> dict[str, Any]:
@@ -117,12 +100,15 @@ VARIANTS = {
     "tiny": _tiny,
     "B/16": lambda: dict(vision=_default_vision(), text=_default_text()),
 }
+SigLIPConfig.NAME = "SigLIP"
+SigLIPConfig.VARIANTS = VARIANTS
+SiglipConfig = SigLIPConfig  # the name before configs followed the module's casing (SigLIP)
 
 
 class SigLIP(nn.Module):
     """Two towers + text head + temperature and bias. See the module docstring."""
 
-    config: SiglipConfig
+    config: SigLIPConfig
 
     def setup(self):
         c = self.config
@@ -172,11 +158,11 @@ def _dense(features: int, text: CLIPTextConfig) -> DenseGeneral:
                         kernel_init=nn.initializers.normal(text.dim ** -0.5))
 
 
-def _siglip_inputs(config: SiglipConfig) -> tuple:
+def _siglip_inputs(config: SigLIPConfig) -> tuple:
     from mmjax.models.clip import _clip_inputs
 
     return _clip_inputs(config)
 
 
-FAMILIES = (Family("siglip", SiglipConfig, SigLIP, _siglip_inputs,
+FAMILIES = (Family("siglip", SigLIPConfig, SigLIP, _siglip_inputs,
                    "SigLIP: ViT with MAP pooling + text tower, sigmoid loss with a learned bias"),)

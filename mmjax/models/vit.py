@@ -87,7 +87,8 @@ def _pair(x) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(configs.Config):
+    RENAMED = {"attention_impl": "implementation"}  # dicts written before the rename
     image_size: int | tuple[int, int] = 224  # one side, or (height, width)
     patch_size: int | tuple[int, int] = 16
     channels: int = 3
@@ -109,7 +110,7 @@ class ViTConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str | None = None  # ops.attention implementation (None = best for platform)
+    implementation: str | None = None  # ops.attention implementation (None = best for platform)
     remat: bool = False  # recompute each block in the backward pass
     remat_policy: str = "full"  # with remat: "full" (save nothing), "dots", "dots_no_batch"
     scan_layers: bool = False  # nn.scan over layers: one compiled block (params [layers, ...])
@@ -153,11 +154,7 @@ class ViTConfig:
             raise ConfigError(f"ViTConfig.num_classes must be >= 0, got {self.num_classes}")
         if self.representation is not None and self.representation <= 0:
             raise ConfigError(f"ViTConfig.representation must be positive or None, got {self.representation}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                raise ConfigError(f"ViTConfig.{name}: unknown dtype {getattr(self, name)!r}") from None
+        self.check_dtypes("dtype", "param_dtype")
         check_remat_policy("ViTConfig", self.remat_policy)
 
     @property
@@ -189,24 +186,14 @@ class ViTConfig:
         return self.num_patches + self.num_prefix_tokens
 
     @property
-    def head_dim(self) -> int:
+    def head_size(self) -> int:
+        """Per-head width (dim // num_heads)."""
         return self.dim // self.num_heads
 
     @property
     def features_dim(self) -> int:
         """Width of the output when num_classes == 0."""
         return self.representation or self.dim
-
-    def replace(self, **kw) -> "ViTConfig":
-        configs.check_keys("ViTConfig", kw, {f.name for f in dataclasses.fields(self)})
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return configs.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> "ViTConfig":
-        return configs.from_dict(cls, d)
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "ViTConfig":
@@ -256,6 +243,8 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "g": (1408, 40, 6144, 16),
     "G": (1664, 48, 8192, 16),
 }
+ViTConfig.NAME = "ViT"
+
 TEST_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=32, patch_size=8, dim=64, num_layers=2, num_heads=4, mlp_dim=128),
 }
@@ -271,23 +260,23 @@ def check_remat_policy(who: str, policy: str) -> None:
 
 def encoder_block_spec(*, num_heads: int, mlp_dim: int, head_dim: int, activation: str,
                        norm_eps: float, qkv_bias: bool, initializer_range: float,
-                       attention_impl: str | None, dtype: str, param_dtype: str) -> BlockSpec:
+                       implementation: str | None, dtype: str, param_dtype: str) -> BlockSpec:
     """The shared transformer block (`mmjax.nn.transformer`) of a ViT / CLIP / SigLIP encoder
     layer: pre-norm LayerNorm, multi-head attention with an output bias (query/key/value bias
     optional), plain MLP with biases, no RoPE."""
     return BlockSpec(
         num_heads=num_heads, mlp_dim=mlp_dim, head_dim=head_dim, norm="layer", norm_eps=norm_eps,
         norm_position="pre", mlp="plain", activation=activation, qkv_bias=qkv_bias, out_bias=True,
-        mlp_bias=True, initializer_range=initializer_range, implementation=attention_impl,
+        mlp_bias=True, initializer_range=initializer_range, implementation=implementation,
         dtype=dtype, param_dtype=param_dtype)
 
 
 def vit_block_spec(c: ViTConfig) -> BlockSpec:
     """The block every layer of a ViT encoder is."""
     return encoder_block_spec(
-        num_heads=c.num_heads, mlp_dim=c.mlp_dim, head_dim=c.head_dim, activation=c.activation,
+        num_heads=c.num_heads, mlp_dim=c.mlp_dim, head_dim=c.head_size, activation=c.activation,
         norm_eps=c.norm_eps, qkv_bias=c.qkv_bias, initializer_range=c.initializer_range,
-        attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype)
+        implementation=c.implementation, dtype=c.dtype, param_dtype=c.param_dtype)
 
 
 def sincos2d_positions(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
@@ -463,7 +452,7 @@ class MAPHead(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     initializer_range: float = 0.02
-    attention_impl: str | None = None
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -474,7 +463,7 @@ class MAPHead(nn.Module):
         h = Attention(
             num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=dim // self.num_heads,
             qkv_bias=True, out_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=init, implementation=self.attention_impl, name="attn",
+            kernel_init=init, implementation=self.implementation, name="attn",
         )(query, x)
         y = LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(h)
         h = h + MLP(self.mlp_dim, self.activation, True, self.dtype, self.param_dtype, init, name="mlp")(y)
@@ -569,7 +558,7 @@ class ViT(nn.Module):
             pooled = jnp.mean(encoded[:, c.num_prefix_tokens:].astype(jnp.float32), axis=1).astype(dtype)
         else:  # map
             pooled = MAPHead(c.num_heads, c.mlp_dim, c.activation, c.norm_eps, dtype, pdtype,
-                             c.initializer_range, c.attention_impl, name="map_head")(encoded)
+                             c.initializer_range, c.implementation, name="map_head")(encoded)
         out = {"hidden_states": hidden_states, "final_hidden": encoded,
                "patch_tokens": encoded[:, c.num_prefix_tokens:], "pooled": pooled}
         features = pooled

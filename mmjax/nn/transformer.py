@@ -331,10 +331,29 @@ def is_scanned(tree: Mapping[str, Any], name: str = "layers") -> bool:
     return False
 
 
-def match_layer_layout(params: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
-    """`params` in the layer layout (loop or scan) of `target` (e.g. a module's abstract params):
-    converted checkpoints load into scanned and unscanned models alike."""
-    have, want = is_scanned(params), is_scanned(target)
-    if have == want:
+def _scanned_here(tree: Mapping[str, Any], name: str) -> bool:
+    value = tree.get(name)
+    return isinstance(value, Mapping) and set(value) == {"block"}
+
+
+def match_layer_layout(params: Mapping[str, Any], target: Mapping[str, Any],
+                       name: str = "layers") -> dict[str, Any]:
+    """`params` in the layer layout (loop or scan) of `target` (e.g. a module's abstract
+    params), stack by stack: converted checkpoints load into scanned and unscanned models
+    alike, and a two-tower model may scan one tower and loop the other."""
+    if not isinstance(params, Mapping) or not isinstance(target, Mapping):
         return params
-    return stack_layer_params(params) if want else unstack_layer_params(params)
+    pattern = re.compile(rf"^{re.escape(name)}_\d+$")
+    layer_keys = [k for k in params if pattern.match(k)]
+    out: dict[str, Any] = dict(params)
+    if _scanned_here(target, name) and layer_keys:  # loop -> scan at this level
+        for k in layer_keys:
+            del out[k]
+        out[name] = stack_layer_params({k: params[k] for k in layer_keys}, name)[name]
+    elif _scanned_here(params, name) and f"{name}_0" in target:  # scan -> loop at this level
+        del out[name]
+        out.update(unstack_layer_params({name: params[name]}, name))
+    for key, value in list(out.items()):
+        if key in target and not (key == name and _scanned_here(out, name)):
+            out[key] = match_layer_layout(value, target[key], name)
+    return out

@@ -62,7 +62,7 @@ class Preset:
     opt_rules: Rules | None = None
     dtype: str | None = None
     param_dtype: str | None = None
-    attention_impl: str | None = None  # e.g. "ring" for context parallelism (None: keep)
+    implementation: str | None = None  # e.g. "ring" for context parallelism (None: keep)
     example_mesh: str = ""
 
     def __post_init__(self):
@@ -96,7 +96,7 @@ class Preset:
         has a field for one of them."""
         fields = [("dtype", self.dtype), ("param_dtype", self.param_dtype)]
         if on_mesh:
-            fields.append(("attention_impl", self.attention_impl))
+            fields.append(("implementation", self.implementation))
         changes = {k: v for k, v in fields if v is not None}
         if not changes:
             return model_config
@@ -169,7 +169,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "context", "context (ring) parallelism: every activation's length split over seq, "
         "attention by ring attention (K/V blocks travel round the seq axis), params FSDP over fsdp",
         rules=(("embed", "fsdp"), ("act_batch", ("data", "fsdp")), ("act_len", "seq")),
-        attention_impl="ring",
+        implementation="ring",
         example_mesh="seq=8",
     ),
     Preset(

@@ -121,9 +121,9 @@ class LanguageModelingTask(Task):
             eos_token_id=self.data.eos_id, pad_token_id=self.data.pad_id,
         )
         self.model = self.build_model(self.model_config)
-        decode_impl = decoding_implementation(self.model_config.attention_impl)
-        self.decode_model = (self.model if decode_impl == self.model_config.attention_impl
-                             else self.build_model(self.model_config.replace(attention_impl=decode_impl)))
+        decode_impl = decoding_implementation(self.model_config.implementation)
+        self.decode_model = (self.model if decode_impl == self.model_config.implementation
+                             else self.build_model(self.model_config.replace(implementation=decode_impl)))
         self.units_per_step = cfg.data.batch_size * cfg.data.seq_len
         self._eval_steps: dict[Any, Callable] = {}
         # rng -> boxed params (the same tree whatever the attention implementation; init

@@ -112,7 +112,7 @@ def train(
     preset = get_preset(cfg.parallelism)
     model_cfg = preset.configure_model(cfg.model, on_mesh=bool(mesh_spec) or jax.process_count() > 1)
     if model_cfg != cfg.model:
-        changed = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl")
+        changed = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "implementation")
                    if getattr(model_cfg, k, None) != getattr(cfg.model, k, None)}
         log(f"parallelism={preset.name}: model " + ", ".join(f"{k}={v}" for k, v in changed.items()))
         cfg = cfg.replace(model=model_cfg)

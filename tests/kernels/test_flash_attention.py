@@ -248,7 +248,7 @@ def test_tile_loop_bounds():
 
 
 def test_tiny_llama_flash_matches_xla():
-    """attention_impl='flash' in the model config gives the xla logits: packed segments (ids
+    """implementation='flash' in the model config gives the xla logits: packed segments (ids
     to the kernel) and a padding mask (through the mask path) in one call."""
     from mmjax.models.llama import Llama, LlamaConfig
 
@@ -258,7 +258,7 @@ def test_tiny_llama_flash_matches_xla():
     valid = jnp.asarray(np.arange(24)[None] < np.array([[20], [24]]))
     model = Llama(cfg)
     params = random_params(model, tokens)
-    flash = Llama(cfg.replace(attention_impl="flash"))
+    flash = Llama(cfg.replace(implementation="flash"))
 
     def run(m):
         return jax.jit(lambda p: m.apply({"params": p}, tokens, segment_ids=seg, input_mask=valid))

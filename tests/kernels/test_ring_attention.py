@@ -199,7 +199,7 @@ def test_bad_input_names_the_numbers():
 
 
 def test_tiny_llama_ring_under_current_mesh():
-    """LlamaConfig(attention_impl='ring') under mmjax.parallel.activate(data=2 x seq=4): the
+    """LlamaConfig(implementation='ring') under mmjax.parallel.activate(data=2 x seq=4): the
     model passes no mesh, ring takes the current one; logits equal the xla model's."""
     from mmjax.models.llama import Llama, LlamaConfig
     from mmjax.parallel import make_mesh
@@ -211,7 +211,7 @@ def test_tiny_llama_ring_under_current_mesh():
     model = Llama(cfg)
     params = random_params(model, tokens)
     want = jax.jit(lambda p: model.apply({"params": p}, tokens, segment_ids=seg))(params)
-    ring = Llama(cfg.replace(attention_impl="ring"))
+    ring = Llama(cfg.replace(implementation="ring"))
     with activate(make_mesh("data=2,seq=4")):
         got = jax.jit(lambda p, t, s: ring.apply({"params": p}, t, segment_ids=s))(
             params, tokens, seg

@@ -275,7 +275,7 @@ def test_map_pooling_is_probe_attention_then_mlp():
     q = np.einsum("d,dnh->nh", h["probe"], att["query"]["kernel"]) + att["query"]["bias"]  # [N, H]
     k = np.einsum("btd,dnh->btnh", x, att["key"]["kernel"]) + att["key"]["bias"]
     v = np.einsum("btd,dnh->btnh", x, att["value"]["kernel"]) + att["value"]["bias"]
-    s = np.einsum("nh,btnh->bnt", q, k) / np.sqrt(c.head_dim)
+    s = np.einsum("nh,btnh->bnt", q, k) / np.sqrt(c.head_size)
     w = np.exp(s - s.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     o = np.einsum("bnt,btnh->bnh", w, v)
@@ -381,9 +381,9 @@ def test_clip_forward_clamps_the_temperature_and_optional_bias(clip):
 
 
 def test_siglip_model_outputs():
-    from mmjax.models.siglip import SigLIP, SiglipConfig
+    from mmjax.models.siglip import SigLIP, SigLIPConfig
 
-    c = SiglipConfig.from_variant("tiny")
+    c = SigLIPConfig.from_variant("tiny")
     model = SigLIP(c)
     x = images(3)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, 100, size=(2, 16)), jnp.int32)
@@ -405,9 +405,9 @@ def test_siglip_model_outputs():
         _, inter2 = apply(variables, x, changed)
     assert float(jnp.abs(inter2["text"]["final_hidden"][:, 0] - inter["text"]["final_hidden"][:, 0]).max()) > 1e-4
     with pytest.raises(ConfigError, match="must equal the image tower width"):
-        SiglipConfig(vision=c.vision, text=c.text, projection_dim=32)
+        SigLIPConfig(vision=c.vision, text=c.text, projection_dim=32)
     with pytest.raises(ConfigError, match="'map'"):
-        SiglipConfig(vision=c.vision.replace(pool="gap"), text=c.text)
+        SigLIPConfig(vision=c.vision.replace(pool="gap"), text=c.text)
     module, config = build_model("siglip", c.to_dict())
     assert isinstance(module, SigLIP) and config == c
 

@@ -126,6 +126,11 @@ def test_layouts_round_trip_and_match():
         np.testing.assert_array_equal(a, b)
     assert match_layer_layout(tree, stacked)["layers"]["block"]["attn"]["kernel"].shape == (3, 2, 2)
     assert match_layer_layout(stacked, tree).keys() == tree.keys()
+    # stack by stack: a two-tower model may scan one tower and loop the other
+    mixed_target = {**tree, "vision": stack_layer_params(tree["vision"])}
+    mixed = match_layer_layout(tree, mixed_target)
+    assert mixed["vision"]["layers"]["block"]["w"].shape == (2, 4) and "layers_0" in mixed
+    assert match_layer_layout(mixed, tree)["vision"].keys() == tree["vision"].keys()
     with pytest.raises(ConfigError, match="numbered"):
         stack_layer_params({"layers_0": {"w": 1}, "layers_2": {"w": 2}})
 

@@ -44,8 +44,8 @@ def _batch(b=8, seed=0):
 def one_step(cfg, preset=None, mesh_spec=None):
     """(loss, state) after one AdamW step, on one device (preset None) or on the mesh (with the
     preset's attention implementation, e.g. ring attention for `context`)."""
-    impl = get_preset(preset).attention_impl if preset else None
-    model = Llama(cfg.replace(attention_impl=impl) if impl else cfg)
+    impl = get_preset(preset).implementation if preset else None
+    model = Llama(cfg.replace(implementation=impl) if impl else cfg)
     init = lm_init_fn(Llama(cfg), T)  # params do not depend on the attention implementation
     tx, sched = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-3), 10,
                                abstract_boxed_params(init))

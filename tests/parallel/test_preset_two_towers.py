@@ -69,7 +69,7 @@ def test_presets_configure_every_tower():
     for tower in (cfg.vision, cfg.text):
         assert (tower.dtype, tower.param_dtype) == ("bfloat16", "float32")
     ring = get_preset("context").configure_model(TINY)
-    assert ring.vision.attention_impl == ring.text.attention_impl == "ring"
+    assert ring.vision.implementation == ring.text.implementation == "ring"
     assert get_preset("context").configure_model(TINY, on_mesh=False) is TINY
     assert get_preset("fsdp").configure_model(TINY) is TINY
 

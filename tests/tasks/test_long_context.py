@@ -23,7 +23,7 @@ def test_train_on_seq8_with_ring_attention_then_generate(corpus, tmp_path):
     assert m["step"] == 2 and m["val_loss"] < 7.0
     import json
 
-    assert json.load(open(os.path.join(wd, "mmjax_model.json")))["config"]["attention_impl"] == "ring"
+    assert json.load(open(os.path.join(wd, "mmjax_model.json")))["config"]["implementation"] == "ring"
     text = generate_text(wd, "The", max_new_tokens=6)[0]
     assert text.startswith("The")
 
