@@ -60,8 +60,12 @@ def _subtree(params: Any, prefix: str) -> Any:
 def overlay(target: Any, source: Any, prefix: str = "") -> tuple[Any, dict[str, list[str]]]:
     """`target` with every leaf that `source[prefix]` holds at the same path and shape replaced
     by the source's value (cast to the target dtype). Returns (params, report) with the report's
-    "copied" and "kept" (fresh) path lists."""
-    src = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(_subtree(source, prefix))[0]}
+    "copied" and "kept" (fresh) path lists. A source saved with its layers looped loads into a
+    model that scans them, and the other way round (`match_layer_layout`)."""
+    from mmjax.nn.transformer import match_layer_layout
+
+    tree = match_layer_layout(_subtree(source, prefix), target)
+    src = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     report: dict[str, list[str]] = {"copied": [], "kept": []}
     clashes = []
 
