@@ -87,19 +87,40 @@ class GenerationOutput:
 
 
 def generate(
-    model, params: Any, prompts, config: GenerationConfig, rng: jax.Array | None = None
+    model, params: Any, prompts, config: GenerationConfig, rng: jax.Array | None = None, *,
+    prefix_embeddings: Any = None, prefix_bidirectional: bool = True,
 ) -> GenerationOutput:
     """Continue each prompt; see the module docstring. `prompts`: list of token-id lists
-    (ragged), or `(tokens [B,T], mask [B,T])` already left-padded."""
+    (ragged), or `(tokens [B,T], mask [B,T])` already left-padded.
+
+    prefix_embeddings: [B, N, dim] input embeddings placed before each row's prompt (a soft
+      prompt, projected image features): prefilled with the prompt in one call through the
+      model's `embeddings=` / `mask_ar=` inputs (the model needs an `embed_tokens` method, as
+      `Llama` has). prefix_bidirectional: the prefix attends within itself both ways (prefix-LM,
+      `mask_ar` zeros; PaliGemma-style) or, False, causally (BLIP-2 / LLaVA feed their image
+      tokens causally). Greedy and sampling; beam search takes no prefix yet.
+    """
     tokens, mask = prepare_prompts(prompts, config, model.config.vocab_size)
+    n_prefix = 0
+    if prefix_embeddings is not None:
+        shape = tuple(getattr(prefix_embeddings, "shape", ()))
+        dim = getattr(model.config, "dim", None)
+        if len(shape) != 3 or shape[0] != tokens.shape[0] or (dim is not None and shape[2] != dim):
+            raise InputError(f"prefix_embeddings must be [batch={tokens.shape[0]}, N, dim={dim}], "
+                             f"got shape {shape}")
+        if config.num_beams > 1:
+            raise InputError("prefix_embeddings: beam search takes no prefix yet; use "
+                             "num_beams=1 (greedy or sampling)")
+        n_prefix = shape[1]
     lengths = mask.sum(axis=1)
     if lengths.min() == 0:
         raise InputError(f"prompt {int(np.argmin(lengths))} is empty: give at least one token "
                          "(e.g. BOS)")
     longest = int(lengths.max())
-    if longest + config.max_new_tokens > model.config.max_len:
+    if n_prefix + longest + config.max_new_tokens > model.config.max_len:
         raise InputError(
-            f"prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
+            (f"prefix of {n_prefix} embeddings + " if n_prefix else "")
+            + f"prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
             f"model's max_len={model.config.max_len}"
         )
     eos = _eos_ids(config, model)
@@ -109,8 +130,11 @@ def generate(
 
         fn = beam_search_fn(model, config, eos)
     else:
-        fn = _decode_fn(model, config, eos)
-    out_tokens, out_lengths, scores = fn(params, jnp.asarray(tokens), jnp.asarray(mask), rng)
+        fn = _decode_fn(model, config, eos, bool(prefix_bidirectional))
+    args = (params, jnp.asarray(tokens), jnp.asarray(mask), rng)
+    if prefix_embeddings is not None:
+        args += (jnp.asarray(prefix_embeddings),)
+    out_tokens, out_lengths, scores = fn(*args)
     return GenerationOutput(np.asarray(out_tokens), np.asarray(out_lengths), np.asarray(scores))
 
 
@@ -157,7 +181,8 @@ def _eos_ids(config: GenerationConfig, model) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_fn(model, config: GenerationConfig, eos: tuple[int, ...]):
+def _decode_fn(model, config: GenerationConfig, eos: tuple[int, ...],
+               prefix_bidirectional: bool = True):
     """The jitted greedy/sampling program for (model, config, eos); shapes key jit's own cache."""
     n_new = config.max_new_tokens
     ngram = config.no_repeat_ngram_size
@@ -165,12 +190,23 @@ def _decode_fn(model, config: GenerationConfig, eos: tuple[int, ...]):
     pick = functools.partial(choose_next, temperature=config.temperature, top_k=config.top_k,
                              top_p=config.top_p)
 
-    def run(params, tokens, mask, rng):
+    def run(params, tokens, mask, rng, prefix=None):
         TRACE_COUNT["decode"] += 1
         b, t = tokens.shape
         total = t + n_new
-        cache = model.init_cache(b, total)
-        logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache)
+        if prefix is None:
+            cache = model.init_cache(b, total)
+            logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache)
+        else:  # [prefix; prompt] in one prefill; the prompt (and what follows) is causal
+            n = prefix.shape[1]
+            cache = model.init_cache(b, n + total)
+            emb = model.apply({"params": params}, tokens, method="embed_tokens")
+            x = jnp.concatenate([prefix.astype(emb.dtype), emb], axis=1)
+            m = jnp.concatenate([jnp.ones((b, n), bool), mask], axis=1)
+            ar = jnp.concatenate([jnp.full((b, n), 0 if prefix_bidirectional else 1, jnp.int32),
+                                  jnp.ones((b, t), jnp.int32)], axis=1)
+            logits, cache = model.apply({"params": params}, embeddings=x, input_mask=m,
+                                        mask_ar=ar, cache=cache)
         history = jnp.zeros((b, total), jnp.int32).at[:, :t].set(tokens)
         valid = jnp.zeros((b, total), bool).at[:, :t].set(mask)
 
