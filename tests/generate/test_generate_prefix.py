@@ -26,15 +26,27 @@ def setup():
 
 
 def _reference(model, params, prefix, prompt, n_new, bidirectional):
-    """Uncached greedy: the whole sequence re-run for every new token (one row)."""
-    toks = list(prompt)
-    embed = lambda t: model.apply({"params": params}, jnp.asarray([t], jnp.int32), method="embed_tokens")  # noqa: E731
-    for _ in range(n_new):
-        x = jnp.concatenate([prefix[None], embed(toks)], axis=1)
-        ar = jnp.asarray([[0 if bidirectional else 1] * prefix.shape[0] + [1] * len(toks)])
+    """Uncached greedy: the whole sequence re-run for every new token (one row). The sequence
+    is right-padded to a fixed length so one jitted program serves every step: padding comes
+    after every real position and sits in later causal blocks, so it changes nothing before it."""
+    n = prefix.shape[0]
+    width = n + len(prompt) + n_new
+
+    @jax.jit
+    def last_logits(toks, length):
+        emb = model.apply({"params": params}, toks[None], method="embed_tokens")
+        x = jnp.concatenate([prefix[None], emb], axis=1)
+        ar = jnp.asarray([[0 if bidirectional else 1] * n + [1] * (width - n)])
         logits = model.apply({"params": params}, embeddings=x, mask_ar=ar)
-        toks.append(int(jnp.argmax(logits[0, -1])))
-    return toks[len(prompt):]
+        return logits[0, n + length - 1]
+
+    toks = np.zeros(width - n, np.int32)
+    toks[:len(prompt)] = prompt
+    length = len(prompt)
+    for _ in range(n_new):
+        toks[length] = int(jnp.argmax(last_logits(jnp.asarray(toks), length)))
+        length += 1
+    return toks[len(prompt):length].tolist()
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

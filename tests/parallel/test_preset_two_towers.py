@@ -3,11 +3,14 @@ tensor-parallel attention/MLP, ZeRO-1 moments) on a two-tower model (CLIP: a ViT
 a text tower), one train step on data=2,tensor=4 against the same step on one device.
 
 Tolerances. Layout (float32 under the flamingo rules): only summation order changes, measured
-max param diff 7e-7; we assert rtol 1e-4 / atol 1e-5 as the other presets' tests. bf16 compute:
-rounding at other points flips the Adam update of a few near-zero-gradient entries (biases,
-embedding rows; measured: 0.009% of entries move by more than 3e-3, max 9.4e-3, mean 5.1e-5 at
-lr 1e-2); we assert loss rel 1e-3, mean |diff| < 5e-4 (5% of one step) and at most 0.1% of
-entries beyond 3e-3: a wrong layout or a missing all-reduce moves most params by a whole step."""
+max param diff 3e-7; we assert rtol 1e-4 / atol 1e-5 as the other presets' tests. bf16 compute:
+bf16 keeps 8 mantissa bits (2^-9 ~ 2e-3 relative rounding per operation) and the sharded step
+rounds partial sums at other points; measured on this 1-layer-per-tower model: loss 7.6e-4
+relative, and the Adam update of a few near-zero-gradient entries (biases, [CLS], positions)
+flips: 0.005% of entries move by more than 3e-3, max 6.2e-3, mean 3.9e-5 at lr 1e-2. We
+assert loss rel 3e-3 (one bf16 rounding step), mean |diff| < 5e-4 (5% of one step) and at most
+0.1% of entries beyond 3e-3: a wrong layout or a missing all-reduce moves most params by a whole
+step."""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,8 @@ from mmjax.train.step import make_train_step, shard_batch
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-TINY = CLIPConfig.from_variant("tiny")  # towers: dim 64, 4 heads, 2 layers each
+_T = CLIPConfig.from_variant("tiny")  # towers: dim 64, 4 heads
+TINY = _T.replace(vision=_T.vision.replace(num_layers=1), text=_T.text.replace(num_layers=1))
 
 
 def _batch(b=8, seed=0):
@@ -106,7 +110,7 @@ def test_flamingo_preset_trains_a_two_tower_model_like_one_device():
     cfg = get_preset("flamingo").configure_model(TINY)
     ref_loss, ref = _step(cfg)
     loss, state = _step(cfg, "flamingo")
-    assert loss == pytest.approx(ref_loss, rel=1e-3)
+    assert loss == pytest.approx(ref_loss, rel=3e-3)
     diff = np.abs(_flat(state) - _flat(ref))
     assert diff.mean() < 5e-4 and (diff > 3e-3).mean() < 1e-3, (diff.mean(), (diff > 3e-3).mean())
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
