@@ -27,6 +27,14 @@ from mmjax.generate.processors import no_repeat_ngram_mask
 NEG = -1e30  # "minus infinity" that keeps arithmetic finite
 
 
+def _map_rows(cache, fn):
+    """`fn(array, batch_axis)` over a cache's per-row arrays: `KVCache.map_rows` (which knows a
+    layer-stacked cache's batch axis), else every array of rank >= 1 along axis 0."""
+    if hasattr(cache, "map_rows"):
+        return cache.map_rows(fn)
+    return jax.tree_util.tree_map(lambda x: fn(x, 0) if x.ndim >= 1 else x, cache)
+
+
 @functools.lru_cache(maxsize=64)
 def beam_search_fn(model, config, eos: tuple[int, ...]):
     k = config.num_beams
@@ -46,8 +54,7 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
         total = t + n_new
         cache = model.init_cache(b, total)
         logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache)
-        cache = jax.tree_util.tree_map(
-            lambda x: jnp.repeat(x, k, axis=0) if x.ndim >= 1 else x, cache)
+        cache = _map_rows(cache, lambda x, axis: jnp.repeat(x, k, axis=axis))
         logits = jnp.repeat(logits[:, -1], k, axis=0)  # [b*k, V]
         vocab = logits.shape[-1]
         n_top = min(n_cand, k * vocab)
@@ -101,8 +108,7 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
             seqs = jnp.take_along_axis(cand_seqs, live_pick[:, :, None], axis=1)
 
             flat_parent = (jnp.arange(b)[:, None] * k + beam_parent).reshape(-1)
-            gather = lambda x: x[flat_parent] if x.ndim >= 1 else x  # noqa: E731
-            cache = jax.tree_util.tree_map(gather, s["cache"])
+            cache = _map_rows(s["cache"], lambda x, axis: jnp.take(x, flat_parent, axis=axis))
             history = s["history"][flat_parent].at[:, t + i].set(beam_tok.reshape(-1))
             valid = s["valid"][flat_parent].at[:, t + i].set(True)
 

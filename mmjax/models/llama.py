@@ -265,11 +265,12 @@ class Llama(nn.Module):
                                         param_dtype=pdtype, kernel_init=init, name="lm_head")
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens (default config.max_len)."""
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default config.max_len);
+        stacked over layers for a scanned stack (`scan_layers`)."""
         c = self.config
         return KVCache.create(
             c.num_layers, batch, max_len or c.max_len, c.kv_heads, c.head_size,
-            jnp.dtype(dtype or c.dtype),
+            jnp.dtype(dtype or c.dtype), stacked=c.scan_layers,
         )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:

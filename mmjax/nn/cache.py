@@ -20,8 +20,11 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]
+    # per layer [batch, max_len, kv_heads, head_dim]; or, for a scanned stack (`stacked`), one
+    # array [num_layers, batch, max_len, kv_heads, head_dim] each, which the scan reads and
+    # writes in place (no per-step stacking)
+    k: Any
+    v: Any
     index: jax.Array  # int32 [] next slot to write
     valid: jax.Array  # bool [batch, max_len]
     positions: jax.Array  # int32 [batch, max_len] position id of each slot
@@ -30,13 +33,18 @@ class KVCache:
     @classmethod
     def create(
         cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-        dtype: Any = jnp.float32,
+        dtype: Any = jnp.float32, stacked: bool = False,
     ) -> "KVCache":
         shape = (batch, max_len, num_kv_heads, head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        if stacked:
+            k = jnp.zeros((num_layers,) + shape, dtype)
+            v = jnp.zeros((num_layers,) + shape, dtype)
+        else:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
         return cls(
-            k=zeros,
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            k=k,
+            v=v,
             index=jnp.zeros((), jnp.int32),
             valid=jnp.zeros((batch, max_len), bool),
             positions=jnp.zeros((batch, max_len), jnp.int32),
@@ -51,8 +59,21 @@ class KVCache:
     def batch(self) -> int:
         return self.valid.shape[0]
 
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, (tuple, list))
+
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in self.k + self.v)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((self.k, self.v)))
+
+    def map_rows(self, fn) -> "KVCache":
+        """`fn(array, axis)` applied to every per-row array along its batch axis (K/V: 1 when
+        stacked, else 0; valid / positions / lengths: 0): repeat rows for beams, gather parents."""
+        kv_axis = 1 if self.stacked else 0
+        kv = lambda x: fn(x, kv_axis)  # noqa: E731
+        return self.replace(k=jax.tree_util.tree_map(kv, self.k), v=jax.tree_util.tree_map(kv, self.v),
+                            valid=fn(self.valid, 0), positions=fn(self.positions, 0),
+                            lengths=fn(self.lengths, 0))
 
     def advance(self, input_mask: jax.Array) -> tuple["KVCache", jax.Array, jax.Array]:
         """Book-keeping for T new tokens (input_mask [batch, T]).

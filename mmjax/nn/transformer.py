@@ -253,9 +253,11 @@ def run_layers(layers, x: jax.Array, *, mask=None, segment_ids=None, positions=N
 
     keep_hidden: return every block's output (a scanned stack otherwise keeps none, saving a
     [num_layers, batch, seq, dim] buffer; a loop stack's are free).
-    cache_kv: None, or per-layer (k, v) tuples (`KVCache.k`, `KVCache.v`) for decoding.
+    cache_kv: None, or (`KVCache.k`, `KVCache.v`) for decoding: per-layer tuples, or for a
+      scanned stack preferably the stacked [num_layers, ...] arrays (`KVCache.create(...,
+      stacked=True)`), which the scan updates without copying; returned in the form given.
     Returns (x, hidden_states: tuple of each block's output (() when a scanned stack was told not
-    to keep them), new (k, v) tuples or None).
+    to keep them), the new (k, v) or None).
     """
     if isinstance(layers, (list, tuple)):
         hidden, new_k, new_v = [], [], []
@@ -267,15 +269,22 @@ def run_layers(layers, x: jax.Array, *, mask=None, segment_ids=None, positions=N
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        return x, tuple(hidden), (None if cache_kv is None else (tuple(new_k), tuple(new_v)))
-    stacked = None if cache_kv is None else (jnp.stack(cache_kv[0]), jnp.stack(cache_kv[1]))
+        if cache_kv is None:
+            return x, tuple(hidden), None
+        if isinstance(cache_kv[0], (tuple, list)):
+            return x, tuple(hidden), (tuple(new_k), tuple(new_v))
+        return x, tuple(hidden), (jnp.stack(new_k), jnp.stack(new_v))  # in the form given
+    per_layer = cache_kv is not None and isinstance(cache_kv[0], (tuple, list))
+    stacked = cache_kv
+    if per_layer:  # a per-layer cache given to a scanned stack: stack it (a copy per call)
+        stacked = (jnp.stack(cache_kv[0]), jnp.stack(cache_kv[1]))
     x, (hidden, kv) = layers(x, stacked, mask, segment_ids, positions, cross_input, cross_mask,
                              cache_index, keep_hidden, causal, deterministic)
     hidden = () if hidden is None else tuple(hidden[i] for i in range(hidden.shape[0]))
-    if cache_kv is None:
-        return x, hidden, None
-    n = kv[0].shape[0]
-    return x, hidden, (tuple(kv[0][i] for i in range(n)), tuple(kv[1][i] for i in range(n)))
+    if per_layer:
+        n = kv[0].shape[0]
+        kv = (tuple(kv[0][i] for i in range(n)), tuple(kv[1][i] for i in range(n)))
+    return x, hidden, kv
 
 
 # --- the two param layouts ---------------------------------------------------------------------

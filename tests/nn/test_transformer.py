@@ -178,6 +178,21 @@ def test_scanned_llama_decodes_with_the_cache_like_the_loop(llama_pair):
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=0)
 
 
+def test_scanned_llama_keeps_a_stacked_cache_and_beam_searches_like_the_loop(llama_pair):
+    from mmjax.generate import GenerationConfig, generate
+
+    loop, params, scan, sp = llama_pair
+    cache = scan.init_cache(2, 16)
+    assert cache.stacked and cache.k.shape == (CFG.num_layers, 2, 16, CFG.kv_heads, CFG.head_size)
+    assert cache.nbytes() == loop.init_cache(2, 16).nbytes()
+    gen = GenerationConfig(max_new_tokens=4, num_beams=2, eos_token_id=(), prompt_bucket=4)
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(loop, params, prompts, gen)
+    b = generate(scan, sp, prompts, gen)
+    assert a.tokens.tolist() == b.tokens.tolist()
+    np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
+
+
 def test_scanned_moe_sows_the_same_aux_losses():
     cfg = CFG.replace(num_experts=4, mlp_dim=16)
     loop, scan = Llama(cfg), Llama(cfg.replace(scan_layers=True))
