@@ -213,12 +213,10 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
 
     spec = read_workdir_info(workdir)
     family = spec.get("family")
-    config = dict(spec.get("config") or {})
-    if "attention_impl" in config:  # workdirs written before the field was renamed
-        config["implementation"] = config.pop("attention_impl")
-    if "implementation" in config:
-        config["implementation"] = decoding_implementation(config["implementation"])
-    module, config = build_model(family, config)
+    module, config = build_model(family, spec.get("config") or {})  # old keys: Config.RENAMED
+    impl = getattr(config, "implementation", None)
+    if decoding_implementation(impl) != impl:
+        module, config = build_model(family, config.replace(implementation=decoding_implementation(impl)))
     ckpt_dir = os.path.join(workdir, WORKDIR_CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise InputError(f"{workdir!r} holds no checkpoint yet ({ckpt_dir} missing)")

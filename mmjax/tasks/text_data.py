@@ -29,10 +29,9 @@ from mmjax.data.corpora import documents, load_corpus
 from mmjax.data.text import EvalRows, TextPipelineConfig, make_eval_rows, make_text_dataset
 from mmjax.data.tokenizer import Tokenizer
 from mmjax import configs
+from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE as TOKENIZER_FILE  # one workdir layout
 from mmjax.errors import ConfigError
 from mmjax.train.errors import DataError
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 @dataclasses.dataclass(frozen=True)
