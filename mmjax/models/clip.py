@@ -55,12 +55,12 @@ import numpy as np
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
 from mmjax.models.family import Family, image_inputs
-from mmjax.models.vit import LayerNorm, ViT, ViTConfig, check_remat_policy, encoder_block_spec
+from mmjax.models.vit import LayerNorm, ViT, ViTConfig, encoder_block_spec
 from mmjax.nn.embeddings import Embed, LearnedPositions
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
-from mmjax.nn.transformer import BlockSpec, make_layers, run_layers
+from mmjax.nn.transformer import BlockSpec, check_remat_policy, make_layers, run_layers
 from mmjax.ops import masks as masks_lib
 
 EOS_POOLINGS = ("first_eos", "argmax", "last")

@@ -38,7 +38,7 @@ from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.moe import DISPATCH_MODES
 from mmjax.nn.norms import RMSNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
-from mmjax.nn.transformer import REMAT_POLICIES, BlockSpec, make_layers, run_layers
+from mmjax.nn.transformer import BlockSpec, check_remat_policy, make_layers, run_layers
 from mmjax.ops import masks as masks_lib
 from mmjax.ops.rope import RopeScaling
 
@@ -123,9 +123,7 @@ class LlamaConfig(configs.Config):
             for name in ("aux_loss_weight", "router_z_loss_weight"):
                 if getattr(self, name) < 0:
                     raise ConfigError(f"LlamaConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.remat_policy not in REMAT_POLICIES[1:]:
-            raise ConfigError(f"LlamaConfig.remat_policy {self.remat_policy!r}; choose one of "
-                              f"{', '.join(REMAT_POLICIES[1:])}")
+        check_remat_policy("LlamaConfig", self.remat_policy)
         if self.head_size % 2:
             raise ConfigError(f"LlamaConfig: RoPE needs an even head_dim, got {self.head_size}")
         if isinstance(self.rope_scaling, dict):

@@ -70,7 +70,7 @@ from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS, MLP
 from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
-from mmjax.nn.transformer import REMAT_POLICIES, BlockSpec, make_layers, run_layers
+from mmjax.nn.transformer import BlockSpec, check_remat_policy, make_layers, run_layers
 
 POOLS = ("cls", "gap", "map")
 POSEMBS = ("learned", "sincos2d")
@@ -248,14 +248,6 @@ ViTConfig.NAME = "ViT"
 TEST_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=32, patch_size=8, dim=64, num_layers=2, num_heads=4, mlp_dim=128),
 }
-
-
-def check_remat_policy(who: str, policy: str) -> None:
-    """ConfigError unless `policy` is a remat policy a `remat=True` config can name."""
-    if policy not in REMAT_POLICIES[1:]:
-        raise ConfigError(f"{who}.remat_policy {policy!r}"
-                          f"{configs.closest_name(str(policy), REMAT_POLICIES[1:])}; "
-                          f"choose one of {', '.join(REMAT_POLICIES[1:])}")
 
 
 def encoder_block_spec(*, num_heads: int, mlp_dim: int, head_dim: int, activation: str,

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.configs import closest_name
 from mmjax.errors import ConfigError
 from mmjax.nn.attention import Attention
 from mmjax.nn.mlp import MLP, GatedMLP
@@ -198,6 +199,14 @@ def remat_policy(name: str | bool):
         raise ConfigError(f"unknown remat policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
     attr = _POLICIES[name]
     return True, (None if attr is None else getattr(jax.checkpoint_policies, attr))
+
+
+def check_remat_policy(who: str, policy: str) -> None:
+    """ConfigError unless `policy` is a remat policy a `remat=True` config can name."""
+    if policy not in REMAT_POLICIES[1:]:
+        raise ConfigError(f"{who}.remat_policy {policy!r}"
+                          f"{closest_name(str(policy), REMAT_POLICIES[1:])}; "
+                          f"choose one of {', '.join(REMAT_POLICIES[1:])}")
 
 
 class _ScanBody(nn.Module):
