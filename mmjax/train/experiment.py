@@ -80,8 +80,10 @@ class ExperimentConfig:
     keep_best_mode: str = "min"  # "min" (a loss) or "max" (an accuracy)
     max_eval_batches: int | None = None  # None: the whole validation split
     # fine-tuning: a fresh run copies params from a workdir / mmjax model dir / HF dir
-    # (mmjax.train.pretrained); the prefix picks a subtree of the source ("vision")
-    init_from: str | None = None
+    # (mmjax.train.pretrained); the prefix picks a subtree of the source ("vision"). Several
+    # sources (a tuple of mmjax.train.pretrained.InitSource(path, prefix, into) or dicts with
+    # those keys) fill different subtrees of one model (LLaVA: image tower + LLM)
+    init_from: Any = None
     init_from_prefix: str = ""
     # how `--mesh` is used: a preset of mmjax.parallel.presets (data, zero1, fsdp, fsdp_tp,
     # tp_sp, expert, flamingo); without --mesh training runs on one device
@@ -90,7 +92,12 @@ class ExperimentConfig:
     def __post_init__(self):
         from mmjax.parallel.presets import get_preset
 
+        from mmjax.train.pretrained import init_sources
+
         get_preset(self.parallelism)  # ConfigError naming the closest preset
+        sources = init_sources(self.init_from, self.init_from_prefix)  # ConfigError if malformed
+        if len(sources) > 1 or (sources and sources[0].into):
+            object.__setattr__(self, "init_from", sources)
         if self.steps <= 0:
             raise ConfigError(f"steps must be positive, got {self.steps}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -258,4 +265,6 @@ def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
 def _hint_types(hint: Any) -> tuple[type, ...]:
     """The classes a field's type hint admits (`float | None` -> (float, NoneType))."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if any(m is Any for m in members):  # the field checks its own values
+        return ()
     return tuple(t for t in ((typing.get_origin(m) or m) for m in members) if isinstance(t, type))

@@ -153,13 +153,13 @@ def train(
     else:
         state, _ = create_train_state(task.init_params, tx, seed=cfg.seed, mesh=mesh,
                                       rules=rules, opt_rules=opt_rules)
-        if cfg.init_from:
-            source = pretrained.load_source_params(cfg.init_from)
-            params, report = pretrained.overlay(state.params, source, cfg.init_from_prefix)
+        sources = pretrained.init_sources(cfg.init_from, cfg.init_from_prefix)
+        if sources:
+            params, report = pretrained.overlay_sources(state.params, sources)
             state = state.replace(params=params)
-            log(pretrained.describe(report, cfg.init_from, cfg.init_from_prefix))
+            log(pretrained.describe(report, sources))
             if is_main:
-                pretrained.write_report(workdir, report, cfg.init_from, cfg.init_from_prefix)
+                pretrained.write_report(workdir, report, sources)
     step = int(jax.device_get(state.step))
     describe = getattr(task, "describe", lambda: type(task.model).__name__)()
     log(f"model: {count_params(state.params) / 1e6:.2f}M params ({describe}); {cfg.steps} steps"

@@ -10,10 +10,21 @@ of the new model whose path (relative to the prefix) exists in the source with t
 copied; the others (a new classification head) keep their fresh initialisation. Copying
 nothing, or a shape clash, is an error that names the paths; the report lists what was kept new.
 Only a fresh run uses it: a resumed run restores its own checkpoint.
+
+Several sources build one model from pretrained parts (LLaVA: a CLIP image tower and a
+language model), each an `InitSource(path, prefix, into)` whose `into` names the subtree of the
+new model it fills:
+
+    ExperimentConfig(init_from=(InitSource("workdirs/clip_digits", "vision", "vision"),
+                                InitSource("workdirs/llm_text", "", "language_model")), ...)
+
+On the command line: `--set "init_from=({'path': 'wd', 'prefix': 'vision', 'into': 'vision'},)"`.
+Two sources filling the same param are an error; a param no source fills keeps its fresh value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -22,8 +33,58 @@ import jax
 import numpy as np
 
 from mmjax import checkpoint
-from mmjax.errors import InputError
+from mmjax.errors import ConfigError, InputError
 from mmjax.train.optimizer import path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """One pretrained source: the params at `path` (training workdir, mmjax model dir or HF
+    dir), their subtree `prefix` ("" = all), copied onto the new model's subtree `into`."""
+
+    path: str
+    prefix: str = ""
+    into: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(f"init_from: a source needs a path, got {self.path!r}")
+        for name in ("prefix", "into"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"init_from: {name} must be a '/'-joined path string, got "
+                                  f"{getattr(self, name)!r}")
+
+    def label(self) -> str:
+        return (self.path + (f" [{self.prefix}]" if self.prefix else "")
+                + (f" -> {self.into}" if self.into else ""))
+
+
+def init_sources(init_from: Any, prefix: str = "") -> tuple[InitSource, ...]:
+    """`ExperimentConfig.init_from` in its accepted forms (None, a path, an InitSource, a dict
+    with its fields, or a tuple/list of those; `prefix` = `init_from_prefix` for a bare path) as
+    a tuple of InitSource."""
+    if init_from is None or init_from == "":
+        return ()
+    items = init_from if isinstance(init_from, (tuple, list)) else (init_from,)
+    out = []
+    for item in items:
+        if isinstance(item, InitSource):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(InitSource(item, prefix if len(items) == 1 else ""))
+        elif isinstance(item, dict):
+            unknown = set(item) - {"path", "prefix", "into"}
+            if unknown:
+                raise ConfigError(f"init_from: unknown key(s) {sorted(unknown)} in {item!r}; "
+                                  "a source has path, prefix, into")
+            out.append(InitSource(**item))
+        else:
+            raise ConfigError(f"init_from: expected a path, an InitSource or a dict, got "
+                              f"{type(item).__name__}")
+    intos = [s.into for s in out]
+    if len(set(intos)) != len(intos):
+        raise ConfigError(f"init_from: two sources fill the same subtree: {intos}")
+    return tuple(out)
 
 
 def load_source_params(path: str) -> Any:
@@ -46,12 +107,13 @@ def load_source_params(path: str) -> Any:
                      "mmjax model directory (model.json) nor a Hugging Face directory (config.json)")
 
 
-def _subtree(params: Any, prefix: str) -> Any:
+def _subtree(params: Any, prefix: str, what: str = "init_from_prefix", whose: str = "source"
+             ) -> Any:
     node = params
     for key in [k for k in prefix.split("/") if k]:
-        if not isinstance(node, dict) or key not in node:
-            have = ", ".join(sorted(node)) if isinstance(node, dict) else type(node).__name__
-            raise InputError(f"init_from_prefix={prefix!r}: no {key!r} in the source params "
+        if not hasattr(node, "keys") or key not in node:
+            have = ", ".join(sorted(node)) if hasattr(node, "keys") else type(node).__name__
+            raise InputError(f"{what}={prefix!r}: no {key!r} in the {whose} params "
                              f"(it has: {have})")
         node = node[key]
     return node
@@ -90,14 +152,56 @@ def overlay(target: Any, source: Any, prefix: str = "") -> tuple[Any, dict[str, 
     return out, report
 
 
-def describe(report: dict[str, list[str]], path: str, prefix: str) -> str:
+def overlay_sources(target: Any, sources: tuple[InitSource, ...], load=None
+                    ) -> tuple[Any, dict[str, Any]]:
+    """`target` with each source's params copied onto its `into` subtree (`overlay` per source).
+    Returns (params, report): "copied"/"kept" over the whole model plus "sources" (each one's
+    label and copied count)."""
+    load = load or load_source_params
+    params = target
+    copied: list[str] = []
+    per_source = []
+    for src in sources:
+        keys = [k for k in src.into.split("/") if k]
+        sub = _subtree(params, src.into, "init_from into", "model's") if keys else params
+        if keys and not hasattr(sub, "keys"):
+            raise InputError(f"init_from into={src.into!r} is a single param, not a subtree")
+        new_sub, report = overlay(sub, load(src.path), src.prefix)
+        names = [("/".join(keys + [n]) if keys else n) for n in report["copied"]]
+        copied += names
+        per_source.append({"path": src.path, "prefix": src.prefix, "into": src.into,
+                           "copied": len(names)})
+        params = _replace_subtree(params, keys, new_sub)
+    done = set(copied)
+    kept = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]
+            if path_str(p) not in done]
+    return params, {"copied": copied, "kept": kept, "sources": per_source}
+
+
+def _replace_subtree(tree: Any, keys: list[str], value: Any) -> Any:
+    if not keys:
+        return value
+    if hasattr(tree, "unfreeze") or not isinstance(tree, dict):
+        tree = dict(tree)
+    out = dict(tree)
+    out[keys[0]] = _replace_subtree(tree[keys[0]], keys[1:], value)
+    return out
+
+
+def describe(report: dict[str, Any], sources: tuple[InitSource, ...]) -> str:
+    """One log line: how many params came from where, and which kept their fresh values."""
     kept = report["kept"]
     shown = ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else "")
-    return (f"initialised {len(report['copied'])} params from {path}"
-            + (f" [{prefix}]" if prefix else "")
+    where = "; ".join(f"{s['copied']} from {src.label()}"
+                      for s, src in zip(report["sources"], sources))
+    return (f"initialised {len(report['copied'])} params ({where})"
             + (f"; {len(kept)} kept fresh: {shown}" if kept else ""))
 
 
-def write_report(workdir: str, report: dict[str, list[str]], path: str, prefix: str) -> None:
+def write_report(workdir: str, report: dict[str, Any], sources: tuple[InitSource, ...]) -> None:
+    """`init_from.json`: with one source `init_from` / `prefix` as before; `sources` lists all."""
+    head: dict[str, Any] = {}
+    if len(sources) == 1:
+        head = {"init_from": sources[0].path, "prefix": sources[0].prefix}
     with open(os.path.join(workdir, "init_from.json"), "w") as f:
-        json.dump({"init_from": path, "prefix": prefix, **report}, f, indent=2)
+        json.dump({**head, **report}, f, indent=2)
