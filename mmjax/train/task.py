@@ -29,6 +29,7 @@ TASKS: dict[str, str] = {
     "lm": "mmjax.tasks.lm:LanguageModelingTask",
     "classification": "mmjax.tasks.classification:ImageClassificationTask",
     "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
+    "visual_sft": "mmjax.tasks.visual_sft:VisualSFTTask",
 }
 
 
