@@ -30,6 +30,7 @@ TASKS: dict[str, str] = {
     "classification": "mmjax.tasks.classification:ImageClassificationTask",
     "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
     "visual_sft": "mmjax.tasks.visual_sft:VisualSFTTask",
+    "sft": "mmjax.tasks.sft:SFTTask",
 }
 
 
