@@ -71,11 +71,11 @@ from mmjax.nn.mlp import ACTIVATIONS, MLP
 from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 from mmjax.nn.transformer import BlockSpec, check_remat_policy, make_layers, run_layers
+from mmjax.ops.resize import RESAMPLE_METHODS, resize_grid, resize_matrix  # noqa: F401 (re-export)
 
 POOLS = ("cls", "gap", "map")
 POSEMBS = ("learned", "sincos2d")
 PATCH_EMBEDS = ("linear", "conv")
-RESAMPLE_METHODS = ("bicubic", "bilinear")
 
 
 def _pair(x) -> tuple[int, int]:
@@ -323,45 +323,6 @@ def check_images(images: Any, config: ViTConfig, who: str = "ViT", any_size: boo
 
 # --- position-embedding resampling ------------------------------------------------------------
 
-def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
-    """Keys cubic-convolution weights of the 4 taps at offsets -1, 0, 1, 2 for fractions t."""
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def resize_matrix(in_size: int, out_size: int, method: str = "bicubic") -> np.ndarray:
-    """[out_size, in_size] float64 matrix M with `M @ x` = PyTorch's 1-D
-    `interpolate(x, out_size, mode=method, align_corners=False)` (no antialiasing): source
-    coordinate (i + 0.5) * in/out - 0.5, cubic coefficient -0.75, edges clamped."""
-    if method not in RESAMPLE_METHODS:
-        raise ConfigError(f"resampling method {method!r}{configs.closest_name(method, RESAMPLE_METHODS)}; "
-                          f"known: {', '.join(RESAMPLE_METHODS)}")
-    if in_size <= 0 or out_size <= 0:
-        raise ConfigError(f"resize_matrix: sizes must be positive, got {in_size} -> {out_size}")
-    scale = in_size / out_size
-    src = (np.arange(out_size) + 0.5) * scale - 0.5
-    m = np.zeros((out_size, in_size))
-    rows = np.arange(out_size)
-    if method == "bilinear":
-        src = np.maximum(src, 0.0)
-        lo = np.floor(src).astype(int)
-        frac = src - lo
-        hi = np.minimum(lo + 1, in_size - 1)
-        np.add.at(m, (rows, np.minimum(lo, in_size - 1)), 1.0 - frac)
-        np.add.at(m, (rows, hi), frac)
-        return m
-    lo = np.floor(src).astype(int)
-    weights = _cubic_weights(src - lo)
-    for tap in range(4):
-        np.add.at(m, (rows, np.clip(lo - 1 + tap, 0, in_size - 1)), weights[:, tap])
-    return m
-
-
 def resample_posemb(posemb: Any, old_grid: tuple[int, int], new_grid: tuple[int, int], *,
                     num_prefix_tokens: int = 0, method: str = "bicubic") -> Any:
     """Resize a learned position table to a new patch grid.
@@ -384,11 +345,8 @@ def resample_posemb(posemb: Any, old_grid: tuple[int, int], new_grid: tuple[int,
     prefix, grid = posemb[:num_prefix_tokens], posemb[num_prefix_tokens:].reshape(gh, gw, d)
     if (gh, gw) == (nh, nw):
         return posemb
-    mh = xp.asarray(resize_matrix(gh, nh, method), np.float32)
-    mw = xp.asarray(resize_matrix(gw, nw, method), np.float32)
-    kw = {"precision": jax.lax.Precision.HIGHEST} if xp is jnp else {}
-    out = xp.einsum("ph,hwd,qw->pqd", mh, grid.astype(np.float32), mw, **kw)
-    return xp.concatenate([prefix, out.reshape(nh * nw, d).astype(posemb.dtype)], axis=0)
+    out = resize_grid(grid, (nh, nw), method)
+    return xp.concatenate([prefix, out.reshape(nh * nw, d)], axis=0)
 
 
 def set_image_size(module_or_config: Any, params: Any, image_size: int | tuple[int, int], *,

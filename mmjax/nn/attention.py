@@ -22,9 +22,11 @@ class Attention(nn.Module):
     Params: query [embed, heads, head_dim], key/value [embed, kv_heads, head_dim],
     out [heads, head_dim, embed] (+ biases when asked).
 
-    Call: `attn(x, kv_input=None, *, mask, causal, segment_ids, positions, kv_positions,
-    inv_freq, cache_kv, cache_index)`.
+    Call: `attn(x, kv_input=None, *, value_input, mask, causal, segment_ids, positions,
+    kv_positions, inv_freq, cache_kv, cache_index)`.
       x [batch, q_len, embed]; kv_input [batch, kv_len, embed_kv] for cross-attention.
+      value_input: [batch, kv_len, embed_kv] the values are projected from, when they differ
+        from the keys' input (DETR / Qwen-VL add positions to the keys only); default kv_input.
       inv_freq: RoPE inverse frequencies, or None for no rotary embedding.
       cache_kv: (k, v) each [batch, max_len, kv_heads, head_dim] -> the new K/V are written at
         slot `cache_index` and the queries attend over the whole cache (with `mask`).
@@ -50,6 +52,7 @@ class Attention(nn.Module):
         x: jax.Array,
         kv_input: jax.Array | None = None,
         *,
+        value_input: jax.Array | None = None,
         mask: jax.Array | None = None,
         causal: bool = False,
         segment_ids: Any = None,
@@ -60,13 +63,14 @@ class Attention(nn.Module):
         cache_index: jax.Array | None = None,
     ):
         kv_input = x if kv_input is None else kv_input
+        value_input = kv_input if value_input is None else value_input
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
         q = DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"),
                          use_bias=self.qkv_bias, name="query", **kw)(x)
         k = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
                          use_bias=self.qkv_bias, name="key", **kw)(kv_input)
         v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
-                         use_bias=self.qkv_bias, name="value", **kw)(kv_input)
+                         use_bias=self.qkv_bias, name="value", **kw)(value_input)
         if inv_freq is not None:
             if positions is None:
                 raise ValueError(f"{self.name}: RoPE needs positions [batch, seq]")
