@@ -5,6 +5,12 @@
 * `mmjax.data.text`: `TextPipelineConfig`, `make_text_dataset` (packed, shuffled, mixed,
   per-process training batches with a resumable iterator) and `make_eval_rows` (the validation
   text, each token predicted once, with its UTF-8 byte count for bits per byte).
+* `mmjax.data.chat`: chat templates (`TEMPLATES`: vicuna_v1, llama3, plain, minigpt4),
+  `render(conversation, tokenizer, template)` -> tokens + aligned labels, `stop_ids`.
+* `mmjax.data.sft`: `SFTPipelineConfig`, `make_sft_dataset` (rendered conversations packed
+  first-fit into LM batches, loss on assistant tokens only) and `make_sft_eval_rows`.
+* `mmjax.data.instructions`: `pydoc_instructions()`, question/answer conversations built
+  offline from Python's documentation topics, split by topic.
 
 The names below are imported lazily, so ``import mmjax.data.tokenizer`` does not pay for grain.
 """
