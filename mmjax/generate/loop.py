@@ -13,6 +13,13 @@ The prompt is prefilled in one call, then a `jax.lax.while_loop` emits one token
 iteration and stops early once every row has produced an EOS. The model is any Flax module with
 the `Llama` calling convention (`tokens, input_mask=, cache=` -> `(logits, cache)`) and
 `init_cache(batch, max_len)`; `model.config` supplies `vocab_size`, `max_len` and `eos_ids`.
+
+`prefill_inputs` are extra keyword inputs of the prompt's prefill call only (LLaVA's images:
+`generate(llava, params, prompts, gen, prefill_inputs={"images": pixels})`, the prompts holding
+the image tokens); the decoding steps call the model without them. A model with a
+`check_prefill_inputs(tokens, input_mask, **prefill_inputs)` method has it run on the concrete,
+left-padded prompt before the jitted program (checks that need concrete values, such as
+LLaVA's image-token count).
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ class GenerationOutput:
 def generate(
     model, params: Any, prompts, config: GenerationConfig, rng: jax.Array | None = None, *,
     prefix_embeddings: Any = None, prefix_bidirectional: bool = True,
+    prefill_inputs: dict[str, Any] | None = None,
 ) -> GenerationOutput:
     """Continue each prompt; see the module docstring. `prompts`: list of token-id lists
     (ragged), or `(tokens [B,T], mask [B,T])` already left-padded.
@@ -99,6 +107,8 @@ def generate(
       `Llama` has). prefix_bidirectional: the prefix attends within itself both ways (prefix-LM,
       `mask_ar` zeros; PaliGemma-style) or, False, causally (BLIP-2 / LLaVA feed their image
       tokens causally). Greedy and sampling; beam search takes no prefix yet.
+    prefill_inputs: extra keyword inputs of the model's prefill call (e.g. `{"images": pixels}`
+      for LLaVA), not passed to the decoding steps. Greedy and sampling; not with a prefix.
     """
     tokens, mask = prepare_prompts(prompts, config, model.config.vocab_size)
     n_prefix = 0
@@ -112,6 +122,16 @@ def generate(
             raise InputError("prefix_embeddings: beam search takes no prefix yet; use "
                              "num_beams=1 (greedy or sampling)")
         n_prefix = shape[1]
+    extra = dict(prefill_inputs or {})
+    if extra:
+        if prefix_embeddings is not None:
+            raise InputError("pass prefix_embeddings or prefill_inputs, not both")
+        if config.num_beams > 1:
+            raise InputError(f"prefill_inputs ({', '.join(extra)}): beam search takes no extra "
+                             "prefill inputs yet; use num_beams=1 (greedy or sampling)")
+        check = getattr(model, "check_prefill_inputs", None)
+        if check is not None:
+            check(tokens, mask, **extra)
     lengths = mask.sum(axis=1)
     if lengths.min() == 0:
         raise InputError(f"prompt {int(np.argmin(lengths))} is empty: give at least one token "
@@ -134,7 +154,8 @@ def generate(
     args = (params, jnp.asarray(tokens), jnp.asarray(mask), rng)
     if prefix_embeddings is not None:
         args += (jnp.asarray(prefix_embeddings),)
-    out_tokens, out_lengths, scores = fn(*args)
+    kwargs = {"extra": jax.tree_util.tree_map(jnp.asarray, extra)} if extra else {}
+    out_tokens, out_lengths, scores = fn(*args, **kwargs)
     return GenerationOutput(np.asarray(out_tokens), np.asarray(out_lengths), np.asarray(scores))
 
 
@@ -190,13 +211,14 @@ def _decode_fn(model, config: GenerationConfig, eos: tuple[int, ...],
     pick = functools.partial(choose_next, temperature=config.temperature, top_k=config.top_k,
                              top_p=config.top_p)
 
-    def run(params, tokens, mask, rng, prefix=None):
+    def run(params, tokens, mask, rng, prefix=None, extra=None):
         TRACE_COUNT["decode"] += 1
         b, t = tokens.shape
         total = t + n_new
-        if prefix is None:
+        if prefix is None:  # extra: the prefill-only inputs (generate's prefill_inputs)
             cache = model.init_cache(b, total)
-            logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache)
+            logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache,
+                                        **(extra or {}))
         else:  # [prefix; prompt] in one prefill; the prompt (and what follows) is causal
             n = prefix.shape[1]
             cache = model.init_cache(b, n + total)
