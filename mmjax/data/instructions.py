@@ -75,10 +75,6 @@ def _backticks(text: str) -> str:
     return re.sub(r'"([^"\s]{1,40})"', r"`\1`", text)
 
 
-def question_titles(heading: str) -> str:
-    return _backticks(heading)
-
-
 def pydoc_instructions(max_answer_chars: int = 240) -> tuple[list[list[dict]], list[list[dict]]]:
     """(train, held_out) conversations; see the module docstring."""
     try:
@@ -99,7 +95,7 @@ def pydoc_instructions(max_answer_chars: int = 240) -> tuple[list[list[dict]], l
             if m:
                 asks = (f"What does the `{m.group(1)}` statement do?",)
             else:
-                title = question_titles(heading)
+                title = _backticks(heading)
                 asks = tuple(p.format(title=title) for p in PHRASINGS)
             if is_held_out:
                 asks = (asks[len(held_out) % len(asks)],)

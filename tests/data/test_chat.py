@@ -93,8 +93,9 @@ def test_plain_and_minigpt4(tok):
     image = tok.piece_to_id("<image>")
     r = chat.render(conv("<image>", "a red digit"), tok, "plain", image_seq_length=4)
     assert r.text == "<s><image>a red digit</s>"
-    assert r.tokens.tolist() == [tok.bos_id] + [image] * 4 + tok.encode("a red digit") + [tok.eos_id]
-    assert r.labels.tolist() == [IGNORE] * 5 + tok.encode("a red digit") + [tok.eos_id]
+    caption = tok.encode("a red digit") + [tok.eos_id]
+    assert r.tokens.tolist() == [tok.bos_id] + [image] * 4 + caption
+    assert r.labels.tolist() == [IGNORE] * 5 + caption
     assert r.image_starts.tolist() == [1]
 
     r = chat.render(conv("<image> Describe it.", "A seven."), tok, "minigpt4", image_seq_length=2)
