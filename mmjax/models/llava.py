@@ -55,6 +55,7 @@ from mmjax.models.vit import ViT, ViTConfig, check_images
 from mmjax.nn.cache import KVCache
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS
+from mmjax.nn.resampler import QwenVLResampler
 
 STRATEGIES = ("default", "full")
 CONNECTORS = ("linear", "mlp", "resampler")
@@ -123,9 +124,16 @@ class LlavaConfig(configs.Config):
                               f"{configs.closest_name(str(self.projector_hidden_act), ACTIVATIONS)}; "
                               f"known: {', '.join(ACTIVATIONS)}")
         if self.connector == "resampler":
-            if self.resampler_queries <= 0:
-                raise ConfigError(f"LlavaConfig.resampler_queries must be positive, got "
-                                  f"{self.resampler_queries}")
+            q = self.resampler_queries
+            if q <= 0 or int(np.sqrt(q)) ** 2 != q:
+                raise ConfigError(f"LlavaConfig.resampler_queries must be a positive perfect square "
+                                  f"(a g x g query grid), got {q}")
+            if s != "default":
+                raise ConfigError("LlavaConfig: connector='resampler' reads the patch grid; use "
+                                  "vision_feature_select_strategy='default' (drops [CLS])")
+            if t.dim % 4:
+                raise ConfigError(f"LlavaConfig: connector='resampler' needs text.dim divisible by 4 "
+                                  f"(2-D sin-cos positions), got {t.dim}")
             heads = self.resampler_num_heads
             if heads <= 0 or t.dim % heads:
                 raise ConfigError(f"LlavaConfig: the resampler's {heads} heads must divide "
@@ -255,9 +263,10 @@ class Projector(nn.Module):
         dtype, pdtype = jnp.dtype(t.dtype), jnp.dtype(t.param_dtype)
         init = nn.initializers.normal(t.initializer_range)
         if c.connector == "resampler":
-            from mmjax.nn.resampler import QwenVLResampler  # the other connectors work without it
-
-            return QwenVLResampler(**_resampler_kwargs(c), name="resampler")(x)
+            return QwenVLResampler(
+                dim=t.dim, num_queries=c.resampler_queries, num_heads=c.resampler_num_heads,
+                kv_dim=c.features_dim, dtype=dtype, param_dtype=pdtype,
+                implementation=t.implementation, name="resampler")(x, grid_hw=c.vision.grid)
         if c.connector == "linear":
             return DenseGeneral(t.dim, ("embed", "mlp"), use_bias=c.projector_bias, dtype=dtype,
                                 param_dtype=pdtype, kernel_init=init, name="linear")(x)
@@ -266,12 +275,6 @@ class Projector(nn.Module):
         h = ACTIVATIONS[c.projector_hidden_act](h)
         return DenseGeneral(t.dim, ("mlp", "embed"), use_bias=c.projector_bias, dtype=dtype,
                             param_dtype=pdtype, kernel_init=init, name="linear_2")(h)
-
-
-def _resampler_kwargs(c: LlavaConfig) -> dict[str, Any]:
-    t = c.text
-    return dict(num_queries=c.resampler_queries, dim=t.dim, num_heads=c.resampler_num_heads,
-                dtype=jnp.dtype(t.dtype), param_dtype=jnp.dtype(t.param_dtype))
 
 
 class Llava(nn.Module):
