@@ -47,11 +47,11 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax import configs
+from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE as TOKENIZER_FILE
 from mmjax.errors import ConfigError, InputError
 from mmjax.train.task import Task
 
 DATASETS = ("digits_captions", "digits_vqa")
-TOKENIZER_FILE = "tokenizer.model"
 IGNORE = -100
 
 
@@ -84,10 +84,8 @@ class VisualSFTDataConfig:
 
 
 def _tokenizer_file(path: str) -> str:
-    from mmjax import checkpoint
-
     if os.path.isdir(path):
-        name = getattr(checkpoint, "WORKDIR_TOKENIZER_FILE", TOKENIZER_FILE)
+        name = TOKENIZER_FILE
         candidate = os.path.join(path, name)
         if not os.path.isfile(candidate):
             raise InputError(f"data.tokenizer={path!r} is a directory without {name} (train "
