@@ -55,8 +55,9 @@ _TOP_KEYS = {"vision_config", "text_config", "image_token_index", "image_seq_len
              "multimodal_projector_bias", "tie_word_embeddings", "ignore_index", "vocab_size",
              "pad_token_id"}
 # transformers LlavaConfig class defaults
-_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                 vision_feature_layer=-2, multimodal_projector_bias=True)
+_DEFAULTS = dict(image_token_index=32000, projector_hidden_act="gelu",
+                 vision_feature_select_strategy="default", vision_feature_layer=-2,
+                 multimodal_projector_bias=True)
 DERIVED_BUFFERS = clip_convert.DERIVED_BUFFERS + llama_convert.DERIVED_BUFFERS
 VISION, PROJECTOR, LM = "vision_tower.", "multi_modal_projector.", "language_model."
 # older layouts -> the one the rules name (first match wins)

@@ -102,7 +102,8 @@ class LlavaConfig(configs.Config):
         if not layers:
             raise ConfigError("LlavaConfig.vision_feature_layer: give at least one layer")
         n = v.num_layers + 1  # hidden_states: the embeddings, then each block's output
-        bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+        bad = [layer for layer in layers
+               if isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
                or not -n <= layer < n]
         if bad:
             raise ConfigError(f"LlavaConfig.vision_feature_layer {bad} out of range: the image "
@@ -324,7 +325,8 @@ class Llava(nn.Module):
         token embeddings with the image slots holding the image features."""
         c = self.config
         if getattr(tokens, "ndim", None) != 2:
-            raise InputError(f"Llava: tokens must be [batch, seq], got shape {tuple(getattr(tokens, 'shape', ()))}")
+            raise InputError(f"Llava: tokens must be [batch, seq], got shape "
+                             f"{tuple(getattr(tokens, 'shape', ()))}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise InputError(f"Llava: tokens must be integer ids, got dtype {tokens.dtype}")
         if input_mask is not None and tuple(input_mask.shape) != tuple(tokens.shape):

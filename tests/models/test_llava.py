@@ -41,7 +41,8 @@ def batch(config=CFG, n_text=(3, 5), seed=0):
     mask = np.zeros((2, width), bool)
     for i, n in enumerate(n_text):
         words = rng.integers(1, config.image_token_index, size=n)
-        row = np.concatenate([words[:1], np.full(config.image_seq_length, config.image_token_index), words[1:]])
+        image = np.full(config.image_seq_length, config.image_token_index)
+        row = np.concatenate([words[:1], image, words[1:]])
         tokens[i, width - len(row):] = row
         mask[i, width - len(row):] = True
     h, w = config.vision.image_hw

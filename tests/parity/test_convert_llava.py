@@ -41,8 +41,9 @@ CASES = {
     "default": dict(text=dict(hidden_size=64, num_key_value_heads=2), image_token_index=95,
                     image_seq_length=16),
     # two layers concatenated (embeddings + last block), [CLS] kept, no projector bias; an MHA
-    # decoder of another width (the projector is [48, 64] then [48, 48])
-    "concat_full": dict(text=dict(hidden_size=48, num_key_value_heads=4), image_token_index=3,
+    # decoder of another width (the projector is [48, 64] then [48, 48]) with a tied head
+    "concat_full": dict(text=dict(hidden_size=48, num_key_value_heads=4, tie_word_embeddings=True),
+                        image_token_index=3, tie_word_embeddings=True,
                         image_seq_length=17, vision_feature_layer=[-3, -1],
                         vision_feature_select_strategy="full", multimodal_projector_bias=False),
 }
@@ -179,7 +180,7 @@ def _same_dir(a, b):
     assert sorted(ta) == sorted(tb)
     for key, value in ta.items():
         assert tb[key].dtype == value.dtype and np.array_equal(tb[key], value), key
-    ca, cb = (json.load(open(os.path.join(d, "config.json"))) for d in (a, b))
+    ca, cb = (json.loads(open(os.path.join(d, "config.json")).read()) for d in (a, b))
     assert ca == cb
 
 
@@ -189,8 +190,10 @@ def test_round_trips_give_identical_tensors_and_config(saved, tmp_path):
     _same_dir(path, str(tmp_path / "out"))
     reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "out"))
     assert reloaded.config.vision_feature_layer == -2
-    # mmjax convert / export: HF dir -> mmjax model dir -> HF dir
-    _, path, _, _ = saved("concat_full")
+    # mmjax convert / export: HF dir -> mmjax model dir -> HF dir (a tied head: not stored)
+    _, path, module, _ = saved("concat_full")
+    assert module.config.text.tie_embeddings
+    assert "language_model.lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))
     convert_dir(path, str(tmp_path / "ckpt"))
     export_dir(str(tmp_path / "ckpt"), str(tmp_path / "back"))
     _same_dir(path, str(tmp_path / "back"))
@@ -219,7 +222,8 @@ def test_strict_config_errors(saved, tmp_path):
         (lambda c: c.update(foo_bar=1), "foo_bar"),
         (lambda c: c["text_config"].update(rope_bogus=1.0), "rope_bogus"),
         (lambda c: c["vision_config"].update(hidden_act="mish"), "mish"),
-        (lambda c: c["text_config"].update(model_type="qwen2"), "text_config.model_type 'qwen2'.*llama, mistral"),
+        (lambda c: c["text_config"].update(model_type="qwen2"),
+         "text_config.model_type 'qwen2'.*llama, mistral"),
         (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "siglip_vision_model"),
         (lambda c: c.update(vision_feature_select_strategy="mean"), "'mean'"),
         (lambda c: c.update(vision_feature_layer=7), "out of range"),
@@ -236,7 +240,8 @@ def test_compare_cli(saved, tmp_path, capsys):
     assert cli.main(["compare", path, "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["passed"] is True and report["max_abs_diff"] <= TOL
-    assert {"logits", "image_features", "inputs_embeds", "hidden_states", "vision_hidden_states"} <= set(report["diffs"])
+    assert {"logits", "image_features", "inputs_embeds", "hidden_states",
+            "vision_hidden_states"} <= set(report["diffs"])
     assert report["inputs"]["image_seq_length"] == 16 and report["inputs"]["left_padding_last_row"] > 0
     bad = _edit_config(path, tmp_path / "qwen", lambda c: c["text_config"].update(model_type="qwen2"))
     assert cli.main(["compare", bad, "--json"]) == 2
