@@ -29,7 +29,7 @@ import os
 from mmjax.models.llava import LlavaConfig
 from mmjax.tasks.visual_sft import VisualSFTDataConfig
 from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, load_experiment
-from mmjax.train.pretrained import InitSource
+from mmjax.train.experiment import InitSource
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -24,7 +24,6 @@ Two sources filling the same param are an error; a param no source fills keeps i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -33,58 +32,9 @@ import jax
 import numpy as np
 
 from mmjax import checkpoint
-from mmjax.errors import ConfigError, InputError
+from mmjax.errors import InputError
+from mmjax.train.experiment import InitSource, init_sources  # noqa: F401 (re-exported)
 from mmjax.train.optimizer import path_str
-
-
-@dataclasses.dataclass(frozen=True)
-class InitSource:
-    """One pretrained source: the params at `path` (training workdir, mmjax model dir or HF
-    dir), their subtree `prefix` ("" = all), copied onto the new model's subtree `into`."""
-
-    path: str
-    prefix: str = ""
-    into: str = ""
-
-    def __post_init__(self):
-        if not isinstance(self.path, str) or not self.path:
-            raise ConfigError(f"init_from: a source needs a path, got {self.path!r}")
-        for name in ("prefix", "into"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"init_from: {name} must be a '/'-joined path string, got "
-                                  f"{getattr(self, name)!r}")
-
-    def label(self) -> str:
-        return (self.path + (f" [{self.prefix}]" if self.prefix else "")
-                + (f" -> {self.into}" if self.into else ""))
-
-
-def init_sources(init_from: Any, prefix: str = "") -> tuple[InitSource, ...]:
-    """`ExperimentConfig.init_from` in its accepted forms (None, a path, an InitSource, a dict
-    with its fields, or a tuple/list of those; `prefix` = `init_from_prefix` for a bare path) as
-    a tuple of InitSource."""
-    if init_from is None or init_from == "":
-        return ()
-    items = init_from if isinstance(init_from, (tuple, list)) else (init_from,)
-    out = []
-    for item in items:
-        if isinstance(item, InitSource):
-            out.append(item)
-        elif isinstance(item, str):
-            out.append(InitSource(item, prefix if len(items) == 1 else ""))
-        elif isinstance(item, dict):
-            unknown = set(item) - {"path", "prefix", "into"}
-            if unknown:
-                raise ConfigError(f"init_from: unknown key(s) {sorted(unknown)} in {item!r}; "
-                                  "a source has path, prefix, into")
-            out.append(InitSource(**item))
-        else:
-            raise ConfigError(f"init_from: expected a path, an InitSource or a dict, got "
-                              f"{type(item).__name__}")
-    intos = [s.into for s in out]
-    if len(set(intos)) != len(intos):
-        raise ConfigError(f"init_from: two sources fill the same subtree: {intos}")
-    return tuple(out)
 
 
 def load_source_params(path: str) -> Any:
