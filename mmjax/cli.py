@@ -84,6 +84,7 @@ def cmd_generate(args) -> int:
     texts = generate_text(
         args.workdir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, seed=args.seed,
+        images=args.image,
     )
     if args.json:
         _print_json({"prompt": args.prompt, "completions": texts})
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", action="append", default=None,
+                   help="an image file for a vision-language model, one per <image> in the "
+                        "prompt (repeat for several)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 

@@ -55,12 +55,19 @@ def test_stage1_trains_only_the_projector(stage1, tmp_path):
     assert {k for k in fresh if k.startswith("projector/")} == changed  # every projector param moved
 
 
-def test_stage2_learns_answers_from_stage1(stage1, tmp_path):
+@pytest.fixture(scope="module")
+def stage2(stage1, tmp_path_factory):
     wd1, _, _ = stage1
-    wd2 = str(tmp_path / "stage2")
+    wd2 = str(tmp_path_factory.mktemp("llava") / "stage2")
     m = run(STAGE2, workdir=wd2, steps=30, overrides=TINY + [
         f"init_from={wd1!r}", f"data.tokenizer={wd1!r}", "optimizer.learning_rate=3e-3",
         "eval_every=0", "data.system=''"])
+    return wd2, m
+
+
+def test_stage2_learns_answers_from_stage1(stage1, stage2):
+    wd1, _, _ = stage1
+    wd2, m = stage2
     init = json.load(open(os.path.join(wd2, "eval_at_init.json")))
     assert m["val_loss"] < init["val_loss"] - 0.5, (init["val_loss"], m["val_loss"])
     for key in ("vqa_accuracy", "vqa_accuracy_digit", "vqa_accuracy_parity",
@@ -74,3 +81,22 @@ def test_stage2_learns_answers_from_stage1(stage1, tmp_path):
         same = np.array_equal(p1[k], p2[k])
         assert same == k.startswith("vision/"), k
     assert "->" in m["sample"] and "want" in m["sample"]
+
+
+def test_cli_generate_answers_about_an_image_file(stage2, tmp_path, capsys):
+    """`mmjax generate --image`: the prompt becomes the user turn of the workdir's template, the
+    answer stops at its end of turn; a prompt whose <image>s do not match the images: exit 2."""
+    from PIL import Image
+
+    from mmjax.cli import main
+    from mmjax.data.digits_vqa import load_digits_vqa
+
+    wd2, _ = stage2
+    path = str(tmp_path / "digit.png")
+    Image.fromarray(load_digits_vqa(32).test.raw[0]).save(path)
+    assert main(["generate", "--workdir", wd2, "--prompt", "<image>\nIs the digit even or odd?",
+                 "--image", path, "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert isinstance(out["completions"][0], str) and "USER" not in out["completions"][0]
+    assert main(["generate", "--workdir", wd2, "--prompt", "Is it even?", "--image", path]) == 2
+    assert "Image features and image tokens do not match" in capsys.readouterr().err
