@@ -11,7 +11,7 @@ Data: the 1,438 training digits of the CLIP split; per image and epoch one quest
 type with a phrasing drawn from three (`mmjax.data.digits_vqa`): what digit ("7"), even or odd
 ("odd"), the digit plus one ("8"), and the count of digits in a 2 x 2 grid of 1-4 training
 digits ("3"); template "vicuna_v1" (LLaVA's), loss on the answer and its `</s>`. The
-template's default system prompt is left out (`data.system=""`): a constant 59-token prefix
+template's default system prompt is left out (`data.system_prompt=""`): a constant 59-token prefix
 that tells this task nothing and would double the longest sequence (55 -> 114 tokens).
 Evaluation: 50 held-out questions per type on the 359 test images (grids of test digits),
 greedy answers stopped at `</s>`, exact match: `vqa_accuracy` (mean) and
@@ -48,7 +48,7 @@ def get_config() -> ExperimentConfig:
         task="visual_sft",
         model=llava_model(),
         data=VisualSFTDataConfig(dataset="digits_vqa", template="vicuna_v1", image_size=32,
-                                 system="", seq_len=64, batch_size=32, eval_per_type=50,
+                                 system_prompt="", seq_len=64, batch_size=32, eval_per_type=50,
                                  tokenizer="workdirs/llm_text"),
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=50, end_lr_ratio=0.1,
                                   weight_decay=0.0, freeze=(r"^vision/",)),

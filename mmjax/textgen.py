@@ -123,14 +123,15 @@ def _chat_template(workdir: str) -> tuple[str | None, str | None]:
     with open(path) as f:
         data = (json.load(f).get("data") or {})
     template = data.get("template") if isinstance(data, dict) else None
-    return template, (data.get("system") if template else None)
+    return template, (data.get("system_prompt") if template else None)
 
 
 def _chat_prompt(text: str, tokenizer, template: str, system: str | None,
                  image_seq_length: int) -> list[int]:
     from mmjax.data import chat
 
-    turns = [] if system is None else [{"role": "system", "content": system}]
+    has_system = bool(chat.get_template(template).system)
+    turns = [] if system is None or not has_system else [{"role": "system", "content": system}]
     turns.append({"role": "user", "content": text})
     r = chat.render(turns, tokenizer, template, image_seq_length=image_seq_length, train=False,
                     add_generation_prompt=True)

@@ -23,7 +23,8 @@ workdir, so `mmjax generate` and resumed runs use the same one.
 Stages are freeze regexes of the optimizer (`mmjax.train.optimizer`): stage 1 freezes
 `^vision/` and `^language_model/` (only the projector trains), stage 2 `^vision/`.
 
-Evaluation: `val_loss` / `val_ppl` (teacher-forced, assistant tokens of the held-out examples);
+Evaluation: `val_loss` / `val_ppl` (teacher-forced, assistant tokens of held-out examples of the
+training dataset: captions of test images, or the held-out questions);
 `vqa_accuracy` (exact match of the greedy answer, `normalize_answer`, generation stopped at the
 template's end-of-turn token) with `vqa_accuracy_<type>` per question type, and
 `stopped_fraction` (answers that ended with the end-of-turn token). The first evaluation of a
@@ -61,7 +62,7 @@ class VisualSFTDataConfig:
 
     dataset: str = "digits_vqa"
     template: str = "vicuna_v1"  # mmjax.data.chat template
-    system: str | None = None  # system prompt; None = the template's default, "" = none
+    system_prompt: str | None = None  # None: the template's default; "": no system turn
     image_size: int = 32
     seq_len: int = 64  # rendered conversation tokens (image tokens included), padded
     batch_size: int = 32
@@ -144,7 +145,14 @@ class VisualSFTTask(Task):
         self.units_per_step = d.batch_size
         self.eval_set = digits_vqa.eval_examples(self.vqa.test, d.eval_per_type, d.seed + 1,
                                                  d.image_size)
-        self.eval_rows = [self._row(ex) for ex in self.eval_set]
+        if d.dataset == "digits_captions":  # held-out captions score the loss
+            rng = np.random.default_rng(d.seed + 2)
+            held_out = [digits_vqa.caption_example(self.vqa.test, i % len(self.vqa.test), rng,
+                                                   d.image_size)
+                        for i in range(len(self.eval_set))]
+        else:
+            held_out = self.eval_set
+        self.eval_rows = [self._row(ex) for ex in held_out]
         self._eval_loss = None
         self._at_init: dict[str, float] | None = None
         self._init_file = os.path.join(workdir, "eval_at_init.json")
@@ -208,7 +216,7 @@ class VisualSFTTask(Task):
         return digits_vqa.instruction_example(split, (index // 4) % len(split), qtype, rng, size)
 
     def _with_system(self, conversation: list[dict]) -> list[dict]:
-        system = self.cfg.data.system
+        system = self.cfg.data.system_prompt
         if system is None or not chat_template_has_system(self.template):
             return conversation
         return [{"role": "system", "content": system}] + list(conversation)

@@ -61,7 +61,7 @@ def stage2(stage1, tmp_path_factory):
     wd2 = str(tmp_path_factory.mktemp("llava") / "stage2")
     m = run(STAGE2, workdir=wd2, steps=30, overrides=TINY + [
         f"init_from={wd1!r}", f"data.tokenizer={wd1!r}", "optimizer.learning_rate=3e-3",
-        "eval_every=0", "data.system=''"])
+        "eval_every=0", "data.system_prompt=''"])
     return wd2, m
 
 
