@@ -15,7 +15,7 @@ template's default system prompt is left out (`data.system_prompt=""`): a consta
 that tells this task nothing and would double the longest sequence (55 -> 114 tokens).
 Evaluation: 50 held-out questions per type on the 359 test images (grids of test digits),
 greedy answers stopped at `</s>`, exact match: `vqa_accuracy` (mean) and
-`vqa_accuracy_<type>`; `init_vqa_accuracy...` is the same evaluation of the stage-1 model this
+`vqa_accuracy_<type>`; `start_vqa_accuracy...` is the same evaluation of the stage-1 model this
 run starts from (its step-0 evaluation), i.e. stage 1 only vs stage 2.
 
 Model: `llava_digits_stage1.llava_model()`, initialised from the stage-1 workdir (tower, projector

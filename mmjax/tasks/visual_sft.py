@@ -27,15 +27,14 @@ Evaluation: `val_loss` / `val_ppl` (teacher-forced, assistant tokens of held-out
 training dataset: captions of test images, or the held-out questions);
 `vqa_accuracy` (exact match of the greedy answer, `normalize_answer`, generation stopped at the
 template's end-of-turn token) with `vqa_accuracy_<type>` per question type, and
-`stopped_fraction` (answers that ended with the end-of-turn token). The first evaluation of a
-fresh run is kept in `eval_at_init.json` and repeated in every later result as `init_<key>`:
-with `init_from` a stage-1 workdir, `init_vqa_accuracy` is the stage-1-only model's accuracy.
+`stopped_fraction` (answers that ended with the end-of-turn token). The training loop reports
+the step-0 evaluation beside the final one as `start_<key>`: with `init_from` a stage-1 workdir,
+`start_vqa_accuracy` is the stage-1-only model's accuracy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -154,11 +153,6 @@ class VisualSFTTask(Task):
             held_out = self.eval_set
         self.eval_rows = [self._row(ex) for ex in held_out]
         self._eval_loss = None
-        self._at_init: dict[str, float] | None = None
-        self._init_file = os.path.join(workdir, "eval_at_init.json")
-        if os.path.isfile(self._init_file):
-            with open(self._init_file) as f:
-                self._at_init = json.load(f)
 
         model = self.model
 
@@ -304,13 +298,6 @@ class VisualSFTTask(Task):
             out[f"vqa_accuracy_{qtype}"] = float(np.mean(oks))
         out["vqa_accuracy"] = float(np.mean([ok for oks in by_type.values() for ok in oks]))
         out["stopped_fraction"] = float(np.mean(stopped))
-        if self._at_init is None:
-            self._at_init = dict(out)
-            if jax.process_index() == 0:
-                with open(self._init_file, "w") as f:
-                    json.dump(self._at_init, f, indent=2)
-        else:
-            out.update({f"init_{k}": v for k, v in self._at_init.items()})
         return out
 
     @staticmethod

@@ -68,13 +68,11 @@ def stage2(stage1, tmp_path_factory):
 def test_stage2_learns_answers_from_stage1(stage1, stage2):
     wd1, _, _ = stage1
     wd2, m = stage2
-    init = json.load(open(os.path.join(wd2, "eval_at_init.json")))
-    assert m["val_loss"] < init["val_loss"] - 0.5, (init["val_loss"], m["val_loss"])
+    assert m["val_loss"] < m["start_val_loss"] - 0.5, (m["start_val_loss"], m["val_loss"])
     for key in ("vqa_accuracy", "vqa_accuracy_digit", "vqa_accuracy_parity",
                 "vqa_accuracy_plus_one", "vqa_accuracy_count", "stopped_fraction",
-                "init_vqa_accuracy"):
+                "start_vqa_accuracy"):
         assert 0.0 <= m[key] <= 1.0, (key, m[key])
-    assert m["init_vqa_accuracy"] == init["vqa_accuracy"]
     # the tower stayed frozen in stage 2 (stage 1's values), the LLM and projector trained
     p1, p2 = _flat(load_for_inference(wd1)[1]), _flat(load_for_inference(wd2)[1])
     for k in p1:
