@@ -16,3 +16,42 @@ def tiny_overrides(corpus, **extra):
     }
     items.update(extra)
     return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in items.items()]
+
+
+def randomise_torch(model, scale=0.08, fixed=None):
+    """Every parameter of a torch module drawn anew from the current torch seed, so a parity
+    test can fail on any of them: names containing "norm" around 1 (1 + 0.2 N(0, 1)), the rest
+    N(0, scale^2) (biases included), `fixed` name -> constant (e.g. CLIP's logit_scale).
+    Returns `model.eval()`."""
+    import torch
+
+    fixed = fixed or {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in fixed:
+                p.fill_(fixed[name])
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_model_cache(tmp_path_factory, build):
+    """A getter `case -> (hf model, hf dir, mmjax module, params)`: `build(case, seed)` makes the
+    transformers model (seed = how many were built before), which is saved with
+    `save_pretrained` and converted with `mmjax.convert.from_hf`, once per case."""
+    from mmjax.convert import from_hf
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = build(name, seed=len(cache))
+            path = str(tmp_path_factory.mktemp(name))
+            model.save_pretrained(path)
+            module, params = from_hf(path)
+            cache[name] = (model, path, module, params)
+        return cache[name]
+
+    return get

@@ -26,6 +26,8 @@ from mmjax import checkpoint  # noqa: E402
 from mmjax.convert import from_hf, to_hf  # noqa: E402
 from mmjax.errors import InputError, UnsupportedModelError  # noqa: E402
 
+from support import hf_model_cache, randomise_torch  # noqa: E402
+
 TOL = 1e-4
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5,
@@ -54,12 +56,7 @@ def build_hf_model(kind, overrides, seed):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
     else:
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**kwargs))
-    with torch.no_grad():  # randomise everything, norm scales and biases included
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
+    randomise_torch(model, 0.08)
     model.config._attn_implementation = "eager"
     return model.eval()
 
@@ -67,19 +64,7 @@ def build_hf_model(kind, overrides, seed):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """case name -> (hf model, hf dir, mmjax module, params); built once per case."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            kind, overrides = CASES[name]
-            model = build_hf_model(kind, overrides, seed=len(cache))
-            path = str(tmp_path_factory.mktemp(name))
-            model.save_pretrained(path)
-            module, params = from_hf(path)
-            cache[name] = (model, path, module, params)
-        return cache[name]
-
-    return get
+    return hf_model_cache(tmp_path_factory, lambda name, seed: build_hf_model(*CASES[name], seed=seed))
 
 
 def padded_batch(vocab, seq=21, pad=5, seed=0):

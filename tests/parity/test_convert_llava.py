@@ -31,6 +31,8 @@ from mmjax.convert.llava import llava_inputs  # noqa: E402
 from mmjax.errors import UnsupportedModelError  # noqa: E402
 from mmjax.generate import GenerationConfig, generate  # noqa: E402
 
+from support import hf_model_cache, randomise_torch  # noqa: E402
+
 TOL = 1e-4
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               image_size=16, patch_size=4, layer_norm_eps=1e-5)
@@ -56,30 +58,13 @@ def build_hf_model(case, seed):
     config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION),
                                       text_config=text, **spec)
     model = transformers.LlavaForConditionalGeneration(config)
-    with torch.no_grad():  # randomise everything, norm scales and biases included
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
-    return model.eval()
+    return randomise_torch(model, 0.08)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """case name -> (hf model, hf dir, mmjax module, params); built once per case."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = build_hf_model(name, seed=len(cache))
-            path = str(tmp_path_factory.mktemp(name))
-            model.save_pretrained(path)
-            module, params = from_hf(path)
-            cache[name] = (model, path, module, params)
-        return cache[name]
-
-    return get
+    return hf_model_cache(tmp_path_factory, build_hf_model)
 
 
 def hf_forward(model, tokens, mask, images):

@@ -28,6 +28,8 @@ from mmjax.convert import from_hf, to_hf  # noqa: E402
 from mmjax.convert.compare import compare  # noqa: E402
 from mmjax.errors import UnsupportedModelError  # noqa: E402
 
+from support import hf_model_cache, randomise_torch  # noqa: E402
+
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2)
@@ -42,29 +44,12 @@ CASES = {
 def build(name, seed):
     torch.manual_seed(seed)
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**BASE, **CASES[name]}))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return randomise_torch(model, 0.1)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = build(name, seed=len(cache))
-            path = str(tmp_path_factory.mktemp(name))
-            model.save_pretrained(path)
-            module, params = from_hf(path)
-            cache[name] = (model, path, module, params)
-        return cache[name]
-
-    return get
+    return hf_model_cache(tmp_path_factory, build)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -35,6 +35,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from mmjax.convert import from_hf, to_hf  # noqa: E402
 from mmjax.errors import InputError, UnsupportedModelError  # noqa: E402
 
+from support import hf_model_cache, randomise_torch  # noqa: E402
+
 TOL = 1e-4
 VIT_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 VIT_CASES = {
@@ -75,17 +77,7 @@ SIGLIP_VISION = dict(CLIP_VISION, image_size=30, patch_size=6)
 
 def randomise(model, seed):
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "logit_scale":
-                p.fill_(2.9)
-            elif name == "logit_bias":
-                p.fill_(-2.5)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return randomise_torch(model, 0.1, fixed={"logit_scale": 2.9, "logit_bias": -2.5})
 
 
 def build_hf(name, seed):
@@ -107,18 +99,7 @@ def build_hf(name, seed):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """case name -> (hf model, hf dir, mmjax module, params); built once per case."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = build_hf(name, seed=len(cache))
-            path = str(tmp_path_factory.mktemp(name))
-            model.save_pretrained(path)
-            module, params = from_hf(path)
-            cache[name] = (model, path, module, params)
-        return cache[name]
-
-    return get
+    return hf_model_cache(tmp_path_factory, build_hf)
 
 
 def nchw_images(model_config, batch=3, seed=0):
