@@ -17,10 +17,13 @@ projector's 98,816 params train.
 
 Data: the 1,438 training digits of the CLIP split, each with a caption drawn per epoch from the
 CLIP digits templates ("handwritten 7", "a photo of the digit seven.", ...), template "plain"
-(`<s>` + 16 image tokens + caption + `</s>`). Evaluation: caption loss on held-out images and
-the visual questions of stage 2 (which stage 1 never saw; see `experiments/llava_digits.py`).
+(`<s>` + 16 image tokens + caption + `</s>`). Evaluation: caption loss on the held-out images'
+captions and the visual questions of stage 2 (which stage 1 never saw; see
+`experiments/llava_digits.py`).
 
-Expected runtime and result: see docs/llava.md (measured numbers, the machine they came from).
+Measured 2026-12-01 (2-core CI machine, AVX-512 kind, ~199 GFLOP/s fp32 matmul; docs/llava.md):
+300 steps in 210 s; held-out caption loss 7.77 -> 5.28 nats/token; VQA accuracy 0.000 (it has
+never seen a question; stage 2 takes it to 0.955).
 The connector is a choice: `--set model.connector=resampler` uses the Qwen-VL resampler instead.
 """
 
