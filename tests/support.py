@@ -20,7 +20,8 @@ def tiny_overrides(corpus, **extra):
 
 def randomise_torch(model, scale=0.08, fixed=None):
     """Every parameter of a torch module drawn anew from the current torch seed, so a parity
-    test can fail on any of them: names containing "norm" around 1 (1 + 0.2 N(0, 1)), the rest
+    test can fail on any of them: names containing "norm" (any case: BERT's "LayerNorm") around
+    1 (1 + 0.2 N(0, 1)), the rest
     N(0, scale^2) (biases included), `fixed` name -> constant (e.g. CLIP's logit_scale).
     Returns `model.eval()`."""
     import torch
@@ -30,7 +31,7 @@ def randomise_torch(model, scale=0.08, fixed=None):
         for name, p in model.named_parameters():
             if name in fixed:
                 p.fill_(fixed[name])
-            elif "norm" in name:
+            elif "norm" in name.lower():
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(scale * torch.randn_like(p))
