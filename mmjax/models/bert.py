@@ -11,6 +11,13 @@ Q-Former build on).
     # decoder with cross-attention (causal=True, cross_attention=True):
     hidden = model.apply({"params": params}, tokens, input_mask=mask,
                          encoder_hidden_states=image_feats, encoder_mask=image_mask)
+    # causal decoding with a KV cache (the self-attention's keys/values; cross-attention
+    # keys/values are recomputed from encoder_hidden_states, which every call passes):
+    cache = model.init_cache(batch, max_len)
+    hidden, cache = model.apply({"params": params}, prompt, input_mask=mask, cache=cache,
+                                encoder_hidden_states=image_feats)
+    hidden, cache = model.apply({"params": params}, next_tokens, cache=cache,
+                                encoder_hidden_states=image_feats)
 
 The output is the last hidden state [batch, seq, dim] (float32). `out` holds named
 activations: `hidden_states` (the embedding output and every layer's output, num_layers + 1
@@ -29,6 +36,11 @@ sub-block reading `encoder_hidden_states` [batch, ctx, encoder_width] (keys/valu
 from `encoder_width`, default `dim`), masked by `encoder_mask` [batch, ctx]; called without
 encoder states, the cross-attention sub-blocks are skipped (as transformers' `BertModel` does,
 and as BLIP's text encoder runs in its unimodal mode).
+
+KV cache (`causal=True` only): `init_cache` gives a `mmjax.nn.cache.KVCache`; with `cache=` the
+new tokens are appended and attend every cached real token (left-padded prompts: padding is
+never attended) and their positions count the row's real tokens (position 0 = the first real
+token, as transformers numbers an unpadded prompt). The call then returns `(hidden, cache)`.
 
 Bad input raises `mmjax.errors.InputError` naming the value and the limit: a sequence longer
 than `max_len`, token ids outside [0, vocab_size) and token types outside
@@ -54,6 +66,7 @@ import numpy as np
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
 from mmjax.models.family import Family
+from mmjax.nn.cache import KVCache
 from mmjax.nn.embeddings import Embed, LearnedPositions
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS
@@ -214,12 +227,14 @@ def check_inputs(config: BertConfig, tokens: Any, token_types: Any = None, input
 
 
 class BertEmbeddings(nn.Module):
-    """LN(word[tokens] + position[0..T-1] + token_type[token_types]) [batch, seq, dim]."""
+    """LN(word[tokens] + position[positions] + token_type[token_types]) [batch, seq, dim];
+    positions default to 0..T-1."""
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, token_types: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, token_types: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         init = nn.initializers.normal(c.initializer_range)
@@ -228,7 +243,8 @@ class BertEmbeddings(nn.Module):
         if c.type_vocab_size:
             types = jnp.zeros_like(tokens) if token_types is None else token_types
             x = x + LearnedPositions(c.type_vocab_size, c.dim, dtype, pdtype, init, name="token_type")(types)
-        x = x + LearnedPositions(c.max_len, c.dim, dtype, pdtype, init, name="position")(jnp.arange(t))[None]
+        table = LearnedPositions(c.max_len, c.dim, dtype, pdtype, init, name="position")
+        x = x + (table(jnp.arange(t))[None] if positions is None else table(positions))
         return LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="norm")(x)
 
 
@@ -237,11 +253,21 @@ class Bert(nn.Module):
 
     config: BertConfig
 
+    def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
+        """An empty self-attention KV cache for `batch` rows of up to `max_len` tokens (default
+        config.max_len); stacked over layers for a scanned stack. Needs `causal=True`."""
+        c = self.config
+        if not c.causal:
+            raise ConfigError("BERT: a KV cache needs a causal decoder (causal=True); a bidirectional "
+                              "encoder re-reads the whole sequence")
+        return KVCache.create(c.num_layers, batch, max_len or c.max_len, c.num_heads, c.head_size,
+                              jnp.dtype(dtype or c.dtype), stacked=c.scan_layers)
+
     @nn.compact
     def __call__(self, tokens: jax.Array, token_types: jax.Array | None = None,
                  input_mask: jax.Array | None = None, encoder_hidden_states: jax.Array | None = None,
-                 encoder_mask: jax.Array | None = None, *, deterministic: bool = True,
-                 return_intermediates: bool = False):
+                 encoder_mask: jax.Array | None = None, *, cache: KVCache | None = None,
+                 deterministic: bool = True, return_intermediates: bool = False):
         """
         Args:
           tokens: [batch, seq] int token ids.
@@ -250,16 +276,29 @@ class Bert(nn.Module):
           encoder_hidden_states: [batch, ctx, encoder_width] for the cross-attention sub-blocks
             (None skips them).
           encoder_mask: [batch, ctx] bool, True for real context positions.
+          cache: a KVCache from `init_cache` (causal decoders): the tokens are appended to it.
           return_intermediates: also return the dict of named activations.
         Returns:
-          the last hidden state [batch, seq, dim] float32; then the intermediates dict if asked.
+          the last hidden state [batch, seq, dim] float32; then the new cache if `cache` was
+          given; then the intermediates dict if asked.
         """
         c = self.config
         check_inputs(c, tokens, token_types, input_mask, encoder_hidden_states, encoder_mask)
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        x = BertEmbeddings(c, name="embeddings")(tokens, token_types)
+        positions = cache_index = None
+        causal = c.causal
+        if cache is not None:
+            if not c.causal:
+                raise InputError("BERT: cache= needs a causal decoder (causal=True)")
+            if input_mask is None:
+                input_mask = jnp.ones(tokens.shape, bool)
+            cache_index = cache.index
+            cache, positions, mask = cache.advance(input_mask)  # mask: causal over the cache slots
+            causal = False
+        else:
+            mask = None if input_mask is None else masks_lib.padding_mask(input_mask)
+        x = BertEmbeddings(c, name="embeddings")(tokens, token_types, positions)
         x = constrain(x, BATCH_LEN_EMBED)
-        mask = None if input_mask is None else masks_lib.padding_mask(input_mask)
         cross = encoder_hidden_states is not None
         cross_mask = None
         if cross:
@@ -269,9 +308,10 @@ class Bert(nn.Module):
         layers = make_layers(bert_block_spec(c, cross_attention=cross), c.num_layers, scan=c.scan_layers,
                              remat=c.remat_policy if c.remat else "none")
         embedded = x
-        x, hidden, _ = run_layers(layers, x, mask=mask, cross_input=encoder_hidden_states,
-                                  cross_mask=cross_mask, causal=c.causal, deterministic=deterministic,
-                                  keep_hidden=return_intermediates)
+        x, hidden, new_kv = run_layers(
+            layers, x, mask=mask, cross_input=encoder_hidden_states, cross_mask=cross_mask,
+            cache_kv=None if cache is None else (cache.k, cache.v), cache_index=cache_index,
+            causal=causal, deterministic=deterministic, keep_hidden=return_intermediates)
         last = x.astype(jnp.float32)
         out = {"hidden_states": (embedded,) + hidden, "last_hidden_state": last}
         # params converted from a checkpoint without a pooler (HF add_pooling_layer=False) have
@@ -281,9 +321,12 @@ class Bert(nn.Module):
                                   kernel_init=nn.initializers.normal(c.initializer_range),
                                   name="pooler")(x[:, 0])
             out["pooler_output"] = jnp.tanh(pooled).astype(jnp.float32)
+        outputs: tuple = (last,)
+        if cache is not None:
+            outputs += (cache.replace(k=new_kv[0], v=new_kv[1]),)
         if return_intermediates:
-            return last, out
-        return last
+            outputs += (out,)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def bert_inputs(config: BertConfig) -> tuple:
