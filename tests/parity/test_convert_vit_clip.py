@@ -19,8 +19,6 @@ a position table off by one row moves outputs by 1e-2 or more.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -289,21 +287,20 @@ def test_features_only_vit_without_pooler_is_not_exported(saved, tmp_path):
         to_hf(config, plain, str(tmp_path))
 
 
-def run_cli(*argv):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "mmjax", *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+def test_compare_cli_on_vit_and_clip_dirs(saved, capsys):
+    """`mmjax compare DIR --json` in-process (the subprocess entry point is tests/cli's): exit 0,
+    the JSON report's keys."""
+    from mmjax import cli
 
-
-def test_compare_cli_on_vit_and_clip_dirs(saved):
     _, vit_path, _, _ = saved("vit_classifier")
     _, clip_path, _, _ = saved("clip_eos")
     for path, keys in ((vit_path, {"logits", "hidden_states"}),
                        (clip_path, {"image_embeds", "text_embeds", "logits_per_image",
                                     "vision_hidden_states", "text_hidden_states"})):
-        result = run_cli("compare", path, "--json")
-        assert result.returncode == 0, result.stderr[-2000:]
-        report = json.loads(result.stdout.strip().splitlines()[-1])
+        code = cli.main(["compare", path, "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err[-2000:]
+        report = json.loads(captured.out.strip().splitlines()[-1])
         assert report["passed"] is True and report["max_abs_diff"] <= TOL
         assert keys <= set(report["diffs"])
 
