@@ -31,6 +31,7 @@ TASKS: dict[str, str] = {
     "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
     "visual_sft": "mmjax.tasks.visual_sft:VisualSFTTask",
     "sft": "mmjax.tasks.sft:SFTTask",
+    "blip": "mmjax.tasks.blip:BlipTask",
 }
 
 

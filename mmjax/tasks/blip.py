@@ -1,0 +1,425 @@
+"""BLIP pretraining (ITC + ITM with hard negatives + LM) on image-caption pairs, and the pieces
+CapFilt needs (ITM match scores of pairs, greedy synthetic captions).
+
+    ExperimentConfig(task="blip", model=BlipConfig(...), data=BlipDataConfig(noise_fraction=0.3))
+
+Design. The paper's MED is one model: a ViT, and a BERT used three ways -- unimodal text
+encoder (ITC), image-grounded encoder (ITM, cross-attention on) and image-grounded decoder (LM),
+the encoder and decoder sharing every parameter except their self-attention layers. mmjax's
+`Blip` module is one `task` per instance, so this task holds TWO `Blip` modules built from the
+config -- a "retrieval" one (ITC + ITM heads, bidirectional encoder) and a "caption" one
+(causal decoder + LM head) -- over ONE param tree in which the sharing is explicit:
+
+    vision/...                 the ViT, shared by both (one image forward per step feeds all
+                               three losses, as in the paper)
+    text_encoder/...           the BERT trunk: embeddings, cross-attention, FFN, norms
+    decoder/layers_i/{attn, attn_norm}   the decoder's own self-attention (share_text=True, the
+                               paper's sharing); share_text=False: decoder/ is a whole BERT
+    vision_proj, text_proj, itm_head, lm_transform, lm_norm, lm_bias   the heads
+    itc_temp                   the learned ITC temperature (init 0.07, used clipped to [0.001, 0.5])
+
+`_split` assembles each module's own tree from it (the caption module's `text_decoder` = the
+shared trunk with the decoder's self-attention swapped in), so the gradients of all three
+losses meet in the shared params. Why not two separately trained models: the paper's point is
+that the filter and the captioner are fine-tuned from the same pretrained MED, and sharing
+costs nothing here. The module's private `_itc`, `_itm` and `_lm_logits` + `text_decoder` are
+applied on the shared image embeddings (the public methods re-encode the images); that is the
+workaround for `Blip` offering no "from embeddings" entry points.
+
+Tokens: the digits' word-level caption tokenizer ([BOS]=1 words [EOS], padding 0) plus two
+ids: [ENC] = vocab and [DEC] = vocab + 1. ITC reads the caption as tokenized ([BOS] as BLIP's
+[CLS]), ITM replaces the first token by [ENC], LM by [DEC] and stops at [EOS] (BLIP's [SEP]).
+
+Losses (`mmjax.ops.blip_losses`): itc_loss on the cosines / temperature; ITM on the B positive
+pairs and 2B hard negatives (per image a text drawn ∝ softmax(sim / temperature), per text an
+image, pairs whose captions name the same digit never drawn: they are not negatives -- read
+from the caption text, as BLIP excludes captions of the same image); LM with
+`label_smoothing`. The step's loss is their sum. Not used here: the momentum encoder and the
+feature queue (`momentum_update`, `queue_push`, `itc_queue_loss` are tested helpers; at batch
+sizes near the 10 classes of the digits the queue would mostly add false negatives).
+
+Data (`BlipDataConfig`, the digits of `mmjax.data.digits`): every training image gets ONE fixed
+caption (a template drawn once per image, as a web alt-text is fixed); `noise_fraction` of the
+images (seeded) get another digit's caption instead, the injected noise CapFilt must find.
+`pairs_file` (JSON {"image": [train-split rows], "text": [captions]}) replaces the generated
+pairs: a CapFilt-cleaned set, several captions per image allowed.
+
+Evaluation (held-out images, one clean caption each): `i2t_r@K` / `t2i_r@K` class-level ITC
+retrieval, `itm_accuracy` (positives vs captions of another digit, p(match) > 0.5),
+`caption_accuracy` (the greedy caption names the image's digit), `val_loss` (the summed loss).
+Limits: one process (the pairs are not sharded over hosts); the workdir's params are this
+composite tree, so `mmjax generate` / `load_for_inference` cannot load them as one `Blip`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.errors import ConfigError, InputError
+from mmjax.eval.retrieval import retrieval_recall
+from mmjax.ops.blip_losses import itc_loss, itm_loss, lm_loss, sample_hard_negatives
+from mmjax.tasks import image_data
+from mmjax.tasks.image_data import ImageDataConfig
+from mmjax.train.task import Task
+
+TEMP_RANGE = (0.001, 0.5)
+_HEADS = ("vision_proj", "text_proj", "itm_head")
+_LM_HEADS = ("lm_transform", "lm_norm", "lm_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipDataConfig(ImageDataConfig):
+    """Image-caption pairs (the digits) and BLIP's objective settings."""
+
+    noise_fraction: float = 0.0  # images whose caption is replaced by another digit's
+    pairs_file: str = ""  # JSON {"image": [...], "text": [...]} replacing the generated pairs
+    label_smoothing: float = 0.1  # LM (BLIP's value)
+    temperature_init: float = 0.07  # ITC, learned
+    share_text: bool = True  # decoder shares all but self-attention with the text encoder
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.noise_fraction < 1.0:
+            raise ConfigError(f"data.noise_fraction must be in [0, 1), got {self.noise_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"data.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not TEMP_RANGE[0] <= self.temperature_init <= TEMP_RANGE[1]:
+            raise ConfigError(f"data.temperature_init must be in {list(TEMP_RANGE)}, got {self.temperature_init}")
+
+
+def caption_digit(text: str) -> int:
+    """The digit a caption names (its first digit word or numeral), -1 for none."""
+    from mmjax.data.digits import DIGIT_NAMES, CaptionTokenizer
+
+    for w in CaptionTokenizer.split(text):
+        if w in DIGIT_NAMES:
+            return DIGIT_NAMES.index(w)
+        if w.isdigit() and len(w) == 1:
+            return int(w)
+    return -1
+
+
+def noisy_pairs(labels: np.ndarray, templates: tuple[str, ...], noise_fraction: float, seed: int
+                ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(image rows [N], one caption per image, is_noisy [N]): a template drawn per image; a
+    seeded `noise_fraction` of the images captioned as another (uniformly drawn) digit."""
+    from mmjax.data.digits import caption
+
+    rng = np.random.default_rng(seed + 7919)
+    n = len(labels)
+    named = np.asarray(labels, np.int64).copy()
+    noisy = np.zeros(n, bool)
+    noisy[rng.permutation(n)[:int(round(noise_fraction * n))]] = True
+    named[noisy] = (named[noisy] + rng.integers(1, 10, size=int(noisy.sum()))) % 10
+    t = rng.integers(len(templates), size=n)
+    return np.arange(n), [caption(templates[t[i]], int(named[i])) for i in range(n)], noisy
+
+
+class _PairIterator:
+    """Endless shuffled batches of (image, caption) pairs; get_state / set_state for resume."""
+
+    def __init__(self, images, tokens, mask, text_class, batch_size, seed):
+        self.images, self.tokens, self.mask, self.text_class = images, tokens, mask, text_class
+        self.batch, self.seed = batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm()
+
+    def _perm(self):
+        return np.random.default_rng((self.seed, self.epoch)).permutation(len(self.tokens))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pos + self.batch > len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._perm()
+        idx = self._order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return {"images": self.images[idx], "tokens": self.tokens[idx], "input_mask": self.mask[idx],
+                "text_class": self.text_class[idx]}
+
+    def get_state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def set_state(self, state):
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._perm()
+
+
+class BlipTask(Task):
+    """BLIP's three objectives over one shared param tree (see the module docstring)."""
+
+    unit = "images"
+    data_config_class = BlipDataConfig
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        # the blip family record lists no tasks (mmjax/models/blip.py is not this task's file):
+        # accept the family by name instead of through Family.tasks
+        from mmjax.errors import UnsupportedModelError
+        from mmjax.models import family_of
+
+        try:
+            family = family_of(cfg.model)
+        except UnsupportedModelError as e:
+            raise ConfigError(f"task 'blip': model={type(cfg.model).__name__}(...) is not a model config ({e})") from None
+        if family != "blip":
+            raise ConfigError(f"task 'blip' trains the BLIP family (BlipConfig), got {family!r}")
+        if not isinstance(cfg.data, BlipDataConfig):
+            raise ConfigError(f"task 'blip' needs data=BlipDataConfig(...), got {type(cfg.data).__name__}")
+        size = cfg.data.image_size
+        if cfg.model.vision.image_hw != (size, size):
+            raise ConfigError(f"model.vision.image_size {cfg.model.vision.image_hw} must equal data.image_size={size}")
+        if cfg.model.text.max_len < cfg.data.max_text_len:
+            raise ConfigError(f"model.text.max_len={cfg.model.text.max_len} is shorter than "
+                              f"data.max_text_len={cfg.data.max_text_len}")
+
+    def __init__(self, cfg: Any, workdir: str, log: Callable[[str], None] = print):
+        super().__init__(cfg, workdir, log)
+        d = cfg.data
+        self.data = image_data.load(d)
+        tok = self.data.tokenizer
+        self.enc_id, self.dec_id = tok.vocab_size, tok.vocab_size + 1
+        text = cfg.model.text.replace(vocab_size=tok.vocab_size + 2, causal=False)
+        base = cfg.model.replace(text=text, task="retrieval", bos_token_id=self.dec_id,
+                                 sep_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        self.caption_config = base.replace(task="caption", text=text.replace(causal=True))
+        self.model_config = base
+        self.captioner = self.build_model(self.caption_config)
+        self.model = self.build_model(base)
+        self.units_per_step = d.batch_size
+        self._load_pairs()
+        h, w = base.vision.image_hw
+        self._example = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, h, w, base.vision.channels), jnp.float32))
+        self._jit_loss = jax.jit(lambda p, b: self.loss(p, b, None))
+        self._jit_itc = jax.jit(self._itc_feats)
+        self._jit_itm = jax.jit(self._match_prob)
+        self._jit_caption = jax.jit(self._greedy)
+
+    # --- data -------------------------------------------------------------------------------
+    def _load_pairs(self) -> None:
+        d, tok = self.cfg.data, self.data.tokenizer
+        if d.pairs_file:
+            with open(d.pairs_file) as f:
+                spec = json.load(f)
+            rows, texts = np.asarray(spec["image"], np.int64), list(spec["text"])
+            if len(rows) != len(texts) or not len(rows) or rows.min() < 0 or rows.max() >= len(self.data.train):
+                raise InputError(f"data.pairs_file {d.pairs_file}: 'image' and 'text' must be equally long, "
+                                 f"non-empty, with rows in [0, {len(self.data.train)})")
+            noisy = np.asarray(spec.get("noisy", np.zeros(len(rows), bool)), bool)
+        else:
+            rows, texts, noisy = noisy_pairs(self.data.train.labels, self.data.train_templates,
+                                             d.noise_fraction, d.seed)
+        self.pair_rows, self.pair_texts, self.pair_noisy = rows, texts, noisy
+        self.pair_tokens, self.pair_mask = tok.encode(texts, d.max_text_len)
+        self.pair_class = np.asarray([caption_digit(t) for t in texts], np.int32)
+
+    def train_iterator(self):
+        if jax.process_count() > 1:
+            raise ConfigError("task 'blip' runs in one process (its pairs are not sharded over hosts)")
+        return _PairIterator(self.data.train.images[self.pair_rows], self.pair_tokens, self.pair_mask,
+                             self.pair_class, self.cfg.data.batch_size, self.cfg.data.seed)
+
+    def describe(self) -> str:
+        v, t = self.model_config.vision, self.model_config.text
+        return (f"BLIP (ITC + ITM + LM, share_text={self.cfg.data.share_text}): ViT dim={v.dim} x{v.num_layers} "
+                f"patch={v.patch_hw}, BERT dim={t.dim} x{t.num_layers} vocab={t.vocab_size}; "
+                f"{len(self.pair_rows)} train pairs ({int(self.pair_noisy.sum())} noisy), "
+                f"{len(self.data.test)} test images, batch {self.cfg.data.batch_size}")
+
+    # --- params -----------------------------------------------------------------------------
+    def init_params(self, rng: jax.Array) -> Any:
+        k1, k2 = jax.random.split(rng)
+        r = self.model.init(k1, *self._example)["params"]
+        c = self.captioner.init(k2, *self._example)["params"]
+        out = {"vision": r["vision"], "text_encoder": r["text_encoder"], **{k: r[k] for k in _HEADS},
+               **{k: c[k] for k in _LM_HEADS}}
+        dec = c["text_decoder"]
+        if self.cfg.data.share_text:
+            dec = {k: {"attn": v["attn"], "attn_norm": v["attn_norm"]} for k, v in dec.items()
+                   if k.startswith("layers_")}
+        out["decoder"] = dec
+        out["itc_temp"] = nn.Partitioned(jnp.asarray(self.cfg.data.temperature_init, jnp.float32), names=())
+        return out
+
+    def _split(self, params) -> tuple[dict, dict]:
+        """(the retrieval module's params, the caption module's params) from the shared tree."""
+        retrieval = {"vision": params["vision"], "text_encoder": params["text_encoder"],
+                     **{k: params[k] for k in _HEADS}}
+        if self.cfg.data.share_text:
+            decoder = dict(params["text_encoder"])
+            for name, own in params["decoder"].items():
+                decoder[name] = {**params["text_encoder"][name], **own}
+        else:
+            decoder = params["decoder"]
+        caption = {"vision": params["vision"], "text_decoder": decoder, **{k: params[k] for k in _LM_HEADS}}
+        return retrieval, caption
+
+    def temperature(self, params) -> jax.Array:
+        return jnp.clip(params["itc_temp"], *TEMP_RANGE)
+
+    # --- model pieces on shared image embeddings ----------------------------------------------
+    def _embeds(self, rp, images):
+        return self.model.apply({"params": rp}, images, method="encode_image")
+
+    def _itc_on(self, rp, embeds, tokens, mask):
+        return self.model.apply({"params": rp}, embeds, tokens, mask,
+                                method=lambda m, e, t, k: m._itc(e, t, k)[:3])
+
+    def _itm_on(self, rp, embeds, tokens, mask):
+        tokens = tokens.at[:, 0].set(self.enc_id)
+        return self.model.apply({"params": rp}, embeds, tokens, mask,
+                                method=lambda m, e, t, k: m._itm(e, t, k)[0])
+
+    def _lm_on(self, cp, embeds, tokens, mask):
+        return self.captioner.apply({"params": cp}, embeds, tokens, mask,
+                                    method=lambda m, e, t, k: m._lm_logits(m.text_decoder(t, None, k, e, None)))
+
+    # --- objective --------------------------------------------------------------------------
+    def loss(self, params, batch, rng):
+        rp, cp = self._split(params)
+        tokens, mask = batch["tokens"], batch["input_mask"]
+        b = tokens.shape[0]
+        embeds = self._embeds(rp, batch["images"])  # one image forward for all three losses
+        temp = self.temperature(params)
+        image_feat, text_feat, sim = self._itc_on(rp, embeds, tokens, mask)
+        l_itc = itc_loss(image_feat, text_feat, temp)
+        cls = batch["text_class"]
+        same = (cls[:, None] == cls[None, :]) & (cls[:, None] >= 0)
+        key = jax.random.PRNGKey(0) if rng is None else rng
+        neg_text, neg_image = sample_hard_negatives(key, sim, temp, same)
+        itm_embeds = jnp.concatenate([embeds, embeds, embeds[neg_image]])
+        itm_tokens = jnp.concatenate([tokens, tokens[neg_text], tokens])
+        itm_mask = jnp.concatenate([mask, mask[neg_text], mask])
+        logits = self._itm_on(rp, itm_embeds, itm_tokens, itm_mask)
+        labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+        l_itm = itm_loss(logits, labels)
+        lm_logits = self._lm_on(cp, embeds, tokens.at[:, 0].set(self.dec_id), mask)
+        l_lm = lm_loss(lm_logits, tokens, mask, self.cfg.data.label_smoothing)
+        itm_acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return l_itc + l_itm + l_lm, jnp.float32(1.0), {
+            "itc_loss": l_itc, "itm_loss": l_itm, "lm_loss": l_lm, "temperature": temp, "batch_itm_acc": itm_acc}
+
+    # --- inference helpers (evaluation, CapFilt) -----------------------------------------------
+    def _itc_feats(self, params, images, tokens, mask):
+        rp, _ = self._split(params)
+        image_feat, text_feat, _ = self._itc_on(rp, self._embeds(rp, images), tokens, mask)
+        return image_feat, text_feat
+
+    def _match_prob(self, params, images, tokens, mask):
+        rp, _ = self._split(params)
+        return jax.nn.softmax(self._itm_on(rp, self._embeds(rp, images), tokens, mask), -1)[:, 1]
+
+    def _greedy(self, params, images):
+        """Greedy captions [B, max_text_len]: [DEC] then argmax tokens, padding after [EOS]."""
+        _, cp = self._split(params)
+        embeds = self.captioner.apply({"params": cp}, images, method="encode_image")
+        length, tok = self.cfg.data.max_text_len, self.data.tokenizer
+        banned = jnp.zeros(self.caption_config.vocab_size, bool).at[
+            jnp.asarray([tok.pad_id, tok.bos_id, self.enc_id, self.dec_id])].set(True)
+        b = images.shape[0]
+        tokens = jnp.zeros((b, length), jnp.int32).at[:, 0].set(self.dec_id)
+
+        def step(t, carry):
+            tokens, done = carry
+            mask = jnp.broadcast_to(jnp.arange(length) <= t, (b, length))
+            logits = self._lm_on(cp, embeds, tokens, mask)[:, t]
+            nxt = jnp.argmax(jnp.where(banned, -jnp.inf, logits), -1).astype(jnp.int32)
+            nxt = jnp.where(done, tok.pad_id, nxt)
+            if_last = t == length - 2  # the context is full: end the caption
+            nxt = jnp.where(~done & if_last, tok.eos_id, nxt)
+            return tokens.at[:, t + 1].set(nxt), done | (nxt == tok.eos_id)
+
+        tokens, _ = jax.lax.fori_loop(0, length - 1, step, (tokens, jnp.zeros(b, bool)))
+        return tokens
+
+    def _batched(self, fn, *arrays):
+        out = []
+        for chunk, real in image_data.eval_batches(*arrays, batch_size=self.cfg.data.eval_batch_size):
+            res = fn(*chunk)
+            out.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:real], res))
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
+
+    def match_scores(self, params, images: np.ndarray, texts: list[str]) -> np.ndarray:
+        """ITM p(match) [N] of image i with text i."""
+        tokens, mask = self.data.tokenizer.encode(texts, self.cfg.data.max_text_len)
+        return self._batched(lambda x, t, m: self._jit_itm(params, x, t, m), images, tokens, mask)
+
+    def captions(self, params, images: np.ndarray) -> list[str]:
+        """Greedy captions of images (the captioner's synthetic captions)."""
+        tokens = self._batched(lambda x: self._jit_caption(params, x), images)
+        words, tok = self.data.tokenizer.words, self.data.tokenizer
+        out = []
+        for row in tokens:
+            ids = []
+            for i in row[1:]:
+                if i == tok.eos_id or i == tok.pad_id:
+                    break
+                ids.append(int(i))
+            out.append(" ".join(words[i - 2] for i in ids if 2 <= i < tok.eos_id))
+        return out
+
+    def test_captions(self) -> list[str]:
+        from mmjax.data.digits import caption
+
+        templates = self.data.train_templates
+        return [caption(templates[i % len(templates)], int(c)) for i, c in enumerate(self.data.test.labels)]
+
+    def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
+        test, d = self.data.test, self.cfg.data
+        labels = np.asarray(test.labels)
+        texts = self.test_captions()
+        tokens, mask = self.data.tokenizer.encode(texts, d.max_text_len)
+        img, txt = self._batched(lambda x, t, m: self._jit_itc(params, x, t, m), test.images, tokens, mask)
+        out = retrieval_recall(img, txt, image_labels=labels, text_labels=labels)
+        # ITM: each image with its caption and with the caption of the next image of another digit
+        other = np.asarray([next(j for k in range(1, len(labels)) if labels[j := (i + k) % len(labels)] != labels[i])
+                            for i in range(len(labels))])
+        pos = self.match_scores(params, test.images, texts)
+        neg = self.match_scores(params, test.images, [texts[j] for j in other])
+        out["itm_accuracy"] = float(np.mean(np.concatenate([pos > 0.5, neg <= 0.5])))
+        caps = self.captions(params, test.images)
+        out["caption_accuracy"] = float(np.mean([caption_digit(c) == y for c, y in zip(caps, labels)]))
+        b = d.batch_size
+        cls = np.asarray([caption_digit(t) for t in texts], np.int32)
+        losses = [float(self._jit_loss(params, {"images": test.images[i:i + b], "tokens": tokens[i:i + b],
+                                                "input_mask": mask[i:i + b], "text_class": cls[i:i + b]})[0])
+                  for i in range(0, len(labels) - b + 1, b)]
+        out["val_loss"] = float(np.mean(losses)) if losses else float("nan")
+        return out
+
+    def sample(self, params, step):
+        caps = self.captions(params, self.data.test.images[:4])
+        return "captions of test images: " + "; ".join(
+            f"[{int(y)}] {c!r}" for y, c in zip(self.data.test.labels[:4], caps))
+
+
+def load_params(task: BlipTask, workdir: str) -> Any:
+    """The shared param tree (unboxed) of a `blip` training workdir's latest checkpoint."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from mmjax.checkpoint import WORKDIR_CHECKPOINT_DIR
+
+    ckpt_dir = os.path.abspath(os.path.join(workdir, WORKDIR_CHECKPOINT_DIR))
+    if not os.path.isdir(ckpt_dir):
+        raise InputError(f"{workdir!r} holds no checkpoint ({ckpt_dir} missing)")
+    abstract = jax.eval_shape(lambda: nn.unbox(task.init_params(jax.random.PRNGKey(0))))
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers={"params": ocp.StandardCheckpointHandler()})
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise InputError(f"{workdir!r} holds no checkpoint yet")
+        return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    finally:
+        manager.close()
