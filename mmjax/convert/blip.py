@@ -1,5 +1,7 @@
-"""Hugging Face `BlipForConditionalGeneration` / `BlipForImageTextRetrieval` (model_type "blip")
-<-> mmjax `Blip` (task "caption" / "retrieval": the architecture decides).
+"""Hugging Face `BlipForConditionalGeneration` / `BlipForImageTextRetrieval` /
+`BlipForQuestionAnswering` (model_type "blip") <-> mmjax `Blip` (task "caption" / "retrieval" /
+"vqa": the architecture decides; vqa needs text hidden_size == vision hidden_size, as
+transformers' answer decoder does).
 
 Config: the top level, `vision_config` (model_type "blip_vision_model") and `text_config`
 ("blip_text_model") are checked key by key; anything unknown raises `UnsupportedModelError`
@@ -26,12 +28,16 @@ Conv2d), `position_embedding [1, N, d]`, per layer `layer_norm1`, the fused
 `text_encoder.*` (retrieval) with BERT's names (`mmjax.convert.bert.tensor_rules` without token
 types and pooler); caption: `text_decoder.cls.predictions.{transform.dense, transform.LayerNorm,
 bias}` (the decoder weight / bias are tied to the word embedding / that bias and not saved);
-retrieval: `vision_proj`, `text_proj`, `itm_head`.
+retrieval: `vision_proj`, `text_proj`, `itm_head`; vqa: `text_encoder.*` and the caption
+decoder's `text_decoder.*`.
 
 `mmjax compare` (`compare_blip`): random images, token ids starting with the config's
 `bos_token_id` and right-padded rows (row 0 full); caption: the logits (on real tokens), the
 image embeddings and every vision hidden state; retrieval: the ITM logits, the ITC
-similarities (`use_itm_head=False`), the image embeddings and vision hidden states.
+similarities (`use_itm_head=False`), the image embeddings and vision hidden states; vqa
+(transformers' forward returns no logits: its submodules are run as its forward runs them):
+right-padded questions and answers, the answer decoder's logits (real answer tokens), the question
+encoder's states (real question tokens), the image embeddings and vision hidden states.
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ from mmjax.models.bert import BertConfig
 from mmjax.models.blip import BLIP_VISION_LAYOUT, BlipConfig
 from mmjax.models.vit import ViTConfig
 
-ARCHITECTURES = ("BlipForConditionalGeneration", "BlipForImageTextRetrieval")
-_TASK = {"BlipForConditionalGeneration": "caption", "BlipForImageTextRetrieval": "retrieval"}
+ARCHITECTURES = ("BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering")
+_TASK = {"BlipForConditionalGeneration": "caption", "BlipForImageTextRetrieval": "retrieval",
+         "BlipForQuestionAnswering": "vqa"}
 _TOP_KEYS = {"vision_config", "text_config", "projection_dim", "logit_scale_init_value", "image_text_hidden_size",
              "label_smoothing", "tie_word_embeddings", "initializer_factor", "initializer_range"}
 _VISION_KEYS = {"hidden_size": "dim", "intermediate_size": "mlp_dim", "num_hidden_layers": "num_layers",
@@ -118,7 +125,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> BlipConfig:
         tokens["pad_token_id"] = 0  # only the generation loop's filler after [SEP]
     int_or_none(t.get("eos_token_id"), f"{where}.eos_token_id")
     text = build_config(BertConfig, dict(kw, activation=act, type_vocab_size=0, pooler=False,
-                                         causal=task == "caption", cross_attention=True, encoder_width=vision.dim,
+                                         causal=task != "retrieval", cross_attention=True, encoder_width=vision.dim,
                                          pad_token_id=tokens["pad_token_id"]), where)
     return build_config(BlipConfig, dict(vision=vision, text=text, task=task, head_activation=act,
                                          embed_dim=hf.get("image_text_hidden_size", 256), **tokens), what)
@@ -195,11 +202,13 @@ def tensor_rules(c: BlipConfig) -> list[TensorRule]:
     """Every tensor of the HF checkpoint of `c` (fused vision qkv split into q/k/v)."""
     R = TensorRule
     d, e = c.text.dim, c.embed_dim
-    prefix, path = _TEXT_PREFIX[c.task], _TEXT_PATH[c.task]
     rules = vision_rules(c.vision)
-    for r in bert_convert.tensor_rules(c.text, pooler=False):
-        rules.append(TensorRule(prefix + r.hf_name, (path,) + r.path, r.hf_shape, r.kind, r.heads))
-    if c.task == "caption":
+    towers = ("caption", "retrieval") if c.task == "vqa" else (c.task,)  # vqa: encoder and decoder
+    for tower in towers:
+        prefix, path = _TEXT_PREFIX[tower], _TEXT_PATH[tower]
+        for r in bert_convert.tensor_rules(c.text.replace(causal=tower != "retrieval"), pooler=False):
+            rules.append(TensorRule(prefix + r.hf_name, (path,) + r.path, r.hf_shape, r.kind, r.heads))
+    if c.task in ("caption", "vqa"):
         rules += [R(f"{_HEAD}transform.dense.weight", ("lm_transform", "kernel"), (d, d), "linear"),
                   R(f"{_HEAD}transform.dense.bias", ("lm_transform", "bias"), (d,), "copy"),
                   R(f"{_HEAD}transform.LayerNorm.weight", ("lm_norm", "scale"), (d,), "copy"),
@@ -216,7 +225,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: BlipConfig) -> dic
     """mmjax Blip params (nested dict of float32 numpy arrays) from HF tensors. A saved tied
     decoder weight / bias must equal the word embedding / the head bias."""
     tensors = dict(tensors)
-    if config.task == "caption":
+    if config.task in ("caption", "vqa"):
         tied = {f"{_HEAD}decoder.weight": f"{_TEXT_PREFIX['caption']}embeddings.word_embeddings.weight",
                 f"{_HEAD}decoder.bias": f"{_HEAD}bias"}
         for name, source in tied.items():
@@ -265,6 +274,9 @@ def compare_blip(hf_dir, module, config, np_params, batch, seq_len, seed, torch,
     feed = dict(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images),
                 attention_mask=torch.from_numpy(mask.astype(np.int64)))
     ours_tokens, ours_images = jnp.asarray(tokens, jnp.int32), jnp.asarray(reference.nhwc(images))
+    if config.task == "vqa":
+        return _compare_vqa(hf_model, module, np_params, feed, tokens, mask, ours_tokens, ours_images, seed,
+                            batch, seq_len, config, torch)
     with torch.no_grad():
         vis = hf_model.vision_model(pixel_values=feed["pixel_values"], output_hidden_states=True)
         if config.task == "caption":
@@ -286,6 +298,37 @@ def compare_blip(hf_dir, module, config, np_params, batch, seq_len, seed, torch,
     extra = {"vision_hidden_state_diffs": vision_diffs, "reference_output_max_abs": scale,
              "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed, "lengths": mask.sum(1).tolist(),
                         "image_size": list(config.vision.image_hw), "task": config.task}}
+    return diffs, extra
+
+
+def _compare_vqa(hf_model, module, np_params, feed, q_tokens, q_mask, ours_q, ours_images, seed, batch, seq_len,
+                 config, torch):
+    import jax.numpy as jnp
+
+    answer, a_mask, _ = blip_inputs(np.random.default_rng(seed + 1), batch, seq_len, config)
+    with torch.no_grad():  # BlipForQuestionAnswering.forward, step by step
+        vis = hf_model.vision_model(pixel_values=feed["pixel_values"], output_hidden_states=True)
+        image = vis.last_hidden_state
+        ref_q = hf_model.text_encoder(input_ids=feed["input_ids"], attention_mask=feed["attention_mask"],
+                                      encoder_hidden_states=image,
+                                      encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long))[0]
+        ref = hf_model.text_decoder(input_ids=torch.from_numpy(answer),
+                                    attention_mask=torch.from_numpy(a_mask.astype(np.int64)),
+                                    encoder_hidden_states=ref_q, encoder_attention_mask=feed["attention_mask"],
+                                    reduction="none").logits
+    out, inter = reference.run_mmjax(module, np_params, jnp.asarray(answer, jnp.int32), ours_images,
+                                     input_mask=jnp.asarray(a_mask), question=ours_q,
+                                     question_mask=jnp.asarray(q_mask))
+    vision_diffs = reference.layer_diffs(inter["vision_hidden_states"], vis.hidden_states)
+    diffs = {"image_embeds": reference.max_abs(inter["image_embeds"], image),
+             "vision_hidden_states": max(vision_diffs),
+             "question_states": reference.max_abs(inter["question_last_hidden_state"], ref_q, q_mask),
+             "logits": reference.max_abs(out, ref, a_mask)}
+    extra = {"vision_hidden_state_diffs": vision_diffs,
+             "reference_output_max_abs": float(np.abs(ref.numpy()[a_mask]).max()),
+             "inputs": {"batch": batch, "seq_len": seq_len, "seed": seed, "lengths": q_mask.sum(1).tolist(),
+                        "answer_lengths": a_mask.sum(1).tolist(), "image_size": list(config.vision.image_hw),
+                        "task": config.task}}
     return diffs, extra
 
 

@@ -36,6 +36,16 @@ cross-attention in every layer with keys/values from `vision.dim`-wide image emb
     Hugging Face's `BlipForImageTextRetrieval` takes it (the original BLIP puts [ENC] there for
     ITM; the model does not rewrite it).
 
+VQA (`task="vqa"`, transformers' `BlipForQuestionAnswering`): the question encoder (`text`
+with causal=False, cross-attending to the image embeddings) and the answer decoder (`text`, its
+cross-attention reading the question states, so text.dim == vision.dim) with the caption LM head.
+
+    config = BlipConfig.from_variant("tiny-vqa")                   # task="vqa"
+    logits = model.apply({"params": params}, images, question, answer, question_mask, answer_mask,
+                         method="vqa_logits")                      # [B, T_a, vocab]
+    q = model.apply({"params": params}, images, question, question_mask, method="encode_question")
+    out = answer_vqa(model, params, images, question, question_mask)  # = transformers' generate
+
 Generation: the module's `__call__` follows the `Llama` convention. `init_cache(batch, max_len)`
 gives a `BlipCache`: the decoder's self-attention `KVCache` plus the image embeddings, which the
 prefill call (with `images=`) computes and stores; the decoding steps (no images) read them
@@ -51,7 +61,7 @@ retrieval: the image-grounded encoder's) and, retrieval, `itc_text_last_hidden_s
 
 Param tree: vision/... (ViT), caption: text_decoder/... (Bert), lm_transform/{kernel, bias},
 lm_norm/{scale, bias}, lm_bias [vocab] (the output matrix is text_decoder's word embedding); retrieval: text_encoder/... (Bert), vision_proj,
-text_proj, itm_head (each {kernel, bias}).
+text_proj, itm_head (each {kernel, bias}); vqa: text_encoder/... and the caption tree.
 """
 
 from __future__ import annotations
@@ -74,7 +84,7 @@ from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.mlp import ACTIVATIONS
 from mmjax.nn.norms import LayerNorm
 
-TASKS = ("caption", "retrieval")
+TASKS = ("caption", "retrieval", "vqa")
 # ViTConfig fields fixed by BLIP's image encoder
 BLIP_VISION_LAYOUT = dict(pool="cls", posemb="learned", class_token=True, pre_norm=False, patch_bias=True,
                           qkv_bias=True, num_classes=0, representation=None)
@@ -93,7 +103,10 @@ def _default_text() -> BertConfig:  # BLIP's BERT-base decoder (bert-base-uncase
 class BlipConfig(configs.Config):
     vision: ViTConfig = dataclasses.field(default_factory=_default_vision)
     text: BertConfig = dataclasses.field(default_factory=_default_text)
-    task: str = "caption"  # "caption" (decoder + LM head) or "retrieval" (encoder + ITM / ITC heads)
+    # "caption" (decoder + LM head), "retrieval" (encoder + ITM / ITC heads) or "vqa" (question
+    # encoder over the image + answer decoder over the question; `text` is the decoder's config,
+    # the encoder is `text` with causal=False)
+    task: str = "caption"
     embed_dim: int = 256  # ITC projection width (HF image_text_hidden_size)
     head_activation: str = "gelu"  # the LM head transform's activation (HF text hidden_act)
     bos_token_id: int = 30522  # [DEC]: a caption's first token
@@ -117,9 +130,13 @@ class BlipConfig(configs.Config):
             raise ConfigError(f"BlipConfig.text: the text side reads the image through cross-attention: "
                               f"set cross_attention=True and encoder_width={v.dim} (vision.dim), got "
                               f"cross_attention={t.cross_attention}, encoder_width={t.encoder_width}")
-        if t.causal != (self.task == "caption"):
-            raise ConfigError(f"BlipConfig: task={self.task!r} needs text.causal={self.task == 'caption'} "
-                              "(the caption decoder is causal, the retrieval encoder bidirectional)")
+        if t.causal != (self.task != "retrieval"):
+            raise ConfigError(f"BlipConfig: task={self.task!r} needs text.causal={self.task != 'retrieval'} "
+                              "(the caption / answer decoder is causal, the retrieval encoder bidirectional)")
+        if self.task == "vqa" and t.dim != v.dim:
+            raise ConfigError(f"BlipConfig: task='vqa' needs text.dim == vision.dim (the answer decoder's "
+                              f"cross-attention reads the question states through the encoder_width={v.dim} "
+                              f"projections, as transformers' does), got text.dim={t.dim}")
         if t.pooler:
             raise ConfigError("BlipConfig.text: BLIP's text models have no pooler; set pooler=False")
         if self.embed_dim <= 0:
@@ -161,29 +178,34 @@ class BlipConfig(configs.Config):
 
 def _tiny(task: str) -> Any:
     def make() -> dict[str, Any]:
-        vision = ViTConfig(**BLIP_VISION_LAYOUT, image_size=16, patch_size=4, dim=32, num_layers=2, num_heads=4,
+        width = 48 if task == "vqa" else 32  # vqa: the question states feed encoder_width projections
+        vision = ViTConfig(**BLIP_VISION_LAYOUT, image_size=16, patch_size=4, dim=width, num_layers=2, num_heads=4,
                            mlp_dim=64, norm_eps=1e-5)
         text = BertConfig(vocab_size=128, dim=48, num_layers=2, num_heads=4, mlp_dim=96, max_len=40,
-                          type_vocab_size=0, pooler=False, causal=task == "caption", cross_attention=True,
-                          encoder_width=32)
+                          type_vocab_size=0, pooler=False, causal=task != "retrieval", cross_attention=True,
+                          encoder_width=width)
         return dict(vision=vision, text=text, task=task, embed_dim=24, bos_token_id=126, sep_token_id=127)
     return make
 
 
 BlipConfig.NAME = "BLIP"
-BlipConfig.VARIANTS = {"tiny": _tiny("caption"), "tiny-retrieval": _tiny("retrieval")}
+BlipConfig.VARIANTS = {"tiny": _tiny("caption"), "tiny-retrieval": _tiny("retrieval"), "tiny-vqa": _tiny("vqa")}
 
 
 @struct.dataclass
 class BlipCache:
-    """Decoding state of the caption decoder: its self-attention KV cache and the image
-    embeddings [batch, N, vision.dim] the cross-attention reads (written by the prefill)."""
+    """Decoding state of the caption / answer decoder: its self-attention KV cache and what its
+    cross-attention reads (written by the prefill): caption, the image embeddings [batch, N,
+    vision.dim]; vqa, the question encoder's states [batch, T_q, text.dim] (the field keeps its
+    name) and `context_mask` [batch, T_q] (None for captions: every image embedding is read)."""
 
     kv: KVCache
     image_embeds: jax.Array
+    context_mask: jax.Array | None = None
 
     def map_rows(self, fn) -> "BlipCache":
-        return self.replace(kv=self.kv.map_rows(fn), image_embeds=fn(self.image_embeds, 0))
+        mask = None if self.context_mask is None else fn(self.context_mask, 0)
+        return self.replace(kv=self.kv.map_rows(fn), image_embeds=fn(self.image_embeds, 0), context_mask=mask)
 
 
 def _check_tokens(tokens: Any, who: str) -> None:
@@ -202,7 +224,9 @@ class Blip(nn.Module):
         init = nn.initializers.normal(c.text.initializer_range)
         dense = dict(use_bias=True, dtype=dtype, param_dtype=pdtype, kernel_init=init)
         self.vision = ViT(c.vision)
-        if c.task == "caption":
+        if c.task == "vqa":
+            self.text_encoder = Bert(c.text.replace(causal=False))
+        if c.task in ("caption", "vqa"):
             self.text_decoder = Bert(c.text)
             self.lm_transform = DenseGeneral(c.text.dim, ("embed", "mlp"), name="lm_transform", **dense)
             self.lm_norm = LayerNorm(c.text.norm_eps, dtype=dtype, param_dtype=pdtype, name="lm_norm")
@@ -216,12 +240,19 @@ class Blip(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> BlipCache:
-        """An empty decoding cache (caption task; works on an unbound module)."""
+        """An empty decoding cache (caption and vqa tasks; works on an unbound module). vqa: the
+        context placeholder is one position; the prefill (with images and question) replaces it
+        by the question states, so the decoding steps carry [batch, T_q, dim]."""
         c = self.config
-        if c.task != "caption":
-            raise ConfigError("BLIP: only the caption decoder (task='caption') decodes with a cache")
+        if c.task == "retrieval":
+            raise ConfigError("BLIP: only the caption / answer decoders (task='caption' or 'vqa') decode "
+                              "with a cache")
         kv = Bert(c.text).init_cache(batch, max_len, dtype)
-        embeds = jnp.zeros((batch, c.vision.num_tokens, c.vision.dim), jnp.dtype(dtype or c.text.dtype))
+        dt = jnp.dtype(dtype or c.text.dtype)
+        if c.task == "vqa":
+            return BlipCache(kv=kv, image_embeds=jnp.zeros((batch, 1, c.text.dim), dt),
+                             context_mask=jnp.ones((batch, 1), bool))
+        embeds = jnp.zeros((batch, c.vision.num_tokens, c.vision.dim), dt)
         return BlipCache(kv=kv, image_embeds=embeds)
 
     def encode_image(self, images: jax.Array, return_intermediates: bool = False):
@@ -241,16 +272,29 @@ class Blip(nn.Module):
 
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None, *,
                  input_mask: jax.Array | None = None, cache: BlipCache | None = None,
-                 return_intermediates: bool = False, deterministic: bool = True):
+                 return_intermediates: bool = False, deterministic: bool = True,
+                 question: jax.Array | None = None, question_mask: jax.Array | None = None,
+                 context_mask: jax.Array | None = None):
         """caption: next-token logits [B, T, vocab] (then the new cache with `cache=`; then the
         intermediates). `images` is needed unless a filled cache is given (decoding steps).
-        retrieval: `itm_logits` [B, 2] (the intermediates also hold the ITC outputs)."""
+        retrieval: `itm_logits` [B, 2] (the intermediates also hold the ITC outputs).
+        vqa: `tokens` are the answer's (starting with bos_token_id), the logits, cache and
+        intermediates as for captions; the prefill (or a cacheless call) takes `images` and
+        `question` [B, T_q] ids with `question_mask` (the question encoder's padding mask);
+        `context_mask` [B, T_q] is which question states the answer decoder reads (default:
+        every one, as transformers 5.23's forward and `generate` compute: measured, its decoder's
+        cross-attention reads the padded question positions whatever mask it is given)."""
         c = self.config
         _check_tokens(tokens, "call")
         if c.task == "retrieval":
             if images is None or cache is not None:
                 raise InputError("BLIP retrieval: pass images (and no cache)")
             return self._retrieval(images, tokens, input_mask, return_intermediates, deterministic)
+        if c.task == "vqa":
+            return self._vqa(tokens, images, question, question_mask, context_mask, input_mask, cache,
+                             return_intermediates, deterministic)
+        if question is not None or question_mask is not None or context_mask is not None:
+            raise InputError("BLIP caption: question / question_mask / context_mask are vqa inputs")
         out: dict[str, Any] = {}
         if images is not None:
             embeds, vis = self.encode_image(images, return_intermediates=True)
@@ -279,6 +323,70 @@ class Blip(nn.Module):
         if return_intermediates:
             outputs += (out,)
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def encode_question(self, images: jax.Array, question: jax.Array, question_mask: jax.Array | None = None,
+                        deterministic: bool = True, return_intermediates: bool = False):
+        """vqa: the question encoder's states [B, T_q, text.dim] (bidirectional, cross-attending
+        to every image embedding); then the intermediates if asked."""
+        if self.config.task != "vqa":
+            raise ConfigError("BLIP: encode_question needs the question encoder (task='vqa')")
+        _check_tokens(question, "encode_question")
+        embeds, vis = self.encode_image(images, return_intermediates=True)
+        if question.shape[0] != embeds.shape[0]:
+            raise InputError(f"BLIP vqa: {question.shape[0]} question rows but {embeds.shape[0]} images")
+        q, q_out = self.text_encoder(question, None, question_mask, embeds, None, deterministic=deterministic,
+                                     return_intermediates=True)
+        if not return_intermediates:
+            return q
+        return q, {"vision_hidden_states": vis["hidden_states"], "image_embeds": embeds,
+                   "question_hidden_states": q_out["hidden_states"], "question_last_hidden_state": q}
+
+    def _vqa(self, tokens, images, question, question_mask, context_mask, input_mask, cache,
+             return_intermediates, deterministic):
+        out: dict[str, Any] = {}
+        if question is None and images is not None and self.is_initializing():
+            question = tokens  # init from the family's positional example inputs (tokens, images)
+        if images is not None or question is not None:
+            if images is None or question is None:
+                raise InputError("BLIP vqa: pass images and question together (the prefill / a full call)")
+            q, out = self.encode_question(images, question, question_mask, deterministic, True)
+            if context_mask is None:
+                context_mask = jnp.ones(question.shape, bool)
+            if cache is not None:
+                cache = cache.replace(image_embeds=q.astype(cache.image_embeds.dtype),
+                                      context_mask=jnp.asarray(context_mask, bool))
+        elif cache is None:
+            raise InputError("BLIP vqa: pass images and question (or a cache filled by a call with them)")
+        else:
+            if question_mask is not None or context_mask is not None:
+                raise InputError("BLIP vqa: question_mask / context_mask go with the question (prefill)")
+            q, context_mask = cache.image_embeds, cache.context_mask
+        if tokens.shape[0] != q.shape[0]:
+            raise InputError(f"BLIP vqa: {tokens.shape[0]} answer rows but {q.shape[0]} questions")
+        result = self.text_decoder(tokens, None, input_mask, q, context_mask,
+                                   cache=None if cache is None else cache.kv, deterministic=deterministic,
+                                   return_intermediates=True)
+        if cache is not None:
+            h, kv, text_out = result
+            cache = cache.replace(kv=kv)
+        else:
+            h, text_out = result
+        out = dict(out, text_hidden_states=text_out["hidden_states"], text_last_hidden_state=h)
+        outputs: tuple = (self._lm_logits(h),)
+        if cache is not None:
+            outputs += (cache,)
+        if return_intermediates:
+            outputs += (out,)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def vqa_logits(self, images: jax.Array, question: jax.Array, answer: jax.Array,
+                   question_mask: jax.Array | None = None, answer_mask: jax.Array | None = None):
+        """vqa: next-token logits [B, T_a, vocab] of the answer decoder on `answer` (teacher
+        forcing) given the images and questions (`question_mask` masks the question encoder; the
+        decoder reads every question state, as transformers' does)."""
+        if self.config.task != "vqa":
+            raise ConfigError("BLIP: vqa_logits needs the answer decoder (task='vqa')")
+        return self(answer, images, input_mask=answer_mask, question=question, question_mask=question_mask)
 
     def caption_logits(self, images: jax.Array, tokens: jax.Array, input_mask: jax.Array | None = None):
         """Next-token logits [B, T, vocab] of the caption decoder on `tokens` given `images`."""
@@ -336,10 +444,31 @@ def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def blip_inputs(config: BlipConfig) -> tuple:
-    """Example inputs creating every param: one token and one zero image."""
+    """Example inputs creating every param: one token and one zero image (vqa: `init` without a
+    question runs the token as the question too)."""
     h, w = config.vision.image_hw
     return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, h, w, config.vision.channels), jnp.float32)
 
 
 FAMILIES = (Family("blip", BlipConfig, Blip, blip_inputs,
                    "BLIP (ViT image encoder + BERT text decoder for captions, or encoder with ITM/ITC heads)"),)
+
+
+def answer_vqa(module: Blip, params: Any, images: Any, question: Any, question_mask: Any = None,
+               config: Any = None):
+    """Greedy (or `config`'s) answers of a vqa `Blip` as transformers'
+    `BlipForQuestionAnswering.generate`: each answer starts at bos_token_id ([DEC]) and stops at
+    sep_token_id; the question encoder reads `question_mask`, the answer decoder every question
+    state (transformers' generate passes an all-ones mask there). images [B, H, W, C], question
+    [B, T_q] ids -> `mmjax.generate.GenerationOutput` (tokens [B, max_new_tokens], the answer
+    without its [DEC], pad_token_id after [SEP])."""
+    from mmjax.generate import GenerationConfig, generate  # the generation loop imports the models
+
+    c = module.config
+    if c.task != "vqa":
+        raise ConfigError("BLIP: answer_vqa needs a vqa model (task='vqa')")
+    question = jnp.asarray(question, jnp.int32)
+    mask = jnp.ones(question.shape, bool) if question_mask is None else jnp.asarray(question_mask, bool)
+    config = config or GenerationConfig(max_new_tokens=10, pad_token_id=c.pad_token_id)
+    return generate(module, params, [[c.bos_token_id]] * question.shape[0], config,
+                    prefill_inputs={"images": jnp.asarray(images), "question": question, "question_mask": mask})

@@ -94,6 +94,29 @@ def test_cached_decoding_equals_full_forward(models):
     np.testing.assert_allclose(np.asarray(step[1, 0]), np.asarray(full[1, 2]), atol=1e-5)
 
 
+def test_vqa_cached_answer_equals_full_forward(models):
+    config = BlipConfig.from_variant("tiny-vqa")
+    module = Blip(config)
+    params = _random_params(module, *blip_inputs(config))
+    assert set(params) == {"vision", "text_encoder", "text_decoder", "lm_transform", "lm_norm", "lm_bias"}
+    images = _images(2)
+    question = jnp.array([[1, 5, 6, 7], [1, 8, 0, 0]])
+    qmask = question != 0
+    answer = jnp.array([[126, 5, 6, 9], [126, 8, 3, 2]])
+    full = _apply(module, params, images, question, answer, qmask, method="vqa_logits")
+    assert full.shape == (2, 4, 128)
+    q = _apply(module, params, images, question, qmask, method="encode_question")
+    assert q.shape == (2, 4, 48)
+    logits, cache = _apply(module, params, answer[:, :2], images, question=question, question_mask=qmask,
+                           cache=module.init_cache(2, 8))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :2]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache.image_embeds), np.asarray(q), atol=1e-6)
+    step, cache = _apply(module, params, answer[:, 2:3], cache=cache)
+    np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, 2]), atol=1e-5)
+    with pytest.raises(ConfigError, match="vqa"):
+        _apply(*models["tiny"], images, question, qmask, method="encode_question")
+
+
 def test_bert_cache_matches_causal_forward():
     config = BertConfig.from_variant("tiny-decoder")
     bert = Bert(config)
@@ -125,7 +148,8 @@ def test_retrieval_heads(models):
 
 
 @pytest.mark.parametrize("change, needle", [
-    (dict(task="vqa"), "task"),
+    (dict(task="nlvr"), "task"),
+    (dict(task="vqa"), "text.dim == vision.dim"),
     (dict(task="retrieval"), "causal"),
     (dict(bos_token_id=500), "bos_token_id"),
     (dict(embed_dim=0), "embed_dim"),

@@ -1,6 +1,7 @@
-"""Hugging Face `BlipForConditionalGeneration` / `BlipForImageTextRetrieval` <-> mmjax `Blip`:
-parity with the PyTorch reference (caption logits; ITM logits and ITC similarities; image
-embeddings and every vision hidden state), greedy captions identical to transformers'
+"""Hugging Face `BlipForConditionalGeneration` / `BlipForImageTextRetrieval` /
+`BlipForQuestionAnswering` <-> mmjax `Blip`: parity with the PyTorch reference (caption logits;
+ITM logits and ITC similarities; VQA answer logits and question states; image embeddings and
+every vision hidden state), greedy captions and VQA answers identical to transformers'
 `generate`, round trips (incl. `mmjax convert` / `export`), strict config handling and
 `mmjax compare`.
 
@@ -29,6 +30,7 @@ from mmjax.convert import from_hf, to_hf  # noqa: E402
 from mmjax.convert.compare import compare, convert_dir, export_dir  # noqa: E402
 from mmjax.errors import UnsupportedModelError  # noqa: E402
 from mmjax.generate import GenerationConfig, generate  # noqa: E402
+from mmjax.models.blip import answer_vqa  # noqa: E402
 
 from support import hf_model_cache, randomise_torch  # noqa: E402
 
@@ -37,12 +39,16 @@ VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               patch_size=4)
 TEXT = dict(vocab_size=99, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=40, bos_token_id=97, sep_token_id=98, pad_token_id=0, eos_token_id=2)
-CASES = {"caption": "BlipForConditionalGeneration", "retrieval": "BlipForImageTextRetrieval"}
+CASES = {"caption": "BlipForConditionalGeneration", "retrieval": "BlipForImageTextRetrieval",
+         "vqa": "BlipForQuestionAnswering"}
 
 
 def build_hf_model(case, seed):
     torch.manual_seed(seed)
-    config = transformers.BlipConfig(vision_config=VISION, text_config=TEXT, image_text_hidden_size=24)
+    # vqa: the answer decoder's cross-attention reads the question states (text width) through
+    # projections of the vision width, so the two widths are equal there
+    vision = dict(VISION, hidden_size=48) if case == "vqa" else VISION
+    config = transformers.BlipConfig(vision_config=vision, text_config=TEXT, image_text_hidden_size=24)
     return randomise_torch(getattr(transformers, CASES[case])(config), 0.08)
 
 
@@ -58,7 +64,8 @@ def test_blip_matches_transformers(saved, case):
     assert module.config.task == case
     report = compare(path, batch=3, seq_len=12)
     assert report["passed"] is True and report["max_abs_diff"] <= TOL, report["diffs"]
-    want = {"logits"} if case == "caption" else {"itm_logits", "itc_sim"}
+    want = {"caption": {"logits"}, "retrieval": {"itm_logits", "itc_sim"},
+            "vqa": {"logits", "question_states"}}[case]
     assert want | {"image_embeds", "vision_hidden_states"} <= set(report["diffs"])
     assert len(set(report["inputs"]["lengths"])) == 3
     assert report["reference_output_max_abs"] > 10 * TOL  # not vacuous
@@ -106,6 +113,31 @@ def test_greedy_captions_equal_transformers_generate(saved):
     assert np.ptp(out.scores) > 1e-3  # the image matters (the tiny model's captions themselves agree)
 
 
+def test_greedy_vqa_answers_equal_transformers_generate(saved):
+    """Right-padded questions: the encoder masks their padding, the answer decoder (as
+    transformers' generate) reads every question state."""
+    model, _, module, params = saved("vqa")
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+    question = rng.integers(1, 97, size=(3, 6))
+    qmask = np.ones((3, 6), bool)
+    qmask[1, 4:] = qmask[2, 2:] = False
+    question[~qmask] = 0
+    n = 10
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.from_numpy(question), pixel_values=torch.from_numpy(images),
+                             attention_mask=torch.from_numpy(qmask.astype(np.int64)), max_new_tokens=n,
+                             do_sample=False, num_beams=1).numpy()
+    c = module.config
+    out = answer_vqa(module, params, jnp.asarray(images.transpose(0, 2, 3, 1)), question, qmask,
+                     GenerationConfig(max_new_tokens=n, pad_token_id=c.pad_token_id, prompt_bucket=4))
+    assert (ref[:, 0] == c.bos_token_id).all()
+    ref_new = np.full((3, n), c.pad_token_id)
+    ref_new[:, :ref.shape[1] - 1] = ref[:, 1:]
+    np.testing.assert_array_equal(out.tokens, ref_new)
+    assert np.ptp(out.scores) > 1e-3
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_gives_identical_tensors(saved, case, tmp_path):
     model, path, module, params = saved(case)
@@ -118,7 +150,7 @@ def test_round_trip_gives_identical_tensors(saved, case, tmp_path):
     assert blip_convert.config_from_hf(blip_convert.config_to_hf(module.config)) == module.config
     back = getattr(transformers, CASES[case]).from_pretrained(str(tmp_path / "hf"))
     assert type(back).__name__ == CASES[case]
-    if case == "caption":  # mmjax convert / export: HF dir -> mmjax model dir -> HF dir
+    if case != "retrieval":  # mmjax convert / export: HF dir -> mmjax model dir -> HF dir
         convert_dir(path, str(tmp_path / "mmjax"))
         export_dir(str(tmp_path / "mmjax"), str(tmp_path / "again"))
         again = load_file(str(tmp_path / "again" / "model.safetensors"))
@@ -132,7 +164,7 @@ def _config(path):
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda c: c.update(architectures=["BlipForQuestionAnswering"]), "BlipForQuestionAnswering"),
+    (lambda c: c.update(architectures=["BlipModel"]), "BlipModel"),
     (lambda c: c.update(mystery=1), "mystery"),
     (lambda c: c["text_config"].update(is_decoder=False), "is_decoder"),
     (lambda c: c["text_config"].update(tie_word_embeddings=False), "tie_word_embeddings"),
