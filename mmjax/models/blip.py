@@ -451,7 +451,8 @@ def blip_inputs(config: BlipConfig) -> tuple:
 
 
 FAMILIES = (Family("blip", BlipConfig, Blip, blip_inputs,
-                   "BLIP (ViT image encoder + BERT text decoder for captions, or encoder with ITM/ITC heads)"),)
+                   "BLIP (ViT image encoder + BERT text decoder for captions, or encoder with ITM/ITC heads)",
+                   tasks=("blip",)),)
 
 
 def answer_vqa(module: Blip, params: Any, images: Any, question: Any, question_mask: Any = None,

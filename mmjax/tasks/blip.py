@@ -162,19 +162,7 @@ class BlipTask(Task):
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
-        # the blip family record lists no tasks (mmjax/models/blip.py is not this task's file):
-        # accept the family by name instead of through Family.tasks
-        from mmjax.errors import UnsupportedModelError
-        from mmjax.models import family_of
-
-        try:
-            family = family_of(cfg.model)
-        except UnsupportedModelError as e:
-            raise ConfigError(f"task 'blip': model={type(cfg.model).__name__}(...) is not a model config ({e})") from None
-        if family != "blip":
-            raise ConfigError(f"task 'blip' trains the BLIP family (BlipConfig), got {family!r}")
-        if not isinstance(cfg.data, BlipDataConfig):
-            raise ConfigError(f"task 'blip' needs data=BlipDataConfig(...), got {type(cfg.data).__name__}")
+        super().validate_config(cfg)  # the family's record lists "blip"; data=BlipDataConfig
         size = cfg.data.image_size
         if cfg.model.vision.image_hw != (size, size):
             raise ConfigError(f"model.vision.image_size {cfg.model.vision.image_hw} must equal data.image_size={size}")
