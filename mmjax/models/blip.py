@@ -44,7 +44,7 @@ cross-attention reading the question states, so text.dim == vision.dim) with the
     logits = model.apply({"params": params}, images, question, answer, question_mask, answer_mask,
                          method="vqa_logits")                      # [B, T_a, vocab]
     q = model.apply({"params": params}, images, question, question_mask, method="encode_question")
-    out = answer_vqa(model, params, images, question, question_mask)  # = transformers' generate
+    out = answer_vqa(model, params, images, question, question_mask)  # from mmjax.generate.vqa
 
 Generation: the module's `__call__` follows the `Llama` convention. `init_cache(batch, max_len)`
 gives a `BlipCache`: the decoder's self-attention `KVCache` plus the image embeddings, which the
@@ -453,23 +453,3 @@ def blip_inputs(config: BlipConfig) -> tuple:
 FAMILIES = (Family("blip", BlipConfig, Blip, blip_inputs,
                    "BLIP (ViT image encoder + BERT text decoder for captions, or encoder with ITM/ITC heads)",
                    tasks=("blip",)),)
-
-
-def answer_vqa(module: Blip, params: Any, images: Any, question: Any, question_mask: Any = None,
-               config: Any = None):
-    """Greedy (or `config`'s) answers of a vqa `Blip` as transformers'
-    `BlipForQuestionAnswering.generate`: each answer starts at bos_token_id ([DEC]) and stops at
-    sep_token_id; the question encoder reads `question_mask`, the answer decoder every question
-    state (transformers' generate passes an all-ones mask there). images [B, H, W, C], question
-    [B, T_q] ids -> `mmjax.generate.GenerationOutput` (tokens [B, max_new_tokens], the answer
-    without its [DEC], pad_token_id after [SEP])."""
-    from mmjax.generate import GenerationConfig, generate  # the generation loop imports the models
-
-    c = module.config
-    if c.task != "vqa":
-        raise ConfigError("BLIP: answer_vqa needs a vqa model (task='vqa')")
-    question = jnp.asarray(question, jnp.int32)
-    mask = jnp.ones(question.shape, bool) if question_mask is None else jnp.asarray(question_mask, bool)
-    config = config or GenerationConfig(max_new_tokens=10, pad_token_id=c.pad_token_id)
-    return generate(module, params, [[c.bos_token_id]] * question.shape[0], config,
-                    prefill_inputs={"images": jnp.asarray(images), "question": question, "question_mask": mask})

@@ -30,7 +30,7 @@ from mmjax.convert import from_hf, to_hf  # noqa: E402
 from mmjax.convert.compare import compare, convert_dir, export_dir  # noqa: E402
 from mmjax.errors import UnsupportedModelError  # noqa: E402
 from mmjax.generate import GenerationConfig, generate  # noqa: E402
-from mmjax.models.blip import answer_vqa  # noqa: E402
+from mmjax.generate.vqa import answer_vqa  # noqa: E402
 
 from support import hf_model_cache, randomise_torch  # noqa: E402
 
