@@ -307,22 +307,8 @@ class Blip(nn.Module):
             embeds = cache.image_embeds
         if tokens.shape[0] != embeds.shape[0]:
             raise InputError(f"BLIP caption: {tokens.shape[0]} token rows but {embeds.shape[0]} images")
-        result = self.text_decoder(tokens, None, input_mask, embeds, None,
-                                   cache=None if cache is None else cache.kv, deterministic=deterministic,
-                                   return_intermediates=True)
-        if cache is not None:
-            h, kv, text_out = result
-            cache = cache.replace(kv=kv)
-        else:
-            h, text_out = result
-        out.update(text_hidden_states=text_out["hidden_states"], text_last_hidden_state=h)
-        logits = self._lm_logits(h)
-        outputs: tuple = (logits,)
-        if cache is not None:
-            outputs += (cache,)
-        if return_intermediates:
-            outputs += (out,)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return self._decode(tokens, input_mask, embeds, None, cache, out, deterministic,
+                            return_intermediates)
 
     def encode_question(self, images: jax.Array, question: jax.Array, question_mask: jax.Array | None = None,
                         deterministic: bool = True, return_intermediates: bool = False):
@@ -363,7 +349,14 @@ class Blip(nn.Module):
             q, context_mask = cache.image_embeds, cache.context_mask
         if tokens.shape[0] != q.shape[0]:
             raise InputError(f"BLIP vqa: {tokens.shape[0]} answer rows but {q.shape[0]} questions")
-        result = self.text_decoder(tokens, None, input_mask, q, context_mask,
+        return self._decode(tokens, input_mask, q, context_mask, cache, dict(out), deterministic,
+                            return_intermediates)
+
+    def _decode(self, tokens, input_mask, context, context_mask, cache, out, deterministic,
+                return_intermediates):
+        """The text decoder over `context` (image embeddings for captions, question states for
+        vqa) + the LM head: logits (, the advanced cache) (, intermediates `out` completed)."""
+        result = self.text_decoder(tokens, None, input_mask, context, context_mask,
                                    cache=None if cache is None else cache.kv, deterministic=deterministic,
                                    return_intermediates=True)
         if cache is not None:
@@ -371,7 +364,7 @@ class Blip(nn.Module):
             cache = cache.replace(kv=kv)
         else:
             h, text_out = result
-        out = dict(out, text_hidden_states=text_out["hidden_states"], text_last_hidden_state=h)
+        out.update(text_hidden_states=text_out["hidden_states"], text_last_hidden_state=h)
         outputs: tuple = (self._lm_logits(h),)
         if cache is not None:
             outputs += (cache,)
