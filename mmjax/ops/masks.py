@@ -65,3 +65,35 @@ def prefix_lm_mask(input_mask: jax.Array, prefix_len: jax.Array) -> jax.Array:
     seq = input_mask.shape[1]
     mask_ar = jnp.arange(seq)[None, :] >= jnp.asarray(prefix_len).reshape(-1, 1)
     return make_attention_mask(input_mask, mask_ar)
+
+
+QFORMER_MODES = ("unimodal", "bidirectional", "causal")
+
+
+def qformer_mask(text_mask: jax.Array, num_queries: int, mode: str) -> jax.Array:
+    """The self-attention masks of BLIP-2's Q-Former over [queries; text]: [batch, 1, Q+T, Q+T].
+
+    text_mask [batch, T] bool (True = real text token; T may be 0), queries always real.
+      "unimodal"      (ITC, and the text-only / query-only passes): queries see only queries,
+                      text only text -- two independent streams in one call.
+      "bidirectional" (ITM): every token sees every token.
+      "causal"        (ITG): queries see only queries; text token t sees every query and the
+                      text tokens up to t (`make_attention_mask` with the queries as the prefix
+                      block).
+    Padded text keys are masked in every mode; a padded row still sees the real keys of its
+    stream (its output is never read), so no row is ever fully masked.
+    """
+    if mode not in QFORMER_MODES:
+        raise ValueError(f"qformer_mask: mode {mode!r} is not one of {', '.join(QFORMER_MODES)}")
+    batch, t = text_mask.shape
+    total = num_queries + t
+    is_text = jnp.arange(total) >= num_queries
+    keys = jnp.concatenate([jnp.ones((batch, num_queries), bool), text_mask.astype(bool)], axis=1)
+    if mode == "bidirectional":
+        structure = jnp.ones((1, 1, total, total), bool)
+    elif mode == "unimodal":
+        seg = jnp.broadcast_to(is_text.astype(jnp.int32), (1, total))
+        structure = segment_mask(seg, seg)
+    else:
+        structure = make_attention_mask(jnp.ones((1, total), bool), is_text[None])
+    return structure & padding_mask(keys)
