@@ -618,3 +618,52 @@ def blip2_inputs(config: Blip2Config) -> tuple:
 
 FAMILIES = (Family("blip2", Blip2Config, Blip2, blip2_inputs,
                    "BLIP-2: image encoder + Q-Former (ITC / ITM / ITG) + frozen LLM (LLaMA or OPT) on a soft prompt"),)
+
+
+def qformer_from_bert(qformer_params: Any, bert_params: Any, bert_config: Any) -> dict[str, Any]:
+    """Q-Former params initialised from a BERT's (`mmjax.models.bert.Bert` params, as BLIP-2
+    starts from bert-base): embeddings, self-attention and its norm, and both FFNs (query and
+    text) from BERT's FFN; the cross-attention layers keep their fresh initialisation. The
+    token-type row 0 that BERT adds to every token is folded into the position table, so the
+    text-only Q-Former computes exactly what the BERT encoder does. Word rows beyond BERT's
+    vocabulary (BLIP-2's [DEC]) keep their fresh values.
+
+    `qformer_params`: the `qformer` subtree of freshly initialised Blip2 params (plain arrays);
+    returns a new subtree. ConfigError when the shapes do not match (width, heads, layers, MLP)."""
+    q = dict(qformer_params)
+    b = bert_params
+    emb = b["embeddings"]
+    d = emb["word"]["embedding"].shape[1]
+    if q["norm"]["scale"].shape[0] != d:
+        raise ConfigError(f"qformer_from_bert: BERT width {d} differs from the Q-Former's "
+                          f"{q['norm']['scale'].shape[0]}")
+    layers = sorted(k for k in q if k.startswith("layers_"))
+    if bert_config.num_layers != len(layers):
+        raise ConfigError(f"qformer_from_bert: BERT has {bert_config.num_layers} layers, the Q-Former {len(layers)}")
+    q["norm"] = dict(emb["norm"])
+    if "word" in q:
+        word = np.array(q["word"]["embedding"])
+        n = min(word.shape[0], emb["word"]["embedding"].shape[0])
+        word[:n] = np.asarray(emb["word"]["embedding"])[:n]
+        q["word"] = {"embedding": word}
+        pos = np.asarray(emb["position"]["embedding"])
+        if "token_type" in emb:
+            pos = pos + np.asarray(emb["token_type"]["embedding"])[0]
+        qpos = np.array(q["position"]["embedding"])
+        if qpos.shape[0] > pos.shape[0]:
+            raise ConfigError(f"qformer_from_bert: Q-Former max_len {qpos.shape[0]} exceeds BERT's {pos.shape[0]}")
+        q["position"] = {"embedding": pos[:qpos.shape[0]]}
+    for name in layers:
+        src, dst = b[name], dict(q[name])
+        for what, a, z in (("MLP", src["mlp"]["fc1"]["kernel"], dst["query_mlp"]["fc1"]["kernel"]),
+                           ("attention (heads x head size)", src["attn"]["query"]["kernel"],
+                            dst["attn"]["query"]["kernel"])):
+            if np.shape(a) != np.shape(z):
+                raise ConfigError(f"qformer_from_bert: {name} {what} shapes differ (BERT {np.shape(a)}, "
+                                  f"Q-Former {np.shape(z)})")
+        dst["attn"], dst["attn_norm"] = src["attn"], src["attn_norm"]
+        dst["query_mlp"], dst["query_mlp_norm"] = src["mlp"], src["mlp_norm"]
+        if "mlp" in dst:
+            dst["mlp"], dst["mlp_norm"] = src["mlp"], src["mlp_norm"]
+        q[name] = dst
+    return q
