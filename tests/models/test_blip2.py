@@ -152,5 +152,5 @@ def test_config_and_input_errors():
         model.apply({"params": params}, jnp.ones((1, 6), jnp.int32), images)
     with pytest.raises(InputError, match="token id 500"):
         model.apply({"params": params}, images, jnp.full((1, 3), 500), method=Blip2.itm_logits)
-    with pytest.raises(ConfigError, match="no LLM"):
+    with pytest.raises(ConfigError, match="init_cache needs an LLM"):
         build_model("blip2", STAGE1)[0].init_cache(1, 8)
