@@ -19,6 +19,19 @@ Their layout, as far as reading a model goes:
   mmjax_model.json  {"family": ..., "config": {...}}
   checkpoints/      Orbax `CheckpointManager` steps; each step's "params" item holds the params
   tokenizer.model   the sentencepiece tokenizer of a text run (absent otherwise)
+  checkpoints_unreadable/  steps that failed verification, set aside by `mmjax train`
+
+Verifying a step (`check_step_files`, used by `mmjax train`, `generate`, `export`, `check`):
+Orbax's commit marker (`commit_success.txt`, written into the step's temporary directory just
+before the rename that publishes it, and into every item) must be there, and when the step has
+the manifest `mmjax train` writes after the save is committed (`mmjax_manifest.json`: size and
+sha256 of every file of the step), every file must still match it. The manifest is what makes
+a bit flip detectable at all: Orbax's zarr/OCDBT chunks carry no checksum of their own, and a
+flipped bit in an uncompressed chunk reads back as a plausible wrong number. A step without a
+manifest (written before there were manifests, or a run killed between the commit and the
+manifest) is verified by reading it only. Reading every array and comparing the tree and shapes
+with the model's are the callers' part (`load_workdir` here, `Checkpointer.restore_latest` in
+`mmjax.train.checkpointing`).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from typing import Any, Mapping
@@ -44,8 +58,10 @@ VERSION = 1
 WORKDIR_MODEL_FILE = "mmjax_model.json"
 WORKDIR_TOKENIZER_FILE = "tokenizer.model"
 WORKDIR_CHECKPOINT_DIR = "checkpoints"
+WORKDIR_UNREADABLE_DIR = "checkpoints_unreadable"
+STEP_MANIFEST = "mmjax_manifest.json"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's (orbax.checkpoint atomicity COMMIT_SUCCESS_FILE)
 
-# family -> example inputs for `module.init`, used to check restored param shapes
 def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MODEL_FILE))
 
@@ -181,6 +197,25 @@ def _check_shapes(family: str, module: Any, config: Any, params: Any, where: str
             raise InputError(f"{where}: param {name} has shape {got[name]}, the config needs {shape}")
 
 
+def _params_mismatch(manager: Any, step: int, target: Any) -> str | None:
+    """Why the params of `step` do not fit `target`'s tree and shapes (None when they do)."""
+    try:
+        saved = manager.item_metadata(step)["params"]
+    except Exception as e:  # noqa: BLE001
+        return f"its metadata cannot be read ({one_line(e)})"
+    saved = getattr(saved, "tree", saved)
+    got = {jax.tree_util.keystr(p): tuple(m.shape)
+           for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    want = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    if got == want:
+        return None
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    k = diff[0]
+    return (f"it was written for a different model ({len(diff)} params differ, e.g. {k}: "
+            f"{got.get(k, 'absent')} vs the workdir's model {want.get(k, 'absent')})")
+
+
 def is_workdir(path: str) -> bool:
     """Whether `path` is a training workdir (it has `mmjax_model.json`)."""
     return os.path.isfile(os.path.join(path, WORKDIR_MODEL_FILE))
@@ -220,17 +255,118 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
     ckpt_dir = os.path.join(workdir, WORKDIR_CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise InputError(f"{workdir!r} holds no checkpoint yet ({ckpt_dir} missing)")
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    steps = checkpoint_steps(ckpt_dir)
+    if not steps:
+        raise InputError(f"{workdir!r} holds no checkpoint yet")
     manager = ocp.CheckpointManager(
-        os.path.abspath(ckpt_dir),
+        ckpt_dir,
         options=ocp.CheckpointManagerOptions(create=False),  # (read_only=True logs warnings)
         item_handlers={"params": ocp.StandardCheckpointHandler()},
     )
+    target = abstract_params(family, module, config)
+    bad: list[str] = []
+    params = None
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise InputError(f"{workdir!r} holds no checkpoint yet")
-        restore = ocp.args.StandardRestore(abstract_params(family, module, config))
-        params = manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+        # newest readable step first; a read-only command reports bad steps but moves nothing
+        # (it holds no lock: a training run may own the workdir)
+        for step in steps:
+            reason = check_step_files(os.path.join(ckpt_dir, str(step)))
+            if reason is None:
+                reason = _params_mismatch(manager, step, target)
+            if reason is None:
+                try:
+                    restore = ocp.args.StandardRestore(target)
+                    params = manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+                except Exception as e:  # noqa: BLE001 - any storage/format failure
+                    reason = f"its params cannot be read ({one_line(e)})"
+            if reason is None:
+                break
+            bad.append(f"step {step}: {reason}")
     finally:
         manager.close()
+    if params is None:
+        raise InputError(f"no readable checkpoint in {ckpt_dir}: " + "; ".join(bad))
+    for line in bad:
+        print(f"mmjax: warning: checkpoint {line}; using step {step} "
+              f"(`mmjax check {workdir}` lists every step)", file=sys.stderr, flush=True)
     return module, config, params
+
+
+# --- step verification -------------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step_files(step_dir: str) -> list[str]:
+    out = []
+    for d, _, files in os.walk(step_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(d, name), step_dir)
+            if rel != STEP_MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_step_manifest(step_dir: str) -> None:
+    """Record size and sha256 of every file of a committed step in `step_dir/mmjax_manifest.json`
+    (atomically). Hashing runs at disk speed (~1 GB/s); the training loop calls it after the
+    async save is committed, by the primary process only."""
+    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
+                   "sha256": _sha256(os.path.join(step_dir, rel))} for rel in _step_files(step_dir)}
+    tmp = os.path.join(step_dir, f".{STEP_MANIFEST}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 1, "files": files}, f)
+    os.replace(tmp, os.path.join(step_dir, STEP_MANIFEST))
+
+
+def check_step_files(step_dir: str, items: tuple[str, ...] = ("params",)) -> str | None:
+    """Why the step in `step_dir` is unreadable judged by its files (commit markers of the step
+    and of `items`, the manifest when there is one), or None when they are intact."""
+    if not os.path.isdir(step_dir):
+        return "its directory is missing"
+    for where in ("", *items):
+        if not os.path.isfile(os.path.join(step_dir, where, COMMIT_MARKER)):
+            return (f"Orbax's commit marker {os.path.join(where, COMMIT_MARKER)} is missing "
+                    "(the save never completed)")
+    manifest = os.path.join(step_dir, STEP_MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest {STEP_MANIFEST} is unreadable ({type(e).__name__})"
+    for rel, want in sorted(files.items()):
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} were written (truncated or overwritten)"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} no longer matches the sha256 written with it (its bytes changed)"
+    return None
+
+
+def checkpoint_steps(ckpt_dir: str) -> list[int]:
+    """The committed steps in an Orbax CheckpointManager directory, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((int(n) for n in os.listdir(ckpt_dir)
+                   if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))), reverse=True)
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (Orbax and TensorStore
+    errors run to many lines)."""
+    text = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."

@@ -1,6 +1,7 @@
 """The `mmjax` command line: parse arguments, call library functions, map errors to exit codes.
 
-Exit status: 0 success; 1 a check that ran and failed (e.g. `compare` over tolerance);
+Exit status: 0 success; 1 a check that ran and failed (e.g. `compare` over tolerance, `check`
+finding the latest checkpoint unreadable);
 2 bad input (one line on stderr, no traceback); 130 interrupted.
 """
 
@@ -71,11 +72,35 @@ def cmd_train(args) -> int:
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     metrics = run(
         args.config, workdir=args.workdir, steps=args.steps, stop_at=args.stop_at, mesh=args.mesh,
-        overrides=args.set or [], json_output=args.json,
+        overrides=args.set or [], json_output=args.json, force_unlock=args.force_unlock,
     )
     if args.json:
         _print_json(metrics)
     return 0
+
+
+def cmd_check(args) -> int:
+    from mmjax.train.checkpointing import check_workdir
+
+    report = check_workdir(args.workdir)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"workdir {report['workdir']}")
+        if not report["steps"]:
+            print("  no checkpoints")
+        for row in report["steps"]:
+            state = "readable" if row["readable"] else f"UNREADABLE: {row['reason']}"
+            print(f"  step {row['step']:>8}  {state}")
+        for name in report["set_aside"]:
+            print(f"  set aside: checkpoints_unreadable/{name}")
+        lock = report["lock"]
+        if lock is None:
+            print("  lock: none (no run is writing this workdir)")
+        else:
+            stale = f"; stale: {lock['stale']}" if lock["stale"] else ""
+            print(f"  lock: held by {lock['owner']}{stale}")
+    return 1 if report["latest_readable"] is False else 0
 
 
 def cmd_generate(args) -> int:
@@ -148,7 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "see docs/scale_out.md")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take the workdir's lock even when its owner looks alive (only when you "
+                        "know that run is gone, e.g. on a machine that is down)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="verify a training workdir: which checkpoint steps are "
+                                     "readable, which run holds its lock (reads only)")
+    p.add_argument("workdir")
+    p.add_argument("--json", action="store_true", help="last stdout line is a JSON report")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("generate", help="sample text from a trained or converted model")
     p.add_argument("--workdir", required=True)

@@ -60,6 +60,11 @@ def generate_text(
         raise InputError(f"--num-beams must be >= 1, got {num_beams}")
 
     model, params, tokenizer = load_for_inference(workdir)
+    if tokenizer is None:
+        from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE
+
+        raise InputError(f"{workdir} has no {WORKDIR_TOKENIZER_FILE}: generating text needs the "
+                         "tokenizer the run was trained with (copy it back into the workdir)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     template, system = _chat_template(workdir)
     vision = getattr(model.config, "image_seq_length", None)

@@ -19,12 +19,13 @@ from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, apply_over
 def run(
     config_path: str, *, workdir: str | None = None, steps: int | None = None,
     stop_at: int | None = None, mesh: str | None = None, overrides: Sequence[str] = (),
-    json_output: bool = False,
+    json_output: bool = False, force_unlock: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment in `config_path`; return the final metrics.
 
     `steps` overrides the run's total steps (the LR schedule spans them); `stop_at` saves and
-    returns after that step as if preempted; `workdir` defaults to `workdirs/<name>`.
+    returns after that step as if preempted; `workdir` defaults to `workdirs/<name>`;
+    `force_unlock` takes the workdir's lock even from a run that looks alive.
     """
     from mmjax.errors import ConfigError
     from mmjax.train.loop import train
@@ -37,7 +38,8 @@ def run(
     if stop_at is not None and stop_at <= 0:
         raise ConfigError(f"--stop-at must be positive, got {stop_at}")
     workdir = workdir or os.path.join("workdirs", cfg.name)
-    return train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh, json_output=json_output)
+    return train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh, json_output=json_output,
+                 force_unlock=force_unlock)
 
 
 def load_for_inference(workdir: str):

@@ -16,6 +16,7 @@ model, the data, the loss and the evaluation. Workdir layout: `checkpoints/` (Or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from mmjax.checkpoint import (
 from mmjax.parallel.mesh import activate, make_mesh
 from mmjax.parallel.presets import check_mesh, describe_mesh, get_preset
 from mmjax.train.checkpointing import Checkpointer
-from mmjax.train.errors import CheckpointError, NonFiniteLossError
+from mmjax.train.errors import CheckpointError, DataError, NonFiniteLossError
 from mmjax.train.experiment import ExperimentConfig
 from mmjax.train.metrics import MetricsWriter, Progress, read_metrics
 from mmjax.train.optimizer import make_optimizer
@@ -51,6 +52,7 @@ from mmjax.train.state import (
 )
 from mmjax.train.step import make_train_step, shard_batch
 from mmjax.train.task import build_task
+from mmjax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
 # The workdir layout constants live in mmjax.checkpoint (imported above), which reads workdirs
 # for `mmjax export`; MODEL_FILE, TOKENIZER_FILE and CHECKPOINT_DIR are re-exported from here.
@@ -95,9 +97,14 @@ def check_workdir_writable(workdir: str) -> None:
 
 def train(
     cfg: ExperimentConfig, workdir: str, *, stop_at: int | None = None,
-    mesh_spec: str | None = None, json_output: bool = False,
+    mesh_spec: str | None = None, json_output: bool = False, force_unlock: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) `cfg` in `workdir`; return the final metrics."""
+    """Train (or resume) `cfg` in `workdir`; return the final metrics.
+
+    The workdir is locked for the whole run (`mmjax.train.workdir_lock`; WorkdirLockedError
+    when another live run holds it, `force_unlock` takes it regardless) before anything in it
+    is written, and released however the run ends (normally, SIGTERM/SIGINT, an exception);
+    only a killed process leaves it behind, and the next run takes that over."""
     is_main = jax.process_index() == 0
     out = sys.stderr if json_output else sys.stdout
 
@@ -107,6 +114,74 @@ def train(
 
     workdir = os.path.abspath(workdir)
     check_workdir_writable(workdir)
+    lock = _lock_workdir(workdir, force_unlock, log)
+    try:
+        return _train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh_spec, log=log,
+                      is_main=is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: str, force: bool, log) -> WorkdirLock | None:
+    """Process 0 takes the lock on behalf of the job; in a multi-process job it tells the
+    others whether it got it, so all of them stop together when it did not."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire(force=force, log=log)
+        except WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = WorkdirLockedError(f"process 0 could not lock workdir {workdir}")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _tokenizer_sha(workdir: str) -> str | None:
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _check_tokenizer(workdir: str, meta: dict[str, Any], step: int, existed: bool, log) -> None:
+    """The tokenizer in the workdir must be the one checkpoint `step` was trained with: the
+    task retrains a missing one from the corpus, and a different vocabulary would make the
+    restored embedding rows mean other tokens. Identical (training is seeded): say so and go
+    on; different: set the new one aside and stop (DataError)."""
+    want = (meta.get("files") or {}).get(TOKENIZER_FILE)
+    have = _tokenizer_sha(workdir)
+    if want is None or want == have:
+        if not existed and have is not None and want is not None:
+            log(f"{TOKENIZER_FILE} was missing from {workdir}; retrained it from the corpus and it "
+                f"is identical to the one checkpoint step {step} was trained with")
+        return
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not existed and have is not None and jax.process_index() == 0:
+        os.replace(path, path + ".retrained")
+        raise DataError(
+            f"{path} was missing and the tokenizer retrained from the corpus differs from the one "
+            f"checkpoint step {step} was trained with (sha256 {want[:12]}...); put the original "
+            f"{TOKENIZER_FILE} back (the retrained one is in {TOKENIZER_FILE}.retrained) or start "
+            "over in a new --workdir")
+    raise DataError(
+        f"{path} is not the tokenizer checkpoint step {step} was trained with (sha256 "
+        f"{want[:12]}..., found {(have or 'none')[:12]}); put the original back or start over "
+        "in a new --workdir")
+
+
+def _train(
+    cfg: ExperimentConfig, workdir: str, *, stop_at: int | None, mesh_spec: str | None,
+    log, is_main: bool,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     preset = get_preset(cfg.parallelism)
@@ -122,7 +197,9 @@ def train(
     if mesh is not None:
         check_mesh(mesh, preset)
 
+    tokenizer_existed = os.path.isfile(os.path.join(workdir, TOKENIZER_FILE))
     task = build_task(cfg, workdir, log)
+    tokenizer_sha = _tokenizer_sha(workdir)
     if is_main:
         _write_json(os.path.join(workdir, MODEL_FILE),
                     {"family": task.family, "config": task.model_config.to_dict()})
@@ -143,9 +220,13 @@ def train(
 
     train_iter = task.train_iterator()
     history: dict[str, Any] = {}
+    restored = None
     if latest is not None:
         abstract = abstract_train_state(task.init_params, tx, shardings=shardings)
-        state, iter_state, meta = ckpt.restore(latest, abstract)
+        restored = ckpt.restore_latest(abstract, log)  # verified; falls back past bad steps
+    if restored is not None:
+        latest, state, iter_state, meta = restored
+        _check_tokenizer(workdir, meta, latest, tokenizer_existed, log)
         if iter_state is not None:
             train_iter.set_state(iter_state)
         history = dict(meta.get("metrics") or {})
@@ -202,7 +283,8 @@ def train(
             return
         metrics = {**(metrics or {}), **evals_at.get(step, {})}
         ckpt.save(step, state, data_state=train_iter.get_state(), metrics=metrics,
-                  config=cfg.to_dict(), force=force)
+                  config=cfg.to_dict(), force=force,
+                  files={TOKENIZER_FILE: tokenizer_sha} if tokenizer_sha else None)
 
     if step == 0 and cfg.eval_at_start:
         start_metrics = run_eval("start")

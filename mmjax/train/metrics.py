@@ -13,12 +13,17 @@ from tqdm.auto import tqdm
 
 
 class MetricsWriter:
-    """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard."""
+    """Appends `{"step": s, **metrics}` lines to `metrics.jsonl` and scalars to TensorBoard.
+
+    A file whose last line was cut (a process killed mid-write, a full disk) gets a newline
+    first, so the appended records start on a clean line; `read_metrics` skips the cut one."""
 
     def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        if enabled:
+            _end_on_newline(self.path)
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -46,13 +51,36 @@ class MetricsWriter:
             self._tb = None
 
 
+def _end_on_newline(path: str) -> None:
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of `workdir/metrics.jsonl` (empty when absent)."""
+    """All records of `workdir/metrics.jsonl` (empty when absent); a line cut mid-write by a
+    killed run is skipped."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    out.append(record)
+    return out
 
 
 class Progress:
