@@ -114,7 +114,8 @@ def generate(
     n_prefix = 0
     if prefix_embeddings is not None:
         shape = tuple(getattr(prefix_embeddings, "shape", ()))
-        dim = getattr(model.config, "dim", None)
+        # the width `embeddings=` takes: OPT's token embeddings may be narrower than its stack
+        dim = getattr(model.config, "embed_width", getattr(model.config, "dim", None))
         if len(shape) != 3 or shape[0] != tokens.shape[0] or (dim is not None and shape[2] != dim):
             raise InputError(f"prefix_embeddings must be [batch={tokens.shape[0]}, N, dim={dim}], "
                              f"got shape {shape}")

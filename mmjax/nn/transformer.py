@@ -67,6 +67,7 @@ class BlockSpec:
     norm: str = "rms"
     norm_eps: float = 1e-6
     norm_position: str = "pre"
+    norm_affine: bool = True  # LayerNorm with learned scale/bias (False: neither; OPT's option)
     mlp: str = "gated"
     activation: str = "silu"
     qkv_bias: bool = False
@@ -96,6 +97,9 @@ class BlockSpec:
                                      ("mlp", self.mlp, MLP_KINDS)):
             if value not in allowed:
                 raise ConfigError(f"BlockSpec.{name}={value!r}; choose one of {', '.join(allowed)}")
+        if not self.norm_affine and self.norm != "layer":
+            raise ConfigError("BlockSpec.norm_affine=False needs norm='layer' (RMSNorm always "
+                              "has a scale)")
         if self.mlp == "moe" and (self.num_experts < 1 or self.moe_dispatch not in DISPATCH_MODES):
             raise ConfigError("BlockSpec: mlp='moe' needs num_experts >= 1 and moe_dispatch in "
                               f"{', '.join(DISPATCH_MODES)}")
@@ -127,7 +131,8 @@ class Block(nn.Module):
         dtype, pdtype = jnp.dtype(s.dtype), jnp.dtype(s.param_dtype)
         if s.norm == "rms":
             return RMSNorm(s.norm_eps, dtype, pdtype, name=name)
-        return LayerNorm(s.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)
+        return LayerNorm(s.norm_eps, use_bias=s.norm_affine, use_scale=s.norm_affine, dtype=dtype,
+                         param_dtype=pdtype, name=name)
 
     @nn.compact
     def __call__(self, x, mask=None, segment_ids=None, positions=None, cross_input=None,
