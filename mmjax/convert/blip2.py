@@ -60,6 +60,7 @@ from mmjax.models.blip2 import TEXT_FAMILIES, Blip2Config, QFormerConfig, check_
 from mmjax.models.vit import ViTConfig
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval")
+INSTRUCT_ARCHITECTURES = ("InstructBlipForConditionalGeneration",)
 RETRIEVAL = "Blip2ForImageTextRetrieval"
 _TOP_KEYS = {"vision_config", "qformer_config", "text_config", "num_query_tokens", "image_text_hidden_size",
              "image_token_index", "initializer_factor", "initializer_range", "use_decoder_only_language_model",
@@ -77,7 +78,7 @@ _Q_DEFAULTS = dict(vocab_size=30522, dim=768, num_layers=12, num_heads=12, mlp_d
                    norm_eps=1e-12, cross_attention_frequency=2, initializer_range=0.02)
 _Q_OTHER = {"hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "pad_token_id",
             "encoder_hidden_size", "use_qformer_text_input"}
-DERIVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")
+DERIVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")  # qformer.embeddings.position_ids too
 Q, LM = "qformer.", "language_model."
 
 
@@ -108,18 +109,19 @@ def _text_converter(text_hf: Mapping[str, Any]):
     return conv
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> Blip2Config:
-    """`Blip2Config` for a parsed BLIP-2 `config.json` (strict, see the module docstring)."""
-    what = "blip-2 config.json"
-    check_model_type(hf, "blip-2", "BLIP-2")
-    check_config_keys(hf, _TOP_KEYS, what)
-    arch = check_architecture(hf, ARCHITECTURES)
-    vision = _vision_from_hf(sub_config(hf, "vision_config", "blip_2_vision_model", what))
-    q = sub_config(hf, "qformer_config", "blip_2_qformer", what)
-    where = "blip-2 qformer_config"
-    check_config_keys(q, set(_Q_KEYS) | _Q_OTHER, where)
+def _config_from_hf(hf: Mapping[str, Any], instruct: bool) -> Blip2Config:
+    name = "instructblip" if instruct else "blip-2"
+    prefix = "instructblip" if instruct else "blip_2"
+    what = f"{name} config.json"
+    check_model_type(hf, name, "InstructBLIP" if instruct else "BLIP-2")
+    check_config_keys(hf, _TOP_KEYS - ({"image_text_hidden_size"} if instruct else set()), what)
+    arch = check_architecture(hf, INSTRUCT_ARCHITECTURES if instruct else ARCHITECTURES)
+    vision = _vision_from_hf(sub_config(hf, "vision_config", f"{prefix}_vision_model", what))
+    q = sub_config(hf, "qformer_config", f"{prefix}_qformer", what)
+    where = f"{name} qformer_config"
+    check_config_keys(q, set(_Q_KEYS) | _Q_OTHER - ({"use_qformer_text_input"} if instruct else set()), where)
     check_dropout(q, "hidden_dropout_prob", "attention_probs_dropout_prob")
-    text_input = check_bool(q, "use_qformer_text_input", False)
+    text_input = instruct or check_bool(q, "use_qformer_text_input", False)
     if arch == RETRIEVAL and not text_input:
         raise UnsupportedModelError(f"{where}: {RETRIEVAL} needs use_qformer_text_input=true (ITM / ITC run text "
                                     "through the Q-Former's text FFN)")
@@ -128,10 +130,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> Blip2Config:
     pad = int_or_none(q.get("pad_token_id", 0), f"{where}.pad_token_id")
     qformer = build_config(QFormerConfig, dict(
         kw, activation=activation_from_hf(q.get("hidden_act", "gelu"), f"{where}.hidden_act"),
-        encoder_width=vision.dim, text_input=arch == RETRIEVAL, pad_token_id=pad,
+        encoder_width=vision.dim, text_input=instruct or arch == RETRIEVAL, pad_token_id=pad,
         bos_token_id=min(30522, kw["vocab_size"] - 1)), where)
     top = dict(vision=vision, qformer=qformer, num_query_tokens=hf.get("num_query_tokens", 32),
-               embed_dim=hf.get("image_text_hidden_size", 256), retrieval_heads=arch == RETRIEVAL)
+               embed_dim=hf.get("image_text_hidden_size", 256), retrieval_heads=arch == RETRIEVAL,
+               instruct=instruct)
     if arch != RETRIEVAL:
         text_hf = hf.get("text_config")
         if not isinstance(text_hf, Mapping):
@@ -146,11 +149,26 @@ def config_from_hf(hf: Mapping[str, Any]) -> Blip2Config:
     return build_config(Blip2Config, top, what)
 
 
+def config_from_hf(hf: Mapping[str, Any]) -> Blip2Config:
+    """`Blip2Config` for a parsed BLIP-2 `config.json` (strict, see the module docstring)."""
+    return _config_from_hf(hf, instruct=False)
+
+
+def instruct_config_from_hf(hf: Mapping[str, Any]) -> Blip2Config:
+    """`Blip2Config(instruct=True)` for a parsed InstructBLIP `config.json`."""
+    return _config_from_hf(hf, instruct=True)
+
+
 def config_to_hf(config: Blip2Config, model_type: str | None = None) -> dict[str, Any]:
     """The config.json of the transformers class of `config` (retrieval heads and no LLM:
     Blip2ForImageTextRetrieval; an LLM and no heads: Blip2ForConditionalGeneration)."""
-    if model_type not in (None, "blip-2"):
-        raise UnsupportedModelError(f"cannot export a BLIP-2 as model_type {model_type!r}; supported: blip-2")
+    if model_type not in (None, "blip-2", "instructblip"):
+        raise UnsupportedModelError(f"cannot export a BLIP-2 as model_type {model_type!r}; supported: blip-2, "
+                                    "instructblip")
+    instruct = config.instruct
+    if (model_type == "instructblip") != instruct and model_type is not None:
+        raise UnsupportedModelError(f"cannot export {'an InstructBLIP' if instruct else 'a BLIP-2'} config as "
+                                    f"model_type {model_type!r}")
     v, q = config.vision, config.qformer
     if config.retrieval_heads == (config.text is not None):
         raise UnsupportedModelError(
@@ -160,18 +178,19 @@ def config_to_hf(config: Blip2Config, model_type: str | None = None) -> dict[str
     if q.lm_head:
         raise UnsupportedModelError("cannot export this BLIP-2: the Q-Former LM head (ITG, qformer.lm_head=True) "
                                     "has no transformers counterpart")
-    if q.text_input and config.text is not None:
+    if q.text_input and config.text is not None and not instruct:
         raise UnsupportedModelError("cannot export this BLIP-2: Blip2ForConditionalGeneration has no Q-Former "
                                     "text embeddings; set qformer.text_input=False (drop them) first")
     if v.channels != 3 or not v.patch_bias or not v.qkv_bias:
         raise UnsupportedModelError("cannot export this BLIP-2: the image encoder must have 3 channels, a "
                                     "biased patch conv and q/k/v biases")
-    vision = {"model_type": "blip_2_vision_model", "hidden_size": v.dim, "intermediate_size": v.mlp_dim,
+    prefix = "instructblip" if instruct else "blip_2"
+    vision = {"model_type": f"{prefix}_vision_model", "hidden_size": v.dim, "intermediate_size": v.mlp_dim,
               "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
               "image_size": size_to_hf(v.image_size), "patch_size": size_to_hf(v.patch_size),
               "hidden_act": activation_to_hf(v.activation), "layer_norm_eps": v.norm_eps,
               "initializer_range": v.initializer_range, "attention_dropout": 0.0, "qkv_bias": True}
-    qformer = {"model_type": "blip_2_qformer", "vocab_size": q.vocab_size, "hidden_size": q.dim,
+    qformer = {"model_type": f"{prefix}_qformer", "vocab_size": q.vocab_size, "hidden_size": q.dim,
                "num_hidden_layers": q.num_layers, "num_attention_heads": q.num_heads,
                "intermediate_size": q.mlp_dim, "hidden_act": activation_to_hf(q.activation),
                "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
@@ -182,6 +201,9 @@ def config_to_hf(config: Blip2Config, model_type: str | None = None) -> dict[str
     hf: dict[str, Any] = {"model_type": "blip-2", "dtype": "float32", "num_query_tokens": config.num_query_tokens,
                           "image_text_hidden_size": config.embed_dim, "vision_config": vision,
                           "qformer_config": qformer}
+    if instruct:
+        del qformer["use_qformer_text_input"], hf["image_text_hidden_size"]
+        hf["model_type"] = "instructblip"
     if config.text is None:
         hf["architectures"] = [RETRIEVAL]
     else:
@@ -190,7 +212,8 @@ def config_to_hf(config: Blip2Config, model_type: str | None = None) -> dict[str
         conv = registry.for_export(config.text_family, config.text)
         text = {k: val for k, val in conv.config_to_hf(config.text, None).items()
                 if k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}
-        hf.update(architectures=["Blip2ForConditionalGeneration"], text_config=text,
+        arch = "InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration"
+        hf.update(architectures=[arch], text_config=text,
                   image_token_index=config.image_token_index)
     return stamp_version(hf)
 
@@ -221,13 +244,15 @@ def _ffn(hf_in: str, hf_out: str, mj: str, mlp: str, norm: str, d: int, m: int) 
             R(f"{hf_out}.LayerNorm.bias", (mj, norm, "bias"), (d,), "copy")]
 
 
-def qformer_rules(q: QFormerConfig, embeddings: str | None = None) -> list[TensorRule]:
+def qformer_rules(q: QFormerConfig, embeddings: str | None = None, norm: str = f"{Q}layernorm."
+                  ) -> list[TensorRule]:
     """The Q-Former's tensors under `qformer.` (HF names) / `qformer/` (mmjax); the text
-    embeddings under `embeddings` (HF prefix; None = the config has none)."""
+    embeddings under `embeddings` (HF prefix; None = the config has none), the input LayerNorm
+    at `norm` (BLIP-2: qformer.layernorm, InstructBLIP: qformer.embeddings.layernorm)."""
     R = TensorRule
     d, m = q.dim, q.mlp_dim
-    rules = [R(f"{Q}layernorm.weight", ("qformer", "norm", "scale"), (d,), "copy"),
-             R(f"{Q}layernorm.bias", ("qformer", "norm", "bias"), (d,), "copy")]
+    rules = [R(f"{norm}weight", ("qformer", "norm", "scale"), (d,), "copy"),
+             R(f"{norm}bias", ("qformer", "norm", "bias"), (d,), "copy")]
     if embeddings is not None:
         rules += [R(f"{embeddings}word_embeddings.weight", ("qformer", "word", "embedding"), (q.vocab_size, d), "copy"),
                   R(f"{embeddings}position_embeddings.weight", ("qformer", "position", "embedding"), (q.max_len, d),
@@ -251,7 +276,10 @@ def tensor_rules(c: Blip2Config) -> list[TensorRule]:
     q = c.qformer
     rules = blip_convert.vision_rules(c.vision)
     rules.append(R("query_tokens", ("query_tokens",), (1, c.num_query_tokens, q.dim), "squeeze"))
-    rules += qformer_rules(q, "embeddings." if q.text_input else None)
+    if c.instruct:
+        rules += qformer_rules(q, f"{Q}embeddings.", f"{Q}embeddings.layernorm.")
+    else:
+        rules += qformer_rules(q, "embeddings." if q.text_input else None)
     if c.retrieval_heads:
         for name, shape in (("vision_projection", (c.embed_dim, q.dim)), ("text_projection", (c.embed_dim, q.dim)),
                             ("itm_head", (2, q.dim))):
@@ -394,18 +422,27 @@ def compare_blip2(hf_dir, module, config, np_params, batch, seq_len, seed, torch
     tokens, mask, images, num_pad = prompt_inputs(rng, batch, seq_len, config)
     check_query_tokens(tokens, batch, config, mask)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    hf_extra, ours_extra = {}, {}
+    if config.instruct:  # the instruction, right-padded, in the Q-Former's vocabulary
+        q_tokens, q_mask = text_inputs(rng, batch, min(seq_len, config.qformer.max_len), config)
+        hf_extra = dict(qformer_input_ids=torch.from_numpy(q_tokens),
+                        qformer_attention_mask=torch.from_numpy(q_mask.astype(np.int64)))
+        ours_extra = dict(qformer_tokens=jnp.asarray(q_tokens, jnp.int32), qformer_mask=jnp.asarray(q_mask))
+        extra["inputs"]["instruction_lengths"] = q_mask.sum(1).tolist()
     with torch.no_grad():
         pixels = torch.from_numpy(images)
         ref = hf_model(input_ids=torch.from_numpy(tokens), pixel_values=pixels,
                        attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                       position_ids=torch.from_numpy(positions))
+                       position_ids=torch.from_numpy(positions), **hf_extra)
         vis = hf_model.vision_model(pixel_values=pixels, output_hidden_states=True)
     logits, inter = reference.run_mmjax(module, np_params, jnp.asarray(tokens, jnp.int32),
-                                        jnp.asarray(reference.nhwc(images)), input_mask=jnp.asarray(mask))
+                                        jnp.asarray(reference.nhwc(images)), input_mask=jnp.asarray(mask),
+                                        **ours_extra)
     vision_diffs = reference.layer_diffs(inter["vision_hidden_states"], vis.hidden_states)
     ref_logits = ref.logits.numpy()
+    ref_query = ref.qformer_outputs.last_hidden_state[:, :config.num_query_tokens]
     diffs = {"logits": reference.max_abs(logits, ref_logits, mask),
-             "query_output": reference.max_abs(inter["query_output"], ref.qformer_outputs.last_hidden_state),
+             "query_output": reference.max_abs(inter["query_output"], ref_query),
              "image_embeds": reference.max_abs(inter["image_embeds"], vis.last_hidden_state),
              "vision_hidden_states": max(vision_diffs)}
     extra.update(vision_hidden_state_diffs=vision_diffs, left_padding_last_row=num_pad,
@@ -413,8 +450,11 @@ def compare_blip2(hf_dir, module, config, np_params, batch, seq_len, seed, torch
     return diffs, extra
 
 
-CONVERTER = Converter(
-    family="blip2", model_types=("blip-2",), architectures=ARCHITECTURES,
-    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
-    params_to_hf=params_to_hf, compare=compare_blip2,
+CONVERTERS = (
+    Converter(family="blip2", model_types=("blip-2",), architectures=ARCHITECTURES, config_from_hf=config_from_hf,
+              config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+              compare=compare_blip2),
+    Converter(family="blip2", model_types=("instructblip",), architectures=INSTRUCT_ARCHITECTURES,
+              config_from_hf=instruct_config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
+              params_to_hf=params_to_hf, compare=compare_blip2, export_when=lambda c: c.instruct),
 )

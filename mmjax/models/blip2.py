@@ -145,6 +145,7 @@ class Blip2Config(configs.Config):
     image_token_index: int | None = None  # the LLM's image token (required with an LLM)
     embed_dim: int = 256  # ITC projection width (HF image_text_hidden_size)
     retrieval_heads: bool = False  # vision/text projections + ITM head (stage 1, retrieval)
+    instruct: bool = False  # InstructBLIP: the instruction enters the Q-Former beside the queries
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -167,6 +168,11 @@ class Blip2Config(configs.Config):
             raise ConfigError("Blip2Config: empty Q-Former input")
         if self.embed_dim <= 0:
             raise ConfigError(f"Blip2Config.embed_dim must be positive, got {self.embed_dim}")
+        if self.instruct and not q.text_input:
+            raise ConfigError("Blip2Config: instruct=True (InstructBLIP) feeds the instruction through the "
+                              "Q-Former; set qformer.text_input=True")
+        if self.instruct and self.text is None:
+            raise ConfigError("Blip2Config: instruct=True (InstructBLIP) conditions an LLM; set text")
         if self.retrieval_heads and not q.text_input:
             raise ConfigError("Blip2Config: retrieval_heads=True reads text through the Q-Former; set "
                               "qformer.text_input=True")
@@ -420,6 +426,22 @@ def _check_text(c: QFormerConfig, tokens, text_mask, batch: int) -> None:
             raise InputError(f"Q-Former: token id {bad} is outside [0, {c.vocab_size})")
 
 
+def _check_instruction(c: Blip2Config, images, qformer_tokens, qformer_mask) -> None:
+    if qformer_tokens is None:
+        if c.instruct and images is not None:
+            raise InputError("InstructBLIP: pass qformer_tokens (the instruction in the Q-Former's vocabulary) "
+                             "with the images")
+        if qformer_mask is not None:
+            raise InputError("BLIP-2: qformer_mask given without qformer_tokens")
+        return
+    if not c.instruct:
+        raise InputError("BLIP-2: qformer_tokens (an instruction for the Q-Former) needs an InstructBLIP "
+                         "model (instruct=True)")
+    if images is None:
+        raise InputError("InstructBLIP: qformer_tokens given without images")
+    _check_text(c.qformer, qformer_tokens, qformer_mask, images.shape[0])
+
+
 def _l2_normalize(x: jax.Array) -> jax.Array:  # torch.nn.functional.normalize (eps 1e-12)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -464,11 +486,21 @@ class Blip2(nn.Module):
     def _queries(self, batch: int) -> jax.Array:
         return jnp.broadcast_to(self.query_tokens[None], (batch,) + self.query_tokens.shape)
 
-    def query_features(self, images: jax.Array, return_intermediates: bool = False):
-        """The Q-Former's query outputs [B, Q, qformer.dim] for images [B, H, W, C]."""
+    def query_features(self, images: jax.Array, qformer_tokens: jax.Array | None = None,
+                       qformer_mask: jax.Array | None = None, return_intermediates: bool = False):
+        """The Q-Former's query outputs [B, Q, qformer.dim] for images [B, H, W, C]; with
+        `qformer_tokens` [B, T] (InstructBLIP's instruction, `qformer_mask` its real tokens) the
+        queries and the instruction attend to each other (bidirectional) and the query part is
+        returned."""
         embeds, vis = self.encode_images(images, return_intermediates=True)
-        out = self.qformer(self._queries(embeds.shape[0]), encoder_hidden_states=embeds, mode="unimodal",
-                           return_intermediates=return_intermediates)
+        nq = self.config.num_query_tokens
+        if qformer_tokens is None:
+            out = self.qformer(self._queries(embeds.shape[0]), encoder_hidden_states=embeds, mode="unimodal",
+                               return_intermediates=return_intermediates)
+        else:
+            out = self.qformer(self._queries(embeds.shape[0]), qformer_tokens, qformer_mask, embeds,
+                               mode="bidirectional", return_intermediates=return_intermediates)
+            out = (out[0][:, :nq], out[1]) if return_intermediates else out[:, :nq]
         if not return_intermediates:
             return out
         q, inter = out
@@ -532,13 +564,16 @@ class Blip2(nn.Module):
         return family_record(c.text_family).module_class(t).init_cache(batch, max_len, dtype)
 
     @nn.nowrap
-    def check_prefill_inputs(self, tokens: Any, input_mask: Any = None, images: Any = None) -> None:
+    def check_prefill_inputs(self, tokens: Any, input_mask: Any = None, images: Any = None,
+                             qformer_tokens: Any = None, qformer_mask: Any = None) -> None:
         """Eager checks of a call with images (`mmjax.generate` runs them before compiling)."""
         if images is not None:
             check_images(images, self.config.vision, who="BLIP-2")
             check_query_tokens(tokens, images.shape[0], self.config, input_mask)
+        _check_instruction(self.config, images, qformer_tokens, qformer_mask)
 
     def embed(self, tokens: jax.Array, images: jax.Array | None = None, *, input_mask: jax.Array | None = None,
+              qformer_tokens: jax.Array | None = None, qformer_mask: jax.Array | None = None,
               return_intermediates: bool = False):
         """The LLM's input embeddings [B, T, dim]: token embeddings with the image tokens holding
         the projected query outputs."""
@@ -556,17 +591,19 @@ class Blip2(nn.Module):
         else:
             check_images(images, c.vision, who="BLIP-2")
             check_query_tokens(tokens, images.shape[0], c, input_mask)
+            _check_instruction(c, images, qformer_tokens, qformer_mask)
             slots = tokens == c.image_token_index
             if input_mask is not None:
                 slots &= input_mask.astype(bool)
             x = self.language_model.embed_tokens(jnp.where(slots, 0, tokens))
-            q, qi = self.query_features(images, return_intermediates=True)
+            q, qi = self.query_features(images, qformer_tokens, qformer_mask, return_intermediates=True)
             feats = self.language_projection(q.astype(jnp.dtype(c.text.dtype)))
             x = scatter_features(x, slots, feats.reshape(-1, feats.shape[-1]))
             inter = {**qi, "query_output": q, "image_features": feats}
         return (x, inter) if return_intermediates else x
 
     def __call__(self, tokens: jax.Array, images: jax.Array | None = None, *,
+                 qformer_tokens: jax.Array | None = None, qformer_mask: jax.Array | None = None,
                  input_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None, return_intermediates: bool = False,
                  deterministic: bool = True):
@@ -576,11 +613,14 @@ class Blip2(nn.Module):
         A stage-1 model (no LLM) is called through `itc` / `itm_logits` / `itg_logits`."""
         if self.is_initializing() and images is not None:
             self._init_heads(images)
+            if self.config.instruct and qformer_tokens is None:
+                qformer_tokens = jnp.zeros((images.shape[0], 2), jnp.int32)
         if self.config.text is None:
             if self.is_initializing():
                 return None
             raise ConfigError("BLIP-2: this model has no LLM (text=None); call itc / itm_logits / itg_logits")
-        x, inter = self.embed(tokens, images, input_mask=input_mask, return_intermediates=True)
+        x, inter = self.embed(tokens, images, input_mask=input_mask, qformer_tokens=qformer_tokens,
+                              qformer_mask=qformer_mask, return_intermediates=True)
         out = self.language_model(embeddings=x, input_mask=input_mask, positions=positions, cache=cache,
                                   return_intermediates=return_intermediates, deterministic=deterministic)
         if not return_intermediates:

@@ -43,15 +43,21 @@ CASES = {
     # cross-attention in every layer, no text FFN
     "model": ("Blip2Model", dict(cross_attention_frequency=1)),
     "retrieval": ("Blip2ForImageTextRetrieval", dict(use_qformer_text_input=True)),
+    # the instruction enters the Q-Former beside the queries
+    "instruct": ("InstructBlipForConditionalGeneration", {}),
 }
 
 
 def build_hf_model(case, seed):
     torch.manual_seed(seed)
     cls, q = CASES[case]
-    config = transformers.Blip2Config(vision_config=VISION, qformer_config=dict(QFORMER, **q),
-                                      text_config=transformers.LlamaConfig(**LLAMA).to_dict(),
-                                      num_query_tokens=4, image_token_index=99, image_text_hidden_size=16)
+    text = transformers.LlamaConfig(**LLAMA).to_dict()
+    if case == "instruct":
+        config = transformers.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=text,
+                                                 num_query_tokens=4, image_token_index=99)
+    else:
+        config = transformers.Blip2Config(vision_config=VISION, qformer_config=dict(QFORMER, **q), text_config=text,
+                                          num_query_tokens=4, image_token_index=99, image_text_hidden_size=16)
     return randomise_torch(getattr(transformers, cls)(config), 0.08)
 
 
@@ -70,7 +76,8 @@ def test_outputs_match_transformers(saved, case):
     assert keys | {"image_embeds", "vision_hidden_states"} <= set(result["diffs"])
     assert max(result["diffs"].values()) < TOL
     assert result["reference_output_max_abs" if case == "retrieval" else "reference_logits_max_abs"] > 0.1
-    assert module.config.qformer.text_input == (case == "retrieval")
+    assert module.config.qformer.text_input == (case in ("retrieval", "instruct"))
+    assert module.config.instruct == (case == "instruct")
     assert module.config.qformer.has_cross_attention(1) == (case == "model")
 
 
@@ -106,7 +113,7 @@ def test_greedy_generation_with_images_matches_transformers(saved):
     np.testing.assert_array_equal(out.tokens, ref_new)
 
 
-@pytest.mark.parametrize("case", ["generation", "retrieval"])
+@pytest.mark.parametrize("case", ["generation", "retrieval", "instruct"])
 def test_export_round_trip(saved, case, tmp_path):
     _, path, module, params = saved(case)
     out = str(tmp_path / "hf")
@@ -120,6 +127,19 @@ def test_export_round_trip(saved, case, tmp_path):
     for k, v in original.items():
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
     assert compare(out, batch=2, seq_len=6)["passed"]
+
+
+def test_instruction_changes_the_query_outputs(saved):
+    _, _, module, params = saved("instruct")
+    tokens, mask, images, _ = prompt_inputs(np.random.default_rng(2), 2, 6, module.config)
+    nhwc = images.transpose(0, 2, 3, 1)
+    instr = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    a = module.apply({"params": params}, tokens, nhwc, input_mask=mask, qformer_tokens=instr, qformer_mask=instr > 0)
+    b = module.apply({"params": params}, tokens, nhwc, input_mask=mask, qformer_tokens=instr[:, ::-1].copy(),
+                     qformer_mask=instr[:, ::-1] > 0)
+    assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1e-2
+    with pytest.raises(InputError, match="pass qformer_tokens"):
+        module.apply({"params": params}, tokens, nhwc, input_mask=mask)
 
 
 def test_strict_config_and_cli_errors(saved, tmp_path, capsys):
