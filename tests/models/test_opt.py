@@ -2,7 +2,7 @@
 generation with left padding, a soft-prompt prefix), the export round trip, the embeddings
 path, the "lm" task's loss, logical axis names, and bad input.
 
-Two tiny random-weight references (every tensor randomised, LayerNorm weights and biases
+Three tiny random-weight references (every tensor randomised, LayerNorm weights and biases
 included), saved with `save_pretrained` and converted with `from_hf`:
   pre_proj: pre-LN, word_embed_proj_dim (32) != hidden_size (64) -> project_in/out, relu, tied;
   post:     post-LN (opt-350m style: no final LayerNorm), untied head, exact gelu;
