@@ -276,8 +276,8 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
                 reason = _params_mismatch(manager, step, target)
             if reason is None:
                 try:
-                    restore = ocp.args.StandardRestore(target)
-                    params = manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+                    args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+                    params = manager.restore(step, args=args)["params"]
                 except Exception as e:  # noqa: BLE001 - any storage/format failure
                     reason = f"its params cannot be read ({one_line(e)})"
             if reason is None:

@@ -92,6 +92,8 @@ def cmd_check(args) -> int:
         for row in report["steps"]:
             state = "readable" if row["readable"] else f"UNREADABLE: {row['reason']}"
             print(f"  step {row['step']:>8}  {state}")
+        if report["note"]:
+            print(f"  note: {report['note']}")
         for name in report["set_aside"]:
             print(f"  set aside: checkpoints_unreadable/{name}")
         lock = report["lock"]

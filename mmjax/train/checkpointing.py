@@ -371,12 +371,14 @@ def _jsonable(x: Any) -> Any:
 def check_workdir(workdir: str) -> dict[str, Any]:
     """What `mmjax check WORKDIR` reports, reading only (no lock taken, nothing moved):
 
-        {"workdir", "steps": [{"step", "readable", "reason"}, ...] newest first,
+        {"workdir", "steps": [{"step", "readable", "reason"}, ...] newest first, "note",
          "latest_readable": bool | None, "set_aside": [names], "lock": {...} | None}
 
     Each step is verified like a resume verifies it, without the experiment config: commit
     markers and manifest, the params' tree and shapes against the workdir's `mmjax_model.json`,
-    then a read of every item (arrays restored on one device, as saved)."""
+    then a read of every item (arrays restored on one device, as saved). A model this version
+    cannot build (an unknown family) skips the shape comparison, said in "note", rather than
+    calling every step unreadable."""
     import orbax.checkpoint as ocp
 
     from mmjax import checkpoint as ck
@@ -414,8 +416,6 @@ def check_workdir(workdir: str) -> dict[str, Any]:
                                              items=("params", "train", "data", "meta"))
                 if reason is None and target is not None:
                     reason = ck._params_mismatch(manager, step, target)
-                elif reason is None:
-                    reason = f"the workdir's model cannot be built ({model_error})"
                 if reason is None:
                     reason = _read_every_item(manager, step, device)
                 rows.append({"step": step, "readable": reason is None, "reason": reason})
@@ -427,6 +427,8 @@ def check_workdir(workdir: str) -> dict[str, Any]:
         stale = why_stale(lock)
         lock = {**lock, "owner": describe_owner(lock), "stale": stale}
     return {"workdir": workdir, "steps": rows,
+            "note": (None if model_error is None else
+                     f"shapes not compared: the workdir's model cannot be built ({model_error})"),
             "latest_readable": rows[0]["readable"] if rows else None,
             "set_aside": sorted(os.listdir(aside_dir)) if os.path.isdir(aside_dir) else [],
             "lock": lock}
