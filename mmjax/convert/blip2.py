@@ -56,7 +56,7 @@ from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activ
                                 stamp_version, sub_config, tuple_sizes)
 from mmjax.errors import InputError, UnsupportedModelError
 from mmjax.models.blip import BLIP_VISION_LAYOUT
-from mmjax.models.blip2 import TEXT_FAMILIES, Blip2Config, QFormerConfig, check_query_tokens
+from mmjax.models.blip2 import TEXT_FAMILIES, Blip2Config, QFormerConfig, check_query_tokens, text_embed_width
 from mmjax.models.vit import ViTConfig
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval")
@@ -286,8 +286,9 @@ def tensor_rules(c: Blip2Config) -> list[TensorRule]:
             rules += [R(f"{name}.weight", (name, "kernel"), shape, "linear"),
                       R(f"{name}.bias", (name, "bias"), shape[:1], "copy")]
     if c.text is not None:
-        rules += [R("language_projection.weight", ("language_projection", "kernel"), (c.text.dim, q.dim), "linear"),
-                  R("language_projection.bias", ("language_projection", "bias"), (c.text.dim,), "copy")]
+        w = text_embed_width(c.text)
+        rules += [R("language_projection.weight", ("language_projection", "kernel"), (w, q.dim), "linear"),
+                  R("language_projection.bias", ("language_projection", "bias"), (w,), "copy")]
     return rules
 
 

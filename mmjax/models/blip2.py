@@ -257,6 +257,11 @@ Blip2Config.NAME = "BLIP-2"
 Blip2Config.VARIANTS = {"tiny": _tiny, "tiny-stage1": _tiny_stage1}
 
 
+def text_embed_width(text_config: Any) -> int:
+    """Width of the LLM's input embeddings (OPT's word_embed_proj_dim may differ from its dim)."""
+    return getattr(text_config, "embed_width", text_config.dim)
+
+
 def check_query_tokens(tokens: Any, n_images: int, config: Blip2Config, input_mask: Any = None) -> None:
     """InputError unless `tokens` hold exactly n_images * num_query_tokens image tokens (on
     concrete values; under jit only that they can fit)."""
@@ -471,7 +476,7 @@ class Blip2(nn.Module):
 
             t = c.text
             self.language_projection = DenseGeneral(
-                t.dim, ("embed", "mlp"), use_bias=True, dtype=jnp.dtype(t.dtype), param_dtype=jnp.dtype(t.param_dtype),
+                text_embed_width(t), ("embed", "mlp"), use_bias=True, dtype=jnp.dtype(t.dtype), param_dtype=jnp.dtype(t.param_dtype),
                 kernel_init=nn.initializers.normal(t.initializer_range), name="language_projection")
             self.language_model = family_record(c.text_family).module_class(t)
 

@@ -200,7 +200,7 @@ def test_the_registry_is_the_union_of_the_converter_records():
 
 def test_registry_errors_list_what_is_supported():
     with pytest.raises(UnsupportedModelError, match=r"unsupported model_type 'lama' \(did you mean "
-                                                    r"'llama'\?\); supported: (\w+, )*clip, .*llama"):
+                                                    r"'llama'\?\); supported: ([\w-]+, )*clip, .*llama"):
         registry.for_model_type("lama")
     with pytest.raises(UnsupportedModelError, match="LlamaForSequenceClassification.*LlamaForCausalLM"):
         registry.for_hf_config({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})

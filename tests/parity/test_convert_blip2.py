@@ -1,6 +1,7 @@
 """Hugging Face BLIP-2 <-> mmjax `Blip2`: `Blip2ForConditionalGeneration` and `Blip2Model` with a
 LLaMA LLM (logits, Q-Former query outputs, image embeddings, every vision hidden state),
-`Blip2ForImageTextRetrieval` (ITM logits, ITC similarities and features), greedy generation with
+`Blip2ForImageTextRetrieval` (ITM logits, ITC similarities and features),
+`Blip2ForConditionalGeneration` with an OPT LLM, `InstructBlipForConditionalGeneration`, greedy generation with
 images identical to transformers', export round trips, strict config handling, prompts without
 (or with the wrong number of) image tokens refused, and `mmjax compare` through the CLI.
 
@@ -37,11 +38,15 @@ QFORMER = dict(vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attentio
                max_position_embeddings=32)
 LLAMA = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+OPT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+           max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 CASES = {
     # the text FFN saved (use_qformer_text_input) but never run by this class: dropped on import
     "generation": ("Blip2ForConditionalGeneration", dict(use_qformer_text_input=True)),
     # cross-attention in every layer, no text FFN
     "model": ("Blip2Model", dict(cross_attention_frequency=1)),
+    # an OPT LLM (learned positions with the offset of 2, ReLU, biases, pre-LN)
+    "opt": ("Blip2ForConditionalGeneration", {}),
     "retrieval": ("Blip2ForImageTextRetrieval", dict(use_qformer_text_input=True)),
     # the instruction enters the Q-Former beside the queries
     "instruct": ("InstructBlipForConditionalGeneration", {}),
@@ -51,7 +56,7 @@ CASES = {
 def build_hf_model(case, seed):
     torch.manual_seed(seed)
     cls, q = CASES[case]
-    text = transformers.LlamaConfig(**LLAMA).to_dict()
+    text = (transformers.OPTConfig(**OPT) if case == "opt" else transformers.LlamaConfig(**LLAMA)).to_dict()
     if case == "instruct":
         config = transformers.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER, text_config=text,
                                                  num_query_tokens=4, image_token_index=99)
@@ -98,8 +103,9 @@ def test_images_move_the_logits_and_count_is_enforced(saved):
         module.apply({"params": params}, short, nhwc, input_mask=mask)
 
 
-def test_greedy_generation_with_images_matches_transformers(saved):
-    model, _, module, params = saved("generation")
+@pytest.mark.parametrize("case", ["generation", "opt"])
+def test_greedy_generation_with_images_matches_transformers(saved, case):
+    model, _, module, params = saved(case)
     tokens, mask, images, _ = prompt_inputs(np.random.default_rng(1), 2, 6, module.config)
     new = 6
     model.generation_config.eos_token_id = None
