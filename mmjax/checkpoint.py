@@ -262,7 +262,10 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
     manager = ocp.CheckpointManager(
         ckpt_dir,
         options=ocp.CheckpointManagerOptions(create=False),  # (read_only=True logs warnings)
-        item_handlers={"params": ocp.StandardCheckpointHandler()},
+        # every item named, though only params are read: Orbax warns about unnamed ones
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "train": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
     target = abstract_params(family, module, config)
     bad: list[str] = []

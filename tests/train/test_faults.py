@@ -175,6 +175,13 @@ def test_an_unreadable_latest_step_falls_back_to_the_previous_one(fault, runs, w
     assert lines[2] == ["step", "2", "readable"], out
     _, _, params = checkpoint.load_workdir(wd)  # what generate / export read
     assert f"checkpoint step {STOP}:" in capsys.readouterr().err
+    if fault == "truncated":  # the commands themselves (one fault is enough: same function)
+        before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+        assert main(["export", wd, os.path.join(os.path.dirname(wd), "hf")]) == 0
+        assert main(["generate", "--workdir", wd, "--prompt", "The", "--max-new-tokens", "2"]) == 0
+        err = capsys.readouterr().err
+        assert err.count(f"checkpoint step {STOP}: ") == 2 and "using step 2" in err, err
+        assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before  # read-only
     # training resumes from step 2, exactly as an uninterrupted run
     _resume(runs, wd, 2)
     log = capsys.readouterr().out
