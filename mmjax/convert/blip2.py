@@ -32,7 +32,9 @@ is a parameter that transformers starts at zero), `query_tokens [1, Q, d]`,
 `qformer.layernorm`, per layer `qformer.encoder.layer.{i}.attention.{attention.{query,key,
 value}, output.{dense, LayerNorm}}`, every `cross_attention_frequency`-th layer
 `crossattention.*` (keys / values from the vision width), `intermediate_query` /
-`output_query` (query FFN), `intermediate` / `output` (text FFN).
+`output_query` (query FFN), `intermediate` / `output` (text FFN). LAVIS's learned ITC
+temperature is not in transformers' checkpoints: a converted retrieval model gets its init,
+0.07, and export drops it.
 
 `mmjax compare`: random images; conditional generation: prompts [one text token, Q image
 tokens, text] (the last row left-padded), comparing the logits, the query outputs, the
@@ -56,7 +58,7 @@ from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activ
                                 stamp_version, sub_config, tuple_sizes)
 from mmjax.errors import InputError, UnsupportedModelError
 from mmjax.models.blip import BLIP_VISION_LAYOUT
-from mmjax.models.blip2 import TEXT_FAMILIES, Blip2Config, QFormerConfig, check_query_tokens, text_embed_width
+from mmjax.models.blip2 import ITC_TEMPERATURE_INIT, TEXT_FAMILIES, Blip2Config, QFormerConfig, check_query_tokens, text_embed_width
 from mmjax.models.vit import ViTConfig
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval")
@@ -312,6 +314,8 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: Blip2Config) -> di
     rest = {k: v for k, v in tensors.items() if not k.startswith(LM)}
     params = apply_rules_from_hf(split_rows(rest, blip_convert._fused(config.vision)), tensor_rules(config),
                                  derived=DERIVED_BUFFERS)
+    if config.retrieval_heads:  # LAVIS's learned temperature, not in transformers: its init
+        params["itc_temp"] = np.asarray(ITC_TEMPERATURE_INIT, np.float32)
     if config.text is not None:
         from mmjax.convert import registry
 
@@ -327,6 +331,7 @@ def params_to_hf(params: Mapping[str, Any], config: Blip2Config) -> dict[str, np
     config_to_hf(config)  # refuses what HF cannot hold
     params = dict(params)
     lm_params = params.pop("language_model", None)
+    params.pop("itc_temp", None)  # transformers has no ITC temperature
     out = join_rows(apply_rules_to_hf(params, tensor_rules(config)), blip_convert._fused(config.vision))
     if config.text is not None:
         from mmjax.convert import registry

@@ -62,17 +62,34 @@ def retrieval_ranks(image_emb: np.ndarray, text_emb: np.ndarray,
 
 def _ranks(img: np.ndarray, txt: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ranks from the boolean relevance matrix correct [I, T]."""
+    return similarity_ranks(_normalize(img) @ _normalize(txt).T, correct)
+
+
+def similarity_ranks(sim: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t ranks [I], t2i ranks [T]) from a similarity matrix sim [I, T] (any score, higher =
+    more alike: BLIP-2's max-over-queries cosine) and the relevance matrix correct [I, T]."""
+    sim, correct = np.asarray(sim, np.float64), np.asarray(correct, bool)
+    if sim.ndim != 2 or sim.shape != correct.shape:
+        raise InputError(f"similarity {sim.shape} and relevance {correct.shape} must be the same [I, T] shape")
     no_text = np.flatnonzero(~correct.any(axis=1))
     no_image = np.flatnonzero(~correct.any(axis=0))
     if no_text.size or no_image.size:
         raise InputError(f"every query needs a correct candidate: image(s) {no_text[:8].tolist()} have no "
                          f"text, text(s) {no_image[:8].tolist()} have no image")
-    sim = _normalize(img) @ _normalize(txt).T  # [I, T]
     best_text = np.where(correct, sim, -np.inf).max(axis=1)  # [I]
     i2t = (sim > best_text[:, None]).sum(axis=1)
     best_image = np.where(correct, sim, -np.inf).max(axis=0)  # [T]
     t2i = (sim > best_image[None, :]).sum(axis=0)
     return i2t, t2i
+
+
+def similarity_recall(sim: np.ndarray, image_labels: Sequence[int], text_labels: Sequence[int],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`retrieval_recall` (class-level) from a precomputed similarity matrix [I, T]."""
+    il, tl = np.asarray(image_labels), np.asarray(text_labels)
+    i2t, t2i = similarity_ranks(sim, il[:, None] == tl[None, :])
+    return {**{f"i2t_r@{k}": float(np.mean(i2t < k)) for k in ks},
+            **{f"t2i_r@{k}": float(np.mean(t2i < k)) for k in ks}}
 
 
 def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,

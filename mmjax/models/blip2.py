@@ -28,7 +28,8 @@ earlier text).
 
 Heads (`retrieval_heads=True`, HF `Blip2ForImageTextRetrieval`): `vision_projection` and
 `text_projection` [dim -> embed_dim] for ITC (similarity = max over the query outputs of
-cos(query_q, text [CLS])), `itm_head` [dim -> 2] averaged over the query outputs. With
+cos(query_q, text [CLS])), `itm_head` [dim -> 2] averaged over the query outputs, and LAVIS's
+learned ITC temperature `itc_temp` (init 0.07; the objective clips it; transformers has none). With
 `qformer.lm_head=True` the Q-Former has BERT's LM head (ITG; not in transformers): LN(gelu(
 dense(h))) times the tied word embedding plus a bias.
 
@@ -72,6 +73,7 @@ from mmjax.nn.mlp import ACTIVATIONS, MLP
 from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 from mmjax.ops import masks as masks_lib
+from mmjax.ops.blip2_losses import max_query_similarity
 
 MODES = masks_lib.QFORMER_MODES
 
@@ -234,6 +236,7 @@ class Blip2Config(configs.Config):
 
 
 TEXT_FAMILIES = ("llama", "opt")
+ITC_TEMPERATURE_INIT = 0.07
 
 
 def _tiny() -> dict[str, Any]:
@@ -471,6 +474,9 @@ class Blip2(nn.Module):
             self.vision_projection = DenseGeneral(c.embed_dim, ("embed", "mlp"), name="vision_projection", **dense)
             self.text_projection = DenseGeneral(c.embed_dim, ("embed", "mlp"), name="text_projection", **dense)
             self.itm_head = DenseGeneral(2, ("embed", None), name="itm_head", **dense)
+            # LAVIS's learned ITC temperature (transformers' port drops it; conversion sets 0.07)
+            self.itc_temp = self.param("itc_temp", nn.with_logical_partitioning(
+                nn.initializers.constant(ITC_TEMPERATURE_INIT), ()), (), jnp.float32)
         if c.text is not None:
             from mmjax.models import family_record
 
@@ -535,8 +541,8 @@ class Blip2(nn.Module):
         nq = self.config.num_query_tokens
         image_feats = _l2_normalize(self.vision_projection(h[:, :nq]).astype(jnp.float32))
         text_feat = _l2_normalize(self.text_projection(h[:, nq]).astype(jnp.float32))
-        sim = jnp.einsum("iqe,te->itq", image_feats, text_feat, precision=jax.lax.Precision.HIGHEST).max(-1)
-        return {"image_feats": image_feats, "text_feat": text_feat, "sim": sim}
+        return {"image_feats": image_feats, "text_feat": text_feat,
+                "sim": max_query_similarity(image_feats, text_feat)}
 
     def itm_logits(self, images: jax.Array, tokens: jax.Array, text_mask: jax.Array | None = None,
                    image_embeds: jax.Array | None = None) -> jax.Array:
@@ -662,7 +668,8 @@ def blip2_inputs(config: Blip2Config) -> tuple:
 
 
 FAMILIES = (Family("blip2", Blip2Config, Blip2, blip2_inputs,
-                   "BLIP-2: image encoder + Q-Former (ITC / ITM / ITG) + frozen LLM (LLaMA or OPT) on a soft prompt"),)
+                   "BLIP-2 / InstructBLIP / MiniGPT-4: image encoder + Q-Former (ITC / ITM / ITG) + frozen LLM "
+                   "(LLaMA or OPT) on a soft prompt", tasks=("blip2", "visual_sft")),)
 
 
 def qformer_from_bert(qformer_params: Any, bert_params: Any, bert_config: Any) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class VisualSFTDataConfig:
     eval_per_type: int = 50  # held-out questions per question type
     eval_batch_size: int = 64
     max_new_tokens: int = 6  # answer length limit in the VQA evaluation
+    eval_captions: int = 200  # digits_captions: held-out images captioned (BLEU-4, CIDEr); 0 = none
+    caption_max_new_tokens: int = 12  # caption length limit
     tokenizer: str | None = None  # .model file or workdir; None: train one (vocab_size)
     vocab_size: int = 512  # only for a trained tokenizer
     seed: int = 0
@@ -78,9 +80,11 @@ class VisualSFTDataConfig:
                               f"{configs.closest_name(self.dataset, DATASETS)}; known: "
                               f"{', '.join(DATASETS)}")
         for name in ("image_size", "seq_len", "batch_size", "eval_per_type", "eval_batch_size",
-                     "max_new_tokens", "vocab_size"):
+                     "max_new_tokens", "vocab_size", "caption_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.eval_captions < 0:
+            raise ConfigError(f"data.eval_captions must be >= 0, got {self.eval_captions}")
 
 
 def _tokenizer_file(path: str) -> str:
@@ -152,14 +156,20 @@ class VisualSFTTask(Task):
         else:
             held_out = self.eval_set
         self.eval_rows = [self._row(ex) for ex in held_out]
+        self.caption_set = []
+        if d.dataset == "digits_captions" and d.eval_captions:
+            rng = np.random.default_rng(d.seed + 3)
+            n = min(d.eval_captions, len(self.vqa.test))
+            self.caption_set = [dict(digits_vqa.caption_example(self.vqa.test, i, rng, d.image_size),
+                                     label=int(self.vqa.test.labels[i])) for i in range(n)]
         self._eval_loss = None
 
         model = self.model
 
         def init_params(rng):
-            from mmjax.models.llava import llava_inputs
+            from mmjax.models import example_inputs
 
-            return model.init(rng, *llava_inputs(self.model_config))["params"]
+            return model.init(rng, *example_inputs(self.family, self.model_config))["params"]
 
         self.init_params = init_params
         self.loss = self._loss_fn()
@@ -298,7 +308,25 @@ class VisualSFTTask(Task):
             out[f"vqa_accuracy_{qtype}"] = float(np.mean(oks))
         out["vqa_accuracy"] = float(np.mean([ok for oks in by_type.values() for ok in oks]))
         out["stopped_fraction"] = float(np.mean(stopped))
+        if self.caption_set:
+            out.update(self.caption_metrics(params))
         return out
+
+    def caption_metrics(self, params: Any) -> dict[str, float]:
+        """Greedy captions of held-out images scored against every training template's caption
+        of the image's digit (8 references each): `caption_bleu4`, `caption_cider` (CIDEr-D,
+        `mmjax.eval.captioning`) and `caption_accuracy` (the caption names the digit)."""
+        from mmjax.data.digits import DIGIT_NAMES, TRAIN_TEMPLATES, caption
+        from mmjax.eval.captioning import bleu, cider
+
+        got, _ = self.answer(params, self.caption_set, self.cfg.data.caption_max_new_tokens)
+        labels = [ex["label"] for ex in self.caption_set]
+        refs = [[caption(t, y) for t in TRAIN_TEMPLATES] for y in labels]
+        named = [[w for w in text.lower().replace(",", " ").replace(".", " ").split()
+                  if w in DIGIT_NAMES or (w.isdigit() and len(w) == 1)] for text in got]
+        correct = [bool(ws) and (ws[0] == DIGIT_NAMES[y] or ws[0] == str(y)) for ws, y in zip(named, labels)]
+        return {"caption_bleu4": bleu(got, refs)["bleu4"], "caption_cider": cider(got, refs),
+                "caption_accuracy": float(np.mean(correct))}
 
     @staticmethod
     def _stack(rows: list[dict], size: int) -> dict[str, np.ndarray]:
@@ -362,7 +390,8 @@ class VisualSFTTask(Task):
 
     def describe(self) -> str:
         c = self.model_config
-        return (f"LLaVA: ViT dim={c.vision.dim} x{c.vision.num_layers} -> {c.connector} -> LLaMA "
-                f"dim={c.text.dim} x{c.text.num_layers} vocab={c.text.vocab_size}, "
+        connector = getattr(c, "connector", "Q-Former")
+        return (f"{self.family}: ViT dim={c.vision.dim} x{c.vision.num_layers} -> {connector} -> "
+                f"{type(c.text).__name__} dim={c.text.dim} x{c.text.num_layers} vocab={c.text.vocab_size}, "
                 f"{c.image_seq_length} image tokens; {self.cfg.data.dataset} / {self.template}, "
                 f"batch {self.cfg.data.batch_size} x {self.cfg.data.seq_len}")

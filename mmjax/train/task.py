@@ -32,6 +32,7 @@ TASKS: dict[str, str] = {
     "visual_sft": "mmjax.tasks.visual_sft:VisualSFTTask",
     "sft": "mmjax.tasks.sft:SFTTask",
     "blip": "mmjax.tasks.blip:BlipTask",
+    "blip2": "mmjax.tasks.blip2:Blip2Stage1Task",
 }
 
 

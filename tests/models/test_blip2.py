@@ -102,7 +102,8 @@ def test_param_tree_and_logical_axes():
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     plain = nn.meta.unbox(boxed)
-    assert set(plain) == {"vision", "query_tokens", "qformer", "vision_projection", "text_projection", "itm_head"}
+    assert set(plain) == {"vision", "query_tokens", "qformer", "vision_projection", "text_projection", "itm_head",
+                          "itc_temp"}
     layers = plain["qformer"]
     assert "cross_attn" in layers["layers_0"] and "cross_attn" not in layers["layers_1"]
     assert {"mlp", "query_mlp", "lm_transform"} <= set(layers["layers_0"]) | set(layers)

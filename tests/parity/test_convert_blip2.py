@@ -169,3 +169,45 @@ def test_strict_config_and_cli_errors(saved, tmp_path, capsys):
         from_hf(odd)
     assert cli.main(["compare", unset]) == 2
     assert "image_token_index" in capsys.readouterr().err
+
+
+def test_minigpt4_composite_of_transformers_parts(tmp_path):
+    """MiniGPT-4 = BLIP-2's vision tower + Q-Former (frozen) + one Linear + a LLaMA, its image
+    embeddings spliced between the prompt's "<Img>" and "</Img>" text: built here from separate
+    transformers parts (no BLIP-2 class), run as MiniGPT-4 runs them, saved under the names the
+    converter reads, and compared with mmjax's Blip2 on the prompt with image tokens."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    vcfg, qcfg = transformers.Blip2VisionConfig(**VISION), transformers.Blip2QFormerConfig(**QFORMER, encoder_hidden_size=48)
+    vision = randomise_torch(transformers.Blip2VisionModel(vcfg))
+    qformer = randomise_torch(transformers.Blip2QFormerModel(qcfg))
+    query_tokens = torch.nn.Parameter(0.5 * torch.randn(1, 4, 64))
+    proj = randomise_torch(torch.nn.Linear(64, 32))
+    llama = randomise_torch(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)))
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    before, after = rng.integers(3, 99, size=(2, 5)), rng.integers(3, 99, size=(2, 4))  # "###Human: <Img>", "</Img> ..."
+    with torch.no_grad():
+        img = vision(pixel_values=torch.from_numpy(images)).last_hidden_state
+        q = qformer(query_embeds=query_tokens.expand(2, -1, -1), encoder_hidden_states=img,
+                    encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long)).last_hidden_state
+        emb = llama.get_input_embeddings()
+        embeds = torch.cat([emb(torch.from_numpy(before)), proj(q), emb(torch.from_numpy(after))], dim=1)
+        ref = llama(inputs_embeds=embeds).logits.numpy()
+    tensors = {"query_tokens": query_tokens.detach(), **{f"vision_model.{k}": v for k, v in vision.state_dict().items()},
+               **{f"qformer.{k}": v for k, v in qformer.state_dict().items()},
+               **{f"language_projection.{k}": v for k, v in proj.state_dict().items()},
+               **{f"language_model.{k}": v for k, v in llama.state_dict().items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER,
+                                   text_config=transformers.LlamaConfig(**LLAMA).to_dict(), num_query_tokens=4,
+                                   image_token_index=99)
+    cfg.architectures = ["Blip2ForConditionalGeneration"]
+    cfg.save_pretrained(str(tmp_path))
+    module, params = from_hf(str(tmp_path))
+    tokens = np.concatenate([before, np.full((2, 4), 99), after], axis=1)
+    ours = np.asarray(module.apply({"params": params}, tokens, images.transpose(0, 2, 3, 1)))
+    assert float(np.abs(ours - ref).max()) < TOL
+    assert float(np.abs(ref).max()) > 0.1
