@@ -26,27 +26,45 @@ costs nothing here. The module's private `_itc`, `_itm` and `_lm_logits` + `text
 applied on the shared image embeddings (the public methods re-encode the images); that is the
 workaround for `Blip` offering no "from embeddings" entry points.
 
-Tokens: the digits' word-level caption tokenizer ([BOS]=1 words [EOS], padding 0) plus two
-ids: [ENC] = vocab and [DEC] = vocab + 1. ITC reads the caption as tokenized ([BOS] as BLIP's
+Tokens: the word-level caption tokenizer (`mmjax.data.digits.CaptionTokenizer`: [BOS]=1 words
+[EOS], padding 0) plus two ids: [ENC] = vocab and [DEC] = vocab + 1. ITC reads the caption as tokenized ([BOS] as BLIP's
 [CLS]), ITM replaces the first token by [ENC], LM by [DEC] and stops at [EOS] (BLIP's [SEP]).
 
 Losses (`mmjax.ops.blip_losses`): itc_loss on the cosines / temperature; ITM on the B positive
-pairs and 2B hard negatives (per image a text drawn ∝ softmax(sim / temperature), per text an
-image, pairs whose captions name the same digit never drawn: they are not negatives -- read
-from the caption text, as BLIP excludes captions of the same image); LM with
-`label_smoothing`. The step's loss is their sum. Not used here: the momentum encoder and the
-feature queue (`momentum_update`, `queue_push`, `itc_queue_loss` are tested helpers; at batch
-sizes near the 10 classes of the digits the queue would mostly add false negatives).
+pairs and 2B negatives (per image a text, per text an image; `itm_negatives="hard"` draws them
+∝ softmax(sim / temperature) as BLIP does, "uniform" uniformly; pairs whose captions name the
+same class are never drawn: they are not negatives -- read from the caption text, as BLIP
+excludes captions of the same image); LM with `label_smoothing`. The step's loss is
+itc_weight * ITC + itm_weight * ITM + lm_weight * LM (BLIP: 1, 1, 1); a zero weight skips that
+objective's forward, which is how the CapFilt fine-tunes train the filter (ITC + ITM) and the
+captioner (LM) apart, as the paper does. `data.start_from` (a "blip" workdir) starts a fresh run
+from its latest params (the loop's `init_from` reads a model's own tree, not this composite one).
+Not used here: the momentum encoder and the feature queue (`momentum_update`, `queue_push`,
+`itc_queue_loss` are tested helpers; the loop keeps no per-task state for them yet).
 
-Data (`BlipDataConfig`, the digits of `mmjax.data.digits`): every training image gets ONE fixed
-caption (a template drawn once per image, as a web alt-text is fixed); `noise_fraction` of the
-images (seeded) get another digit's caption instead, the injected noise CapFilt must find.
-`pairs_file` (JSON {"image": [train-split rows], "text": [captions]}) replaces the generated
-pairs: a CapFilt-cleaned set, several captions per image allowed.
+Why ITM needs its own fine-tune at this size (measured, see experiments/blip_capfilt.py): at
+init the [CLS] features of every image and every caption are almost the same (post-LN BERT,
+0.02 init), so ITC sits at exactly ln(batch) for the first ~100-300 steps and the hard
+negatives are random; trained jointly with LM, whose gradients dominate the shared trunk, the
+ITM head stays at the 1:2 prior (loss 0.636 = H(1/3), every p(match) ~ 1/3 < 0.5), i.e.
+text-blind: held-out `itm_accuracy` is then exactly 0.5 whatever the threshold. ITC + ITM
+without LM learn (held-out ITM accuracy 0.81 after 600 steps on the noisy digits).
+
+Data (`BlipDataConfig`, `mmjax.data.photo_captions`): the digits, and with `photos=True`
+scikit-image's bundled photos and LFW faces as classes 10..19. Every training image gets ONE
+fixed caption (a template drawn once per image, as a web alt-text is fixed); `clean_fraction` of
+each class's images (seeded) are the known-clean subset; `noise_fraction` of the other (web)
+images (seeded, exact) get another class's caption instead, the injected noise CapFilt must
+find. `train_on` picks the pairs that train ("all", "clean": the fine-tune set, "web").
+`pairs_file` (JSON {"image": [train-split rows], "text": [captions]}, optional "noisy" and
+"clean" flags) replaces the generated pairs: a CapFilt-cleaned set, several captions per image
+allowed.
 
 Evaluation (held-out images, one clean caption each): `i2t_r@K` / `t2i_r@K` class-level ITC
-retrieval, `itm_accuracy` (positives vs captions of another digit, p(match) > 0.5),
-`caption_accuracy` (the greedy caption names the image's digit), `val_loss` (the summed loss).
+retrieval, `itm_accuracy` (positives vs captions of another class, p(match) > 0.5),
+`itm_pair_accuracy` (how often an image's own caption outscores the other one: threshold-free,
+0.5 for a text-blind head), `caption_accuracy` (the greedy caption names the image's class),
+`val_loss` (the step's loss).
 Limits: one process (the pairs are not sharded over hosts); the workdir's params are this
 composite tree, so `mmjax generate` / `load_for_inference` cannot load them as one `Blip`.
 """
@@ -62,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.data.photo_captions import held_out_captions, load_caption_set, make_pairs
 from mmjax.errors import ConfigError, InputError
 from mmjax.eval.retrieval import retrieval_recall
 from mmjax.ops.blip_losses import itc_loss, itm_loss, lm_loss, sample_hard_negatives
@@ -74,20 +93,45 @@ _HEADS = ("vision_proj", "text_proj", "itm_head")
 _LM_HEADS = ("lm_transform", "lm_norm", "lm_bias")
 
 
+TRAIN_ON = ("all", "clean", "web")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlipDataConfig(ImageDataConfig):
-    """Image-caption pairs (the digits) and BLIP's objective settings."""
+    """Image-caption pairs (the digits, optionally beside scikit-image's photos) and BLIP's
+    objective settings."""
 
-    noise_fraction: float = 0.0  # images whose caption is replaced by another digit's
+    photos: bool = False  # add the bundled photos (mmjax.data.photo_captions) as classes 10..19
+    noise_fraction: float = 0.0  # web images whose caption is replaced by another class's
+    clean_fraction: float = 0.0  # training images held out as known-clean (never noisy)
+    train_on: str = "all"  # which generated pairs train: "all", "clean" (the fine-tune set), "web"
     pairs_file: str = ""  # JSON {"image": [...], "text": [...]} replacing the generated pairs
+    start_from: str = ""  # a "blip" workdir whose latest params start a fresh run (a fine-tune)
     label_smoothing: float = 0.1  # LM (BLIP's value)
     temperature_init: float = 0.07  # ITC, learned
     share_text: bool = True  # decoder shares all but self-attention with the text encoder
+    itm_negatives: str = "hard"  # "hard": drawn by ITC similarity (BLIP); "uniform": any other class
+    # the step's loss: itc_weight * ITC + itm_weight * ITM + lm_weight * LM (BLIP: 1, 1, 1); a
+    # zero weight skips that objective (the filter fine-tune: LM 0; the captioner's: ITC, ITM 0)
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    lm_weight: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.noise_fraction < 1.0:
             raise ConfigError(f"data.noise_fraction must be in [0, 1), got {self.noise_fraction}")
+        if not 0.0 <= self.clean_fraction < 1.0:
+            raise ConfigError(f"data.clean_fraction must be in [0, 1), got {self.clean_fraction}")
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"data.train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        if self.train_on == "clean" and not self.clean_fraction:
+            raise ConfigError("data.train_on='clean' needs a clean subset (data.clean_fraction > 0)")
+        if self.itm_negatives not in ("hard", "uniform"):
+            raise ConfigError(f"data.itm_negatives must be 'hard' or 'uniform', got {self.itm_negatives!r}")
+        weights = {k: getattr(self, k) for k in ("itc_weight", "itm_weight", "lm_weight")}
+        if min(weights.values()) < 0 or not any(weights.values()):
+            raise ConfigError(f"data.itc_weight / itm_weight / lm_weight must be >= 0, not all 0; got {weights}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"data.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not TEMP_RANGE[0] <= self.temperature_init <= TEMP_RANGE[1]:
@@ -104,22 +148,6 @@ def caption_digit(text: str) -> int:
         if w.isdigit() and len(w) == 1:
             return int(w)
     return -1
-
-
-def noisy_pairs(labels: np.ndarray, templates: tuple[str, ...], noise_fraction: float, seed: int
-                ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(image rows [N], one caption per image, is_noisy [N]): a template drawn per image; a
-    seeded `noise_fraction` of the images captioned as another (uniformly drawn) digit."""
-    from mmjax.data.digits import caption
-
-    rng = np.random.default_rng(seed + 7919)
-    n = len(labels)
-    named = np.asarray(labels, np.int64).copy()
-    noisy = np.zeros(n, bool)
-    noisy[rng.permutation(n)[:int(round(noise_fraction * n))]] = True
-    named[noisy] = (named[noisy] + rng.integers(1, 10, size=int(noisy.sum()))) % 10
-    t = rng.integers(len(templates), size=n)
-    return np.arange(n), [caption(templates[t[i]], int(named[i])) for i in range(n)], noisy
 
 
 class _PairIterator:
@@ -173,7 +201,7 @@ class BlipTask(Task):
     def __init__(self, cfg: Any, workdir: str, log: Callable[[str], None] = print):
         super().__init__(cfg, workdir, log)
         d = cfg.data
-        self.data = image_data.load(d)
+        self.data = load_caption_set(d.image_size, d.test_fraction, d.seed, photos=d.photos)
         tok = self.data.tokenizer
         self.enc_id, self.dec_id = tok.vocab_size, tok.vocab_size + 1
         text = cfg.model.text.replace(vocab_size=tok.vocab_size + 2, causal=False)
@@ -191,9 +219,12 @@ class BlipTask(Task):
         self._jit_itc = jax.jit(self._itc_feats)
         self._jit_itm = jax.jit(self._match_prob)
         self._jit_caption = jax.jit(self._greedy)
+        self._start_params = jax.device_get(load_params(self, d.start_from)) if d.start_from else None
 
     # --- data -------------------------------------------------------------------------------
     def _load_pairs(self) -> None:
+        """self.pair_rows / pair_texts / pair_noisy / pair_clean: every generated pair (or the
+        pairs_file's); self.train_pairs: the indices into them that train (data.train_on)."""
         d, tok = self.cfg.data, self.data.tokenizer
         if d.pairs_file:
             with open(d.pairs_file) as f:
@@ -203,28 +234,47 @@ class BlipTask(Task):
                 raise InputError(f"data.pairs_file {d.pairs_file}: 'image' and 'text' must be equally long, "
                                  f"non-empty, with rows in [0, {len(self.data.train)})")
             noisy = np.asarray(spec.get("noisy", np.zeros(len(rows), bool)), bool)
+            clean = np.asarray(spec.get("clean", np.zeros(len(rows), bool)), bool)
         else:
-            rows, texts, noisy = noisy_pairs(self.data.train.labels, self.data.train_templates,
-                                             d.noise_fraction, d.seed)
-        self.pair_rows, self.pair_texts, self.pair_noisy = rows, texts, noisy
+            pairs = make_pairs(self.data, d.noise_fraction, d.clean_fraction, d.seed)
+            rows, texts, noisy, clean = pairs.rows, pairs.texts, pairs.noisy, pairs.clean
+        self.pair_rows, self.pair_texts, self.pair_noisy, self.pair_clean = rows, texts, noisy, clean
         self.pair_tokens, self.pair_mask = tok.encode(texts, d.max_text_len)
-        self.pair_class = np.asarray([caption_digit(t) for t in texts], np.int32)
+        self.pair_class = np.asarray([self.data.caption_class(t) for t in texts], np.int32)
+        pick = {"all": np.ones(len(rows), bool), "clean": clean, "web": ~clean}[d.train_on]
+        self.train_pairs = np.flatnonzero(pick)
+        if len(self.train_pairs) < d.batch_size:
+            raise ConfigError(f"data.train_on={d.train_on!r} leaves {len(self.train_pairs)} training pairs, fewer "
+                              f"than data.batch_size={d.batch_size}")
 
     def train_iterator(self):
         if jax.process_count() > 1:
             raise ConfigError("task 'blip' runs in one process (its pairs are not sharded over hosts)")
-        return _PairIterator(self.data.train.images[self.pair_rows], self.pair_tokens, self.pair_mask,
-                             self.pair_class, self.cfg.data.batch_size, self.cfg.data.seed)
+        i = self.train_pairs
+        return _PairIterator(self.data.train.images[self.pair_rows[i]], self.pair_tokens[i], self.pair_mask[i],
+                             self.pair_class[i], self.cfg.data.batch_size, self.cfg.data.seed)
 
     def describe(self) -> str:
         v, t = self.model_config.vision, self.model_config.text
         return (f"BLIP (ITC + ITM + LM, share_text={self.cfg.data.share_text}): ViT dim={v.dim} x{v.num_layers} "
                 f"patch={v.patch_hw}, BERT dim={t.dim} x{t.num_layers} vocab={t.vocab_size}; "
-                f"{len(self.pair_rows)} train pairs ({int(self.pair_noisy.sum())} noisy), "
+                f"{len(self.pair_rows)} pairs ({int(self.pair_noisy.sum())} noisy, {int(self.pair_clean.sum())} "
+                f"clean), {len(self.train_pairs)} train ({self.cfg.data.train_on}), "
                 f"{len(self.data.test)} test images, batch {self.cfg.data.batch_size}")
 
     # --- params -----------------------------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
+        """The fresh shared tree (boxed), or with data.start_from that workdir's latest params in
+        it (the loop's `init_from` reads a model's own tree, not this composite one)."""
+        fresh = self._fresh_params(rng)
+        if not self.cfg.data.start_from:
+            return fresh
+        loaded = self._start_params  # read once in __init__ (init_params runs under eval_shape / jit)
+        boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+        return jax.tree_util.tree_map(lambda f, v: f.replace_boxed(jnp.asarray(v)) if boxed(f) else jnp.asarray(v),
+                                      fresh, loaded, is_leaf=boxed)
+
+    def _fresh_params(self, rng: jax.Array) -> Any:
         k1, k2 = jax.random.split(rng)
         r = self.model.init(k1, *self._example)["params"]
         c = self.captioner.init(k2, *self._example)["params"]
@@ -273,28 +323,37 @@ class BlipTask(Task):
 
     # --- objective --------------------------------------------------------------------------
     def loss(self, params, batch, rng):
+        d = self.cfg.data
         rp, cp = self._split(params)
         tokens, mask = batch["tokens"], batch["input_mask"]
         b = tokens.shape[0]
         embeds = self._embeds(rp, batch["images"])  # one image forward for all three losses
         temp = self.temperature(params)
-        image_feat, text_feat, sim = self._itc_on(rp, embeds, tokens, mask)
-        l_itc = itc_loss(image_feat, text_feat, temp)
-        cls = batch["text_class"]
-        same = (cls[:, None] == cls[None, :]) & (cls[:, None] >= 0)
-        key = jax.random.PRNGKey(0) if rng is None else rng
-        neg_text, neg_image = sample_hard_negatives(key, sim, temp, same)
-        itm_embeds = jnp.concatenate([embeds, embeds, embeds[neg_image]])
-        itm_tokens = jnp.concatenate([tokens, tokens[neg_text], tokens])
-        itm_mask = jnp.concatenate([mask, mask[neg_text], mask])
-        logits = self._itm_on(rp, itm_embeds, itm_tokens, itm_mask)
-        labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-        l_itm = itm_loss(logits, labels)
-        lm_logits = self._lm_on(cp, embeds, tokens.at[:, 0].set(self.dec_id), mask)
-        l_lm = lm_loss(lm_logits, tokens, mask, self.cfg.data.label_smoothing)
-        itm_acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-        return l_itc + l_itm + l_lm, jnp.float32(1.0), {
-            "itc_loss": l_itc, "itm_loss": l_itm, "lm_loss": l_lm, "temperature": temp, "batch_itm_acc": itm_acc}
+        zero = jnp.float32(0.0)
+        total, aux = zero, {"temperature": temp}
+        if d.itc_weight or d.itm_weight:
+            image_feat, text_feat, sim = self._itc_on(rp, embeds, tokens, mask)
+            l_itc = itc_loss(image_feat, text_feat, temp)
+            total, aux["itc_loss"] = total + d.itc_weight * l_itc, l_itc
+        if d.itm_weight:
+            cls = batch["text_class"]
+            same = (cls[:, None] == cls[None, :]) & (cls[:, None] >= 0)
+            key = jax.random.PRNGKey(0) if rng is None else rng
+            neg_sim = sim if d.itm_negatives == "hard" else jnp.zeros_like(sim)
+            neg_text, neg_image = sample_hard_negatives(key, neg_sim, temp, same)
+            itm_embeds = jnp.concatenate([embeds, embeds, embeds[neg_image]])
+            itm_tokens = jnp.concatenate([tokens, tokens[neg_text], tokens])
+            itm_mask = jnp.concatenate([mask, mask[neg_text], mask])
+            logits = self._itm_on(rp, itm_embeds, itm_tokens, itm_mask)
+            labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+            l_itm = itm_loss(logits, labels)
+            total, aux["itm_loss"] = total + d.itm_weight * l_itm, l_itm
+            aux["batch_itm_acc"] = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        if d.lm_weight:
+            lm_logits = self._lm_on(cp, embeds, tokens.at[:, 0].set(self.dec_id), mask)
+            l_lm = lm_loss(lm_logits, tokens, mask, d.label_smoothing)
+            total, aux["lm_loss"] = total + d.lm_weight * l_lm, l_lm
+        return total, jnp.float32(1.0), aux
 
     # --- inference helpers (evaluation, CapFilt) -----------------------------------------------
     def _itc_feats(self, params, images, tokens, mask):
@@ -356,10 +415,7 @@ class BlipTask(Task):
         return out
 
     def test_captions(self) -> list[str]:
-        from mmjax.data.digits import caption
-
-        templates = self.data.train_templates
-        return [caption(templates[i % len(templates)], int(c)) for i, c in enumerate(self.data.test.labels)]
+        return held_out_captions(self.data)
 
     def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
         test, d = self.data.test, self.cfg.data
@@ -374,10 +430,13 @@ class BlipTask(Task):
         pos = self.match_scores(params, test.images, texts)
         neg = self.match_scores(params, test.images, [texts[j] for j in other])
         out["itm_accuracy"] = float(np.mean(np.concatenate([pos > 0.5, neg <= 0.5])))
+        # threshold-free: how often the image's own caption outscores the other one. A text-blind
+        # head (p(match) a function of the image alone) gives exactly 0.5 here AND above
+        out["itm_pair_accuracy"] = float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
         caps = self.captions(params, test.images)
-        out["caption_accuracy"] = float(np.mean([caption_digit(c) == y for c, y in zip(caps, labels)]))
+        out["caption_accuracy"] = float(np.mean([self.data.caption_class(c) == y for c, y in zip(caps, labels)]))
         b = d.batch_size
-        cls = np.asarray([caption_digit(t) for t in texts], np.int32)
+        cls = np.asarray([self.data.caption_class(t) for t in texts], np.int32)
         losses = [float(self._jit_loss(params, {"images": test.images[i:i + b], "tokens": tokens[i:i + b],
                                                 "input_mask": mask[i:i + b], "text_class": cls[i:i + b]})[0])
                   for i in range(0, len(labels) - b + 1, b)]
@@ -401,7 +460,7 @@ def load_params(task: BlipTask, workdir: str) -> Any:
     ckpt_dir = os.path.abspath(os.path.join(workdir, WORKDIR_CHECKPOINT_DIR))
     if not os.path.isdir(ckpt_dir):
         raise InputError(f"{workdir!r} holds no checkpoint ({ckpt_dir} missing)")
-    abstract = jax.eval_shape(lambda: nn.unbox(task.init_params(jax.random.PRNGKey(0))))
+    abstract = jax.eval_shape(lambda: nn.unbox(task._fresh_params(jax.random.PRNGKey(0))))
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
                                     item_handlers={"params": ocp.StandardCheckpointHandler()})
     try:

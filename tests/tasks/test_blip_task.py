@@ -59,11 +59,15 @@ def test_blip_task_shares_params_and_injects_noise(blip_run):
     assert cp["text_decoder"]["layers_0"]["cross_attn"] is rp["text_encoder"]["layers_0"]["cross_attn"]
     assert cp["text_decoder"]["layers_0"]["attn"] is params["decoder"]["layers_0"]["attn"]
     assert cp["vision"] is rp["vision"]
-    # 30% of the training captions name another digit, the rest the image's own
+    # digits + photos; 15% of the training images are the clean subset, 30% of the others (web)
+    # name another class, the rest the image's own
+    assert task.data.num_classes == 20
     labels = np.asarray(task.data.train.labels)[task.pair_rows]
-    named = np.asarray([caption_digit(t) for t in task.pair_texts])
-    assert abs(task.pair_noisy.mean() - 0.3) < 0.002
+    named = np.asarray([task.data.caption_class(t) for t in task.pair_texts])
+    web = ~task.pair_clean
+    assert task.pair_noisy.sum() == round(0.3 * web.sum()) and not np.any(task.pair_noisy & task.pair_clean)
     np.testing.assert_array_equal(named != labels, task.pair_noisy)
+    assert caption_digit("a handwritten seven") == 7
     # the CapFilt helpers: scores in [0, 1], captions decoded to words of the vocabulary
     scores = task.match_scores(params, task.data.test.images[:5], task.test_captions()[:5])
     assert scores.shape == (5,) and np.all((scores >= 0) & (scores <= 1))
@@ -81,3 +85,44 @@ def test_blip_task_config_errors():
         BlipDataConfig(noise_fraction=1.0)
     with pytest.raises(ConfigError, match="image_size"):
         load_experiment(BLIP_CAPFILT, ["data.image_size=32"])
+    with pytest.raises(ConfigError, match="clean subset"):
+        BlipDataConfig(train_on="clean")
+    with pytest.raises(ConfigError, match="train_on"):
+        BlipDataConfig(train_on="noisy")
+    with pytest.raises(ConfigError, match="not all 0"):
+        BlipDataConfig(itc_weight=0.0, itm_weight=0.0, lm_weight=0.0)
+    with pytest.raises(ConfigError, match="itm_negatives"):
+        BlipDataConfig(itm_negatives="easy")
+
+
+def test_blip_fine_tune_starts_from_a_workdir_and_trains_on_the_clean_pairs(blip_run, tmp_path):
+    """The CapFilt fine-tunes: data.start_from loads phase 1's params, train_on='clean' feeds only
+    the clean subset, a zero loss weight skips that objective (filter: no LM)."""
+    import jax
+
+    from mmjax.tasks.blip import load_params
+    from mmjax.train.experiment import load_experiment
+    from mmjax.train.task import build_task
+
+    wd, _ = blip_run
+    ft = [*TINY, f"data.start_from={wd!r}", "data.train_on='clean'", "data.lm_weight=0.0",
+          "data.itm_negatives='uniform'"]
+    cfg = load_experiment(BLIP_CAPFILT, ft)
+    task = build_task(cfg, str(tmp_path / "x"), lambda s: None)
+    start = jax.tree_util.tree_map(np.asarray, __import__("flax").linen.unbox(task.init_params(jax.random.PRNGKey(3))))
+    saved = load_params(task, wd)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, start, jax.tree_util.tree_map(np.asarray, saved))
+    assert len(task.train_pairs) == task.pair_clean.sum() > 0
+    assert np.all(task.pair_clean[task.train_pairs]) and not np.any(task.pair_noisy[task.train_pairs])
+    batch = jax.tree_util.tree_map(jax.numpy.asarray, next(task.train_iterator()))
+    _, _, aux = task.loss(start, batch, jax.random.PRNGKey(0))
+    assert {"itc_loss", "itm_loss"} <= set(aux) and "lm_loss" not in aux
+    cap = build_task(load_experiment(BLIP_CAPFILT, [*TINY, "data.itc_weight=0.0", "data.itm_weight=0.0"]),
+                     str(tmp_path / "y"), lambda s: None)
+    _, _, aux = cap.loss(start, batch, jax.random.PRNGKey(0))
+    assert set(aux) == {"lm_loss", "temperature"}
+    # and through the training loop: the filter fine-tune logs ITC + ITM, no LM
+    m = run(BLIP_CAPFILT, workdir=str(tmp_path / "ft"), steps=2, overrides=[*ft, "log_every=1", "eval_at_start=False"])
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "ft", "metrics.jsonl"))]
+    assert any("itm_loss" in r for r in rows) and not any("lm_loss" in r for r in rows)
+    assert 0.0 <= m["itm_pair_accuracy"] <= 1.0
