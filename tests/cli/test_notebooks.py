@@ -12,6 +12,7 @@ nbclient = pytest.importorskip("nbclient")
 @pytest.mark.parametrize("name, steps, expected", [
     ("clip_digits.ipynb", 40, "zero-shot accuracy on 359 held-out images"),
     ("llava_digits.ipynb", 30, "ASSISTANT:"),
+    ("blip2_digits.ipynb", 20, "ITC picks the right caption for"),
     ("minilm_retrieval.ipynb", 0, "Question: How do context managers work?"),
 ])
 def test_notebook_runs_and_renders_its_figure(name, steps, expected, tmp_path, monkeypatch):
