@@ -4,7 +4,7 @@ image tower with ITC + ITM (hard negatives) + ITG (task "blip2").
 Command (after the image tower exists):
 
     mmjax train experiments/clip_digits.py --workdir workdirs/clip_digits
-    mmjax train experiments/blip2_digits_stage1.py --workdir workdirs/blip2_digits_stage1
+    mmjax train experiments/blip2_digits_stage1.py --workdir workdirs/blip2_digits/stage1
     .venv/bin/python experiments/blip2_digits.py --json      # both stages, then the final JSON
 
 Model: the CLIP digits image tower (`experiments/clip_digits.py`: ViT dim 128, 4 layers, 32 px,

@@ -8,7 +8,7 @@ Command (a script: two training runs; `get_config()` is stage 2 alone):
 
     mmjax train experiments/clip_digits.py --workdir workdirs/clip_digits
     mmjax train experiments/llm_text.py --workdir workdirs/llm_text
-    mmjax train experiments/blip2_digits_stage1.py --workdir workdirs/blip2_digits_stage1
+    mmjax train experiments/blip2_digits_stage1.py --workdir workdirs/blip2_digits/stage1
     .venv/bin/python experiments/minigpt4_digits.py --json | tail -1
 
 Stage 1 ("pretraining" on image-caption pairs): the digits' captions, user turn = the image alone.
@@ -30,7 +30,7 @@ from mmjax.tasks.visual_sft import VisualSFTDataConfig
 from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, load_experiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BLIP2_STAGE1 = "workdirs/blip2_digits_stage1"
+BLIP2_STAGE1 = "workdirs/blip2_digits/stage1"
 FROZEN = (r"^vision/", r"^query_tokens$", r"^qformer/", r"^language_model/")  # only the Linear trains
 
 

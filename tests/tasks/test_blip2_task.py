@@ -55,7 +55,7 @@ def test_stage1_metrics_frozen_tower_and_workdir_loads(stage1, tmp_path):
     assert {"itc_temp", "query_tokens", "itm_head/kernel", "qformer/lm_bias"} <= changed
 
 
-def test_stage2_trains_the_qformer_and_projection_only(stage1, tmp_path):
+def test_stage2_trains_the_qformer_and_projection_only(stage1, tmp_path, capsys):
     wd1, _, _ = stage1
     wd2 = str(tmp_path / "stage2")
     text = ["model.text.dim=32", "model.text.num_layers=1", "model.text.num_heads=2", "model.text.num_kv_heads=1",
@@ -72,3 +72,16 @@ def test_stage2_trains_the_qformer_and_projection_only(stage1, tmp_path):
             assert np.array_equal(v, p1[k]), k  # from stage 1, frozen
     moved = [k for k in p2 if k.startswith(("qformer/", "query_tokens")) and not np.array_equal(p2[k], p1[k])]
     assert moved and "language_projection/kernel" in p2
+    # `mmjax generate --image` on the stage-2 workdir; a prompt without <image>: exit 2
+    from PIL import Image
+
+    from mmjax.cli import main
+    from mmjax.data.digits_vqa import load_digits_vqa
+
+    path = str(tmp_path / "digit.png")
+    Image.fromarray(load_digits_vqa(32).test.raw[0]).save(path)
+    assert main(["generate", "--workdir", wd2, "--prompt", "<image>", "--image", path, "--max-new-tokens", "3",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--workdir", wd2, "--prompt", "a digit", "--image", path]) == 2
+    assert "Image features and image tokens do not match" in capsys.readouterr().err
