@@ -46,7 +46,7 @@ def stage1_config(blip2_stage1: str = BLIP2_STAGE1) -> ExperimentConfig:
         name="minigpt4_digits_stage1",
         task="visual_sft",
         model=_blip2().blip2_model(),
-        data=VisualSFTDataConfig(dataset="digits_captions", template="minigpt4", image_size=32, seq_len=48,
+        data=VisualSFTDataConfig(dataset="digits_captions", template="minigpt4", image_size=32, seq_len=64,
                                  batch_size=32, eval_per_type=20, eval_captions=200, tokenizer="workdirs/llm_text"),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=30, end_lr_ratio=0.1, weight_decay=0.0,
                                   freeze=FROZEN),
@@ -58,7 +58,7 @@ def stage1_config(blip2_stage1: str = BLIP2_STAGE1) -> ExperimentConfig:
 def get_config(stage1: str = "workdirs/minigpt4_digits_stage1") -> ExperimentConfig:
     return stage1_config().replace(
         name="minigpt4_digits",
-        data=VisualSFTDataConfig(dataset="digits_vqa", template="minigpt4", image_size=32, seq_len=64,
+        data=VisualSFTDataConfig(dataset="digits_vqa", template="minigpt4", image_size=32, seq_len=80,
                                  batch_size=32, eval_per_type=50, tokenizer="workdirs/llm_text"),
         init_from=(InitSource(stage1, "", ""),),
         steps=300,
