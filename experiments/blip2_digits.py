@@ -19,7 +19,13 @@ greedy captions of 200 held-out images against the 8 training templates' caption
 digit (`caption_bleu4`, `caption_cider` = CIDEr-D, `caption_accuracy` = names the digit;
 `mmjax.eval.captioning`).
 
-Measured: see the end of this docstring once run (docs/blip2.md).
+Measured 2026-12-01 (2-core CI machine, AVX-512 kind; `--train-llm --json`, 8 min 10 s in all):
+stage 1 (400 steps, 3 min 8 s) retrieval_recall_at_1 0.067 -> 0.964 (t2i 0.983, ITM accuracy
+0.967, ITG caption accuracy 0.967); stage 2 as BLIP-2 does it (LLM frozen, 300 steps) caption loss
+7.73 -> 5.35, caption_bleu4 1.5e-10, caption_cider 0.0, caption_accuracy 0.0 -- the frozen 4-layer
+pydoc LLM is not steered into captions by 8 soft-prompt vectors; with the LLM trainable
+(`--train-llm`, the comparison) caption_bleu4 0.942, caption_cider 1.675, caption_accuracy 0.795.
+docs/blip2.md has the reading.
 """
 
 from __future__ import annotations

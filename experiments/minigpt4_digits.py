@@ -15,7 +15,9 @@ Stage 1 ("pretraining" on image-caption pairs): the digits' captions, user turn 
 Stage 2 (instruction tuning): the digits VQA questions (digit / parity / plus one / count).
 Evaluation: caption BLEU-4 / CIDEr-D after stage 1, VQA accuracy after stage 2.
 
-Measured: see docs/blip2.md.
+Measured 2026-12-01 (2-core CI machine, AVX-512 kind, 6 min 9 s): stage 1 caption loss 7.47 -> 6.63,
+caption_accuracy 0.035, CIDEr-D 0.008; stage 2 loss 9.75 -> 6.11, vqa_accuracy 0.0 (every type).
+One Linear into the frozen 4-layer pydoc LLM does not make it answer (docs/blip2.md).
 """
 
 from __future__ import annotations
