@@ -32,7 +32,7 @@ its vocab_size, so the Q-Former's vocabulary is the tokenizer's + 1 (set by the 
 Data: scikit-learn's real digits (`mmjax.data.digits`, stratified train / held-out split); each
 training image gets a caption template drawn anew per epoch (seeded; resumable).
 
-Evaluation (held-out images, one clean caption each): `retrieval_recall_at_1` (= `i2t_r@1`,
+Evaluation (held-out images -- all, or the first `data.eval_limit` --, one clean caption each): `retrieval_recall_at_1` (= `i2t_r@1`,
 class-level image->text ITC retrieval; `t2i_r@K` beside it), `itm_accuracy` (each image with its
 caption and a caption of another digit, p(match) > 0.5), `itg_caption_accuracy` (the Q-Former's
 own greedy caption names the digit), `val_loss`.
@@ -69,6 +69,7 @@ class Blip2DataConfig(ImageDataConfig):
 
     label_smoothing: float = 0.1  # ITG
     temperature_init: float = 0.07  # ITC, learned
+    eval_limit: int = 0  # evaluate on the first N held-out images (0 = all of them)
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,6 +77,8 @@ class Blip2DataConfig(ImageDataConfig):
             raise ConfigError(f"data.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not TEMP_RANGE[0] <= self.temperature_init <= TEMP_RANGE[1]:
             raise ConfigError(f"data.temperature_init must be in {list(TEMP_RANGE)}, got {self.temperature_init}")
+        if self.eval_limit < 0 or self.eval_limit == 1:
+            raise ConfigError(f"data.eval_limit must be 0 (all) or >= 2, got {self.eval_limit}")
 
 
 def caption_class(text: str) -> int:
@@ -284,23 +287,24 @@ class Blip2Stage1Task(Task):
         return [caption(templates[i % len(templates)], int(c)) for i, c in enumerate(self.data.test.labels)]
 
     def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
-        test, d = self.data.test, self.cfg.data
-        labels = np.asarray(test.labels)
-        texts = self.test_captions()
+        d = self.cfg.data
+        n = d.eval_limit or len(self.data.test)
+        images, labels = self.data.test.images[:n], np.asarray(self.data.test.labels)[:n]
+        texts = self.test_captions()[:n]
         tokens, mask = self.data.tokenizer.encode(texts, d.max_text_len)
-        img, txt = self._batched(lambda x, t, m: self._jit_feats(params, x, t, m), test.images, tokens, mask)
+        img, txt = self._batched(lambda x, t, m: self._jit_feats(params, x, t, m), images, tokens, mask)
         sim = np.asarray(max_query_similarity(jnp.asarray(img), jnp.asarray(txt)))
         out = similarity_recall(sim, labels, labels)
         out["retrieval_recall_at_1"] = out["i2t_r@1"]
         other = np.asarray([next(j for k in range(1, len(labels)) if labels[j := (i + k) % len(labels)] != labels[i])
                             for i in range(len(labels))])
-        pos = self._batched(lambda x, t, m: self._jit_match(params, x, t, m), test.images, tokens, mask)
-        neg = self._batched(lambda x, t, m: self._jit_match(params, x, t, m), test.images, tokens[other], mask[other])
+        pos = self._batched(lambda x, t, m: self._jit_match(params, x, t, m), images, tokens, mask)
+        neg = self._batched(lambda x, t, m: self._jit_match(params, x, t, m), images, tokens[other], mask[other])
         out["itm_accuracy"] = float(np.mean(np.concatenate([pos > 0.5, neg <= 0.5])))
-        caps = self.captions(params, test.images)
+        caps = self.captions(params, images)
         out["itg_caption_accuracy"] = float(np.mean([caption_class(c) == y for c, y in zip(caps, labels)]))
         b = d.batch_size
-        losses = [float(self._jit_loss(params, {"images": test.images[i:i + b], "tokens": tokens[i:i + b],
+        losses = [float(self._jit_loss(params, {"images": images[i:i + b], "tokens": tokens[i:i + b],
                                                 "input_mask": mask[i:i + b],
                                                 "text_class": labels[i:i + b].astype(np.int32)})[0])
                   for i in range(0, len(labels) - b + 1, b)]

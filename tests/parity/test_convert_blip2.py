@@ -91,8 +91,11 @@ def test_images_move_the_logits_and_count_is_enforced(saved):
     config = module.config
     tokens, mask, images, _ = prompt_inputs(np.random.default_rng(3), 2, 6, config)
     nhwc = images.transpose(0, 2, 3, 1)
-    a = module.apply({"params": params}, tokens, nhwc, input_mask=mask)
-    b = module.apply({"params": params}, tokens, nhwc[::-1], input_mask=mask)
+    import jax
+
+    forward = jax.jit(lambda p, t, x, m: module.apply({"params": p}, t, x, input_mask=m))
+    a = forward(params, tokens, nhwc, mask)
+    b = forward(params, tokens, nhwc[::-1].copy(), mask)
     assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1e-2
     no_image = np.where(tokens == config.image_token_index, 5, tokens)
     with pytest.raises(InputError, match="no image tokens"):

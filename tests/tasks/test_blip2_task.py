@@ -33,7 +33,8 @@ def _flat(tree):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("blip2") / "stage1")
-    over = VISION + COMMON + ["init_from=None", "optimizer.learning_rate=3e-3", "data.eval_batch_size=128"]
+    over = VISION + COMMON + ["init_from=None", "optimizer.learning_rate=3e-3", "data.eval_batch_size=64",
+                              "data.eval_limit=64", "eval_at_start=False"]
     return wd, over, run(STAGE1, workdir=wd, steps=6, overrides=over)
 
 
