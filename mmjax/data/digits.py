@@ -63,6 +63,16 @@ def caption(template: str, label: int) -> str:
     return template.format(name=DIGIT_NAMES[label], digit=str(label))
 
 
+def caption_label(text: str) -> int:
+    """The digit a caption names (its first digit word or single numeral), -1 for none."""
+    for w in _WORD.findall(text.lower()):
+        if w in DIGIT_NAMES:
+            return DIGIT_NAMES.index(w)
+        if w.isdigit() and len(w) == 1:
+            return int(w)
+    return -1
+
+
 class CaptionTokenizer:
     """Word-level tokenizer: [BOS] words [EOS] then padding. Deterministic (sorted words)."""
 

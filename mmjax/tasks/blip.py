@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.data.digits import caption_label
 from mmjax.data.photo_captions import held_out_captions, load_caption_set, make_pairs
 from mmjax.errors import ConfigError, InputError
 from mmjax.eval.retrieval import retrieval_recall
@@ -138,16 +139,7 @@ class BlipDataConfig(ImageDataConfig):
             raise ConfigError(f"data.temperature_init must be in {list(TEMP_RANGE)}, got {self.temperature_init}")
 
 
-def caption_digit(text: str) -> int:
-    """The digit a caption names (its first digit word or numeral), -1 for none."""
-    from mmjax.data.digits import DIGIT_NAMES, CaptionTokenizer
-
-    for w in CaptionTokenizer.split(text):
-        if w in DIGIT_NAMES:
-            return DIGIT_NAMES.index(w)
-        if w.isdigit() and len(w) == 1:
-            return int(w)
-    return -1
+caption_digit = caption_label  # the digit a caption names, -1 for none (mmjax.data.digits)
 
 
 class _PairIterator:

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.data.digits import caption_label
 from mmjax.errors import ConfigError
 from mmjax.eval.retrieval import similarity_recall
 from mmjax.ops.blip2_losses import itc_similarity_loss, max_query_similarity
@@ -79,18 +80,6 @@ class Blip2DataConfig(ImageDataConfig):
             raise ConfigError(f"data.temperature_init must be in {list(TEMP_RANGE)}, got {self.temperature_init}")
         if self.eval_limit < 0 or self.eval_limit == 1:
             raise ConfigError(f"data.eval_limit must be 0 (all) or >= 2, got {self.eval_limit}")
-
-
-def caption_class(text: str) -> int:
-    """The digit a caption names (its first digit word or numeral), -1 for none."""
-    from mmjax.data.digits import DIGIT_NAMES, CaptionTokenizer
-
-    for w in CaptionTokenizer.split(text):
-        if w in DIGIT_NAMES:
-            return DIGIT_NAMES.index(w)
-        if w.isdigit() and len(w) == 1:
-            return int(w)
-    return -1
 
 
 class _CaptionIterator:
@@ -302,7 +291,7 @@ class Blip2Stage1Task(Task):
         neg = self._batched(lambda x, t, m: self._jit_match(params, x, t, m), images, tokens[other], mask[other])
         out["itm_accuracy"] = float(np.mean(np.concatenate([pos > 0.5, neg <= 0.5])))
         caps = self.captions(params, images)
-        out["itg_caption_accuracy"] = float(np.mean([caption_class(c) == y for c, y in zip(caps, labels)]))
+        out["itg_caption_accuracy"] = float(np.mean([caption_label(c) == y for c, y in zip(caps, labels)]))
         b = d.batch_size
         losses = [float(self._jit_loss(params, {"images": images[i:i + b], "tokens": tokens[i:i + b],
                                                 "input_mask": mask[i:i + b],

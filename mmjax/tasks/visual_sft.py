@@ -316,15 +316,13 @@ class VisualSFTTask(Task):
         """Greedy captions of held-out images scored against every training template's caption
         of the image's digit (8 references each): `caption_bleu4`, `caption_cider` (CIDEr-D,
         `mmjax.eval.captioning`) and `caption_accuracy` (the caption names the digit)."""
-        from mmjax.data.digits import DIGIT_NAMES, TRAIN_TEMPLATES, caption
+        from mmjax.data.digits import TRAIN_TEMPLATES, caption, caption_label
         from mmjax.eval.captioning import bleu, cider
 
         got, _ = self.answer(params, self.caption_set, self.cfg.data.caption_max_new_tokens)
         labels = [ex["label"] for ex in self.caption_set]
         refs = [[caption(t, y) for t in TRAIN_TEMPLATES] for y in labels]
-        named = [[w for w in text.lower().replace(",", " ").replace(".", " ").split()
-                  if w in DIGIT_NAMES or (w.isdigit() and len(w) == 1)] for text in got]
-        correct = [bool(ws) and (ws[0] == DIGIT_NAMES[y] or ws[0] == str(y)) for ws, y in zip(named, labels)]
+        correct = [caption_label(text) == y for text, y in zip(got, labels)]
         return {"caption_bleu4": bleu(got, refs)["bleu4"], "caption_cider": cider(got, refs),
                 "caption_accuracy": float(np.mean(correct))}
 
