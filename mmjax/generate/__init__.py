@@ -12,8 +12,10 @@ from mmjax.generate.processors import (
     top_k_mask,
     top_p_mask,
 )
+from mmjax.generate.speculative import SpeculativeOutput, speculative_generate
 
 __all__ = [
     "GenerationConfig", "GenerationOutput", "choose_next", "generate", "no_repeat_ngram_mask",
     "prepare_prompts", "process_logits", "top_k_mask", "top_p_mask",
 ]
+__all__ += ["SpeculativeOutput", "speculative_generate"]
