@@ -1,11 +1,13 @@
 """BLIP CapFilt on real images with 30% wrong captions: noisy pretraining, a filter and a captioner
 fine-tuned on a small clean subset, bootstrapping the web pairs, and a retrain on the cleaned set.
 
-Command (a script: CapFilt is five runs, more than one ExperimentConfig; `get_config()` below
-is the phase-1 config, runnable alone with `mmjax train experiments/blip_capfilt.py`):
+Command (a pipeline, `get_pipeline()`: four training runs and the CapFilt pass, each phase in
+`workdirs/blip_capfilt/<phase>`, resumable; see mmjax/train/pipeline.py):
 
-    .venv/bin/python experiments/blip_capfilt.py --json | tail -1
+    mmjax train experiments/blip_capfilt.py --json | tail -1
     # {"filter_precision": ..., "filter_recall": ..., "recall_at_1_noisy": ..., "recall_at_1_capfilt": ...}
+    mmjax train experiments/blip_capfilt.py --steps 175 --json   # the same recipe at 1/10 the steps
+    mmjax train experiments/blip_capfilt.py --phase noisy         # phase 1 alone (`get_config()`)
 
 Data (`mmjax.data.photo_captions`, all bundled, offline): scikit-learn's 1,797 8x8 digit scans
 (classes 0..9) and scikit-image's photos -- LFW's 100 faces and 100 non-face patches
@@ -18,15 +20,16 @@ which BLIP fine-tunes its filter and captioner. Of the other 1,902 ("web") image
 (571, seeded) are captioned as another, uniformly drawn class (a digit caption on a photo and
 back).
 
-Phases (model: 0.22M params, ViT 2 x 64 + BERT 2 x 64, batch 64):
+Phases (model: 0.22M params, ViT 2 x 64 + BERT 2 x 64, batch 64; `--steps N` splits N over the
+four runs in proportion to 600 : 400 : 150 : 600):
   1. noisy: BLIP (ITC + ITM with hard negatives + LM, vision and text trunk shared) on all
      2,238 pairs (clean + noisy web), 600 steps, lr 2e-3.
   2. filter: phase 1 fine-tuned on the clean pairs with ITC + ITM only (no LM, uniform
      negatives, lr 1e-3), FILTER_STEPS; captioner: phase 1 fine-tuned on them with LM only,
      CAPTIONER_STEPS. Apart, as in the paper: trained jointly with LM the ITM head stays at the
      1:2 prior (see mmjax/tasks/blip.py, "Why ITM needs its own fine-tune").
-  3. CapFilt: the filter drops a web pair when its ITM p(match) < 0.5 (the head's argmax); the
-     captioner writes one greedy caption per web image, kept when the filter accepts it.
+  3. CapFilt (action `filter_and_caption`): the filter drops a web pair when its ITM p(match)
+     < 0.5 (the head's argmax); the captioner writes one greedy caption per web image, kept when the filter accepts it.
      Cleaned set = the clean pairs + kept web pairs + kept synthetic pairs.
   4. capfilt: the phase-1 model trained from scratch on the cleaned set (`data.pairs_file`).
 Reported: `filter_precision` (dropped web pairs that were noisy), `filter_recall` (noisy web
@@ -64,17 +67,15 @@ recall 0.749, R@1 0.362 -> 0.398.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
 
 from mmjax.models.bert import BertConfig
 from mmjax.models.blip import BLIP_VISION_LAYOUT, BlipConfig
 from mmjax.models.vit import ViTConfig
 from mmjax.tasks.blip import BlipDataConfig
-from mmjax.train.experiment import ExperimentConfig, OptimizerConfig
+from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, apply_overrides
+from mmjax.train.pipeline import Action, Phase, Pipeline
 
 NO_DECAY = (r"(^|/)bias$", r"norm/scale$", r"(^|/)itc_temp$", r"(^|/)lm_bias$", r"embedding$", r"(^|/)cls$",
             r"pos_embedding")
@@ -83,6 +84,7 @@ NO_DECAY = (r"(^|/)bias$", r"norm/scale$", r"(^|/)itc_temp$", r"(^|/)lm_bias$", 
 CLEAN_FRACTION = 0.15  # training images held out as known-clean (the stand-in for COCO)
 FILTER_STEPS = 400  # filter fine-tune (ITC + ITM) on the clean subset
 CAPTIONER_STEPS = 150  # captioner fine-tune (LM) on the clean subset
+THRESHOLD = 0.5  # the filter drops a pair below this ITM p(match): the head's argmax, as BLIP
 
 
 def get_config() -> ExperimentConfig:
@@ -154,62 +156,50 @@ def capfilt(task, filter_params, captioner_params, threshold: float = 0.5) -> tu
     return {"image": out_rows, "text": out_texts, "noisy": out_noisy, "clean": out_clean}, stats
 
 
-def main(argv=None) -> dict:
+def _start_from(phase: str):
+    def prepare(cfg: ExperimentConfig, results) -> ExperimentConfig:
+        return apply_overrides(cfg, [f"data.start_from={results[phase].workdir!r}"])
+    return prepare
+
+
+def _filter_and_caption(results, workdir: str) -> dict:
+    """Phase 3: build the phase-1 task, score the web pairs with the filter, caption the web images
+    with the captioner; write the cleaned pairs to `workdir/capfilt_pairs.json`."""
     from mmjax.tasks.blip import load_params
-    from mmjax.train import run
-    from mmjax.train.experiment import load_experiment
     from mmjax.train.task import build_task
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="workdirs/blip_capfilt")
-    ap.add_argument("--steps", type=int, default=None, help="steps of phases 1 and 3")
-    ap.add_argument("--filter-steps", type=int, default=FILTER_STEPS)
-    ap.add_argument("--captioner-steps", type=int, default=CAPTIONER_STEPS)
-    ap.add_argument("--threshold", type=float, default=0.5)
-    ap.add_argument("--set", action="append", default=[], help="config overrides (key=value)")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    here = os.path.abspath(__file__)
-    quiet = (lambda s: None) if args.json else print
-    wd = {k: os.path.abspath(os.path.join(args.workdir, k)) for k in ("noisy", "filter", "captioner", "capfilt")}
-    common = ["checkpoint_every=0", "eval_at_start=False", *args.set]
-    seconds = {}
-
-    def phase(name, overrides, steps):
-        t = time.time()
-        m = run(here, workdir=wd[name], steps=steps, overrides=[*common, *overrides])
-        seconds[name] = round(time.time() - t, 1)
-        return m
-
-    m_noisy = phase("noisy", [], args.steps)
-    start = [f"data.start_from={wd['noisy']!r}"]
-    m_filter = phase("filter", [*start, *FILTER], args.filter_steps)
-    m_captioner = phase("captioner", [*start, *CAPTIONER], args.captioner_steps)
-    task = build_task(load_experiment(here, common), wd["noisy"], quiet)
-    t = time.time()
-    pairs, stats = capfilt(task, load_params(task, wd["filter"]), load_params(task, wd["captioner"]),
-                           args.threshold)
-    seconds["filter_and_caption"] = round(time.time() - t, 1)
-    os.makedirs(args.workdir, exist_ok=True)
-    pairs_path = os.path.abspath(os.path.join(args.workdir, "capfilt_pairs.json"))
-    with open(pairs_path, "w") as f:
+    noisy = results["noisy"]
+    task = build_task(noisy.config, noisy.workdir, lambda s: None)
+    pairs, stats = capfilt(task, load_params(task, results["filter"].workdir),
+                           load_params(task, results["captioner"].workdir), THRESHOLD)
+    path = os.path.join(workdir, "capfilt_pairs.json")
+    with open(path, "w") as f:
         json.dump(pairs, f)
-    m_clean = phase("capfilt", [f"data.pairs_file={pairs_path!r}"], args.steps)
-    out = {"filter_precision": stats["filter_precision"], "filter_recall": stats["filter_recall"],
-           "recall_at_1_noisy": m_noisy["i2t_r@1"], "recall_at_1_capfilt": m_clean["i2t_r@1"],
-           "t2i_recall_at_1_noisy": m_noisy["t2i_r@1"], "t2i_recall_at_1_capfilt": m_clean["t2i_r@1"],
-           **{f"{k}_{n}": m[k] for k in ("itm_accuracy", "itm_pair_accuracy", "caption_accuracy")
-              for n, m in (("noisy", m_noisy), ("filter", m_filter), ("captioner", m_captioner), ("capfilt", m_clean))},
-           **{k: v for k, v in stats.items() if k not in ("filter_precision", "filter_recall")},
-           "phase_seconds": seconds, "seconds": round(time.time() - t0, 1)}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:32s} {v}")
-    return out
+    return {**stats, "pairs_file": path}
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def _summarize(r) -> dict:
+    noisy, clean, stats = r["noisy"].metrics, r["capfilt"].metrics, r["filter_and_caption"].metrics
+    return {"filter_precision": stats["filter_precision"], "filter_recall": stats["filter_recall"],
+            "recall_at_1_noisy": noisy["i2t_r@1"], "recall_at_1_capfilt": clean["i2t_r@1"],
+            "t2i_recall_at_1_noisy": noisy["t2i_r@1"], "t2i_recall_at_1_capfilt": clean["t2i_r@1"],
+            **{f"{k}_{n}": r[n].metrics[k] for k in ("itm_accuracy", "itm_pair_accuracy", "caption_accuracy")
+               for n in ("noisy", "filter", "captioner", "capfilt")},
+            **{k: v for k, v in stats.items() if k not in ("filter_precision", "filter_recall", "wall_time_s")}}
+
+
+def get_pipeline() -> Pipeline:
+    base = get_config().replace(eval_at_start=False, checkpoint_every=0)
+    return Pipeline(
+        name="blip_capfilt",
+        stages=(
+            Phase("noisy", base),
+            Phase("filter", apply_overrides(base, FILTER).replace(steps=FILTER_STEPS), prepare=_start_from("noisy")),
+            Phase("captioner", apply_overrides(base, CAPTIONER).replace(steps=CAPTIONER_STEPS),
+                  prepare=_start_from("noisy")),
+            Action("filter_and_caption", _filter_and_caption),
+            Phase("capfilt", base, prepare=lambda cfg, r: apply_overrides(
+                cfg, [f"data.pairs_file={r['filter_and_caption'].metrics['pairs_file']!r}"])),
+        ),
+        summarize=_summarize,
+    )

@@ -73,6 +73,7 @@ def cmd_train(args) -> int:
     metrics = run(
         args.config, workdir=args.workdir, steps=args.steps, stop_at=args.stop_at, mesh=args.mesh,
         overrides=args.set or [], json_output=args.json, force_unlock=args.force_unlock,
+        phase=args.phase,
     )
     if args.json:
         _print_json(metrics)
@@ -168,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total steps of the run (LR schedule spans it)")
     p.add_argument("--stop-at", type=int, default=None, help="save and exit after this step")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (axes data,fsdp,tensor,expert,seq)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (a pipeline's phase: PHASE.KEY=VALUE)")
+    p.add_argument("--phase", default=None,
+                   help="a multi-phase experiment (get_pipeline()): train this phase's config alone")
     p.add_argument("--json", action="store_true", help="last stdout line is the final metrics JSON")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (with --num-processes, "
                    "--process-id), or 'auto' to detect a TPU pod / SLURM / MPI cluster; "

@@ -19,24 +19,42 @@ from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, apply_over
 def run(
     config_path: str, *, workdir: str | None = None, steps: int | None = None,
     stop_at: int | None = None, mesh: str | None = None, overrides: Sequence[str] = (),
-    json_output: bool = False, force_unlock: bool = False,
+    json_output: bool = False, force_unlock: bool = False, phase: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the experiment in `config_path`; return the final metrics.
 
     `steps` overrides the run's total steps (the LR schedule spans them); `stop_at` saves and
     returns after that step as if preempted; `workdir` defaults to `workdirs/<name>`;
     `force_unlock` takes the workdir's lock even from a run that looks alive.
+    A file that defines `get_pipeline()` runs every stage (`mmjax.train.pipeline`: `steps` and
+    `stop_at` count all phases' steps, `PHASE.key=value` overrides one phase); `phase` trains
+    one phase's declared config alone instead.
     """
     from mmjax.errors import ConfigError
     from mmjax.train.loop import train
+    from mmjax.train.pipeline import load_pipeline, phase_configs, run_pipeline
 
-    cfg = load_experiment(config_path, list(overrides))
-    if steps is not None:
-        if steps <= 0:
-            raise ConfigError(f"--steps must be positive, got {steps}")
-        cfg = cfg.replace(steps=steps)
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {steps}")
     if stop_at is not None and stop_at <= 0:
         raise ConfigError(f"--stop-at must be positive, got {stop_at}")
+    pipeline = load_pipeline(config_path)
+    if pipeline is not None and phase is None:
+        return run_pipeline(
+            pipeline, workdir or os.path.join("workdirs", pipeline.name),
+            base_dir=os.path.dirname(os.path.abspath(config_path)), steps=steps, stop_at=stop_at,
+            mesh_spec=mesh, overrides=overrides, json_output=json_output, force_unlock=force_unlock)
+    if phase is not None:
+        if pipeline is None:
+            raise ConfigError(f"--phase {phase}: {config_path} defines no get_pipeline(), so it has "
+                              "no phases; run it without --phase")
+        pipeline.phase(phase)  # ConfigError listing the phases
+        cfg = phase_configs(pipeline, overrides)[phase]
+        workdir = workdir or os.path.join("workdirs", pipeline.name, phase)
+    else:
+        cfg = load_experiment(config_path, list(overrides))
+    if steps is not None:
+        cfg = cfg.replace(steps=steps)
     workdir = workdir or os.path.join("workdirs", cfg.name)
     return train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh, json_output=json_output,
                  force_unlock=force_unlock)

@@ -180,8 +180,8 @@ class ExperimentConfig:
         return configs.to_dict(self)
 
 
-def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Import `path`, call its `get_config()`, apply `--set key=value` overrides."""
+def load_module(path: str):
+    """Import the experiment file `path` as a module (InputError when it is missing)."""
     if not os.path.isfile(path):
         raise InputError(f"experiment config {path!r} does not exist")
     name = os.path.splitext(os.path.basename(path))[0]
@@ -190,6 +190,12 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentConfi
         raise InputError(f"experiment config {path!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_experiment(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Import `path`, call its `get_config()`, apply `--set key=value` overrides."""
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment config {path!r} defines no get_config()")
     cfg = module.get_config()

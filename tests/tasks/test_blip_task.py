@@ -19,10 +19,45 @@ TINY = ["model.vision.dim=32", "model.vision.mlp_dim=64", "model.vision.num_laye
 
 
 @pytest.fixture(scope="module")
-def blip_run(tmp_path_factory):
-    wd = str(tmp_path_factory.mktemp("blip") / "wd")
-    metrics = run(BLIP_CAPFILT, workdir=wd, steps=30, overrides=[*TINY, "log_every=1"])
-    return wd, metrics
+def capfilt_run(tmp_path_factory):
+    """The whole CapFilt pipeline through `mmjax train --json` at tiny sizes: phase 1 (30 steps,
+    evaluated at the start too), the filter and captioner fine-tunes, the CapFilt pass and the
+    retrain (2 steps each)."""
+    import contextlib
+    import io
+
+    from mmjax.cli import main
+
+    root = str(tmp_path_factory.mktemp("blip") / "capfilt")
+    sets = [*TINY, "noisy.log_every=1", "noisy.eval_at_start=True", "noisy.steps=30", "filter.steps=2",
+            "filter.log_every=1", "captioner.steps=2", "capfilt.steps=2"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["train", BLIP_CAPFILT, "--workdir", root, "--json", *[f"--set={s}" for s in sets]]) == 0
+    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    return root, summary
+
+
+@pytest.fixture(scope="module")
+def blip_run(capfilt_run):
+    root, _ = capfilt_run
+    record = json.load(open(os.path.join(root, "pipeline.json")))["stages"]
+    return os.path.join(root, "noisy"), record["noisy"]["metrics"]
+
+
+def test_capfilt_pipeline_reports_the_interface_keys(capfilt_run):
+    root, out = capfilt_run
+    for key in ("filter_precision", "filter_recall", "recall_at_1_noisy", "recall_at_1_capfilt"):
+        assert 0.0 <= out[key] <= 1.0, (key, out[key])
+    assert out["step"] == 30 + 2 + 2 + 2 and np.isfinite(out["train_loss"])
+    assert out["noisy_pairs"] == round(0.3 * out["web_pairs"]) and out["clean_pairs"] > 0
+    pairs = json.load(open(os.path.join(root, "capfilt_pairs.json")))
+    assert len(pairs["text"]) == out["cleaned_pairs"] == len(pairs["image"])
+    # the retrain read the cleaned set, the fine-tunes started from phase 1
+    retrain = json.load(open(os.path.join(root, "capfilt", "experiment.json")))
+    assert retrain["data"]["pairs_file"] == os.path.join(root, "capfilt_pairs.json")
+    assert json.load(open(os.path.join(root, "filter", "experiment.json")))["data"]["start_from"] == \
+        os.path.join(root, "noisy")
 
 
 def test_blip_task_losses_decrease(blip_run):
@@ -121,8 +156,9 @@ def test_blip_fine_tune_starts_from_a_workdir_and_trains_on_the_clean_pairs(blip
                      str(tmp_path / "y"), lambda s: None)
     _, _, aux = cap.loss(start, batch, jax.random.PRNGKey(0))
     assert set(aux) == {"lm_loss", "temperature"}
-    # and through the training loop: the filter fine-tune logs ITC + ITM, no LM
-    m = run(BLIP_CAPFILT, workdir=str(tmp_path / "ft"), steps=2, overrides=[*ft, "log_every=1", "eval_at_start=False"])
-    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "ft", "metrics.jsonl"))]
+    # and through the training loop (the pipeline's filter phase): ITC + ITM logged, no LM
+    root = os.path.dirname(wd)
+    rows = [json.loads(line) for line in open(os.path.join(root, "filter", "metrics.jsonl"))]
     assert any("itm_loss" in r for r in rows) and not any("lm_loss" in r for r in rows)
+    m = json.load(open(os.path.join(root, "pipeline.json")))["stages"]["filter"]["metrics"]
     assert 0.0 <= m["itm_pair_accuracy"] <= 1.0
