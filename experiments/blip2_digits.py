@@ -3,13 +3,14 @@
 soft-prompt generator of the main job's frozen LLM in stage 2 (task "visual_sft": only the query
 tokens, the Q-Former and the language projection train).
 
-Command (a script: two training runs; `get_config()` below is stage 2 alone, runnable with
-`mmjax train experiments/blip2_digits.py` once stage 1's workdir exists):
+Command (a pipeline, `get_pipeline()`: stage 1 then stage 2 in `workdirs/blip2_digits/{stage1,stage2}`;
+it first trains the CLIP digits tower and the main job's LLM into `workdirs/clip_digits` and
+`workdirs/llm_text` when those hold no finished run; see mmjax/train/pipeline.py):
 
-    mmjax train experiments/clip_digits.py --workdir workdirs/clip_digits
-    mmjax train experiments/llm_text.py --workdir workdirs/llm_text
-    .venv/bin/python experiments/blip2_digits.py --json | tail -1
-    # {"retrieval_recall_at_1": ..., "caption_bleu4": ..., "caption_cider": ..., ...}
+    mmjax train experiments/blip2_digits.py --json | tail -1
+    # {"retrieval_recall_at_1": ..., "caption_bleu4": ..., "caption_cider": ..., "step": 700, ...}
+    .venv/bin/python experiments/blip2_digits.py --train-llm --json   # + the LLM-trainable comparison
+    mmjax train experiments/blip2_digits.py --phase stage2   # stage 2 alone (`get_config()`), from STAGE1
 
 Stage 2 model: BLIP-2 = the stage-1 image tower + 8 queries + Q-Former (queries only: its text
 embeddings, text FFN and heads are not part of stage 2) -> `language_projection` (128 -> 256) ->
@@ -31,14 +32,15 @@ docs/blip2.md has the reading.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import time
 
 from mmjax.models.blip2 import Blip2Config
 from mmjax.tasks.visual_sft import VisualSFTDataConfig
-from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, load_experiment
+from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, init_sources, load_experiment
+from mmjax.train.pipeline import Phase, Pipeline, Requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGE1 = "workdirs/blip2_digits/stage1"
@@ -72,44 +74,54 @@ def get_config(stage1: str = STAGE1) -> ExperimentConfig:
     )
 
 
+def _from_stage1(cfg: ExperimentConfig, results) -> ExperimentConfig:
+    """Stage 2 starts from the stage-1 run this pipeline trained (in place of STAGE1)."""
+    sources = tuple(dataclasses.replace(src, path=results["stage1"].workdir) if src.path == STAGE1 else src
+                    for src in init_sources(cfg.init_from, cfg.init_from_prefix))
+    return cfg.replace(init_from=sources)
+
+
+def _summarize(r) -> dict:
+    m1, m2 = r["stage1"].metrics, r["stage2"].metrics
+    out = {"retrieval_recall_at_1": m1["retrieval_recall_at_1"], "t2i_recall_at_1": m1["t2i_r@1"],
+           "itm_accuracy": m1["itm_accuracy"], "itg_caption_accuracy": m1["itg_caption_accuracy"],
+           "caption_bleu4": m2["caption_bleu4"], "caption_cider": m2["caption_cider"],
+           "caption_accuracy": m2["caption_accuracy"], "start_caption_bleu4": m2.get("start_caption_bleu4"),
+           "start_caption_cider": m2.get("start_caption_cider"), "stage2_val_loss": m2.get("val_loss")}
+    if "stage2_llm_trained" in r:
+        m3 = r["stage2_llm_trained"].metrics
+        out.update({f"llm_trained_{k}": m3[k] for k in ("caption_bleu4", "caption_cider", "caption_accuracy",
+                                                        "val_loss")})
+    return out
+
+
+def get_pipeline(train_llm: bool = False) -> Pipeline:
+    """Stage 1, then stage 2; `train_llm` adds the comparison run with the LLM trainable."""
+    stage2 = get_config()
+    stages = [Phase("stage1", load_experiment(os.path.join(HERE, "blip2_digits_stage1.py"))),
+              Phase("stage2", stage2, prepare=_from_stage1)]
+    if train_llm:  # not BLIP-2's recipe: the comparison
+        stages.append(Phase("stage2_llm_trained", stage2.replace(optimizer=dataclasses.replace(
+            stage2.optimizer, learning_rate=1e-3, freeze=(r"^vision/",))), prepare=_from_stage1))
+    return Pipeline(name="blip2_digits", stages=tuple(stages), summarize=_summarize,
+                    requires=(Requires("clip_digits.py", "workdirs/clip_digits"),
+                              Requires("llm_text.py", "workdirs/llm_text")))
+
+
 def main(argv=None) -> dict:
-    from mmjax.train.loop import train
+    """`mmjax train experiments/blip2_digits.py` with `--train-llm` (the third run) available."""
+    from mmjax.train.pipeline import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="workdirs/blip2_digits")
-    ap.add_argument("--stage1-steps", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="stage-2 steps")
+    ap.add_argument("--steps", type=int, default=None, help="total steps of all phases")
     ap.add_argument("--train-llm", action="store_true",
                     help="also run stage 2 with the LLM trainable (not BLIP-2's recipe: the comparison)")
+    ap.add_argument("--set", action="append", default=[], help="config overrides (PHASE.key=value for one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    t0 = time.time()
-    s1_cfg = load_experiment(os.path.join(HERE, "blip2_digits_stage1.py"))
-    if args.stage1_steps:
-        s1_cfg = s1_cfg.replace(steps=args.stage1_steps)
-    s1_dir = os.path.join(args.workdir, "stage1")
-    m1 = train(s1_cfg, s1_dir)
-    t1 = time.time() - t0
-    cfg = get_config(s1_dir)
-    if args.steps:
-        cfg = cfg.replace(steps=args.steps)
-    m2 = train(cfg, os.path.join(args.workdir, "stage2"))
-    out = {"retrieval_recall_at_1": m1["retrieval_recall_at_1"], "t2i_recall_at_1": m1["t2i_r@1"],
-           "itm_accuracy": m1["itm_accuracy"], "itg_caption_accuracy": m1["itg_caption_accuracy"],
-           "start_retrieval_recall_at_1": m1.get("start_retrieval_recall_at_1"),
-           "caption_bleu4": m2["caption_bleu4"], "caption_cider": m2["caption_cider"],
-           "caption_accuracy": m2["caption_accuracy"], "start_caption_bleu4": m2.get("start_caption_bleu4"),
-           "start_caption_cider": m2.get("start_caption_cider"), "stage2_val_loss": m2.get("val_loss"),
-           "stage1_seconds": round(t1, 1)}
-    if args.train_llm:
-        import dataclasses
-
-        cfg_llm = cfg.replace(optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e-3,
-                                                            freeze=(r"^vision/",)))
-        m3 = train(cfg_llm, os.path.join(args.workdir, "stage2_llm_trained"))
-        out.update({f"llm_trained_{k}": m3[k] for k in ("caption_bleu4", "caption_cider", "caption_accuracy",
-                                                        "val_loss")})
-    out["seconds"] = round(time.time() - t0, 1)
+    out = run_pipeline(get_pipeline(args.train_llm), args.workdir, base_dir=HERE, steps=args.steps,
+                       overrides=args.set, json_output=args.json)
     if args.json:
         print(json.dumps(out))
     else:

@@ -26,6 +26,11 @@ import os
 from mmjax.models.blip2 import Blip2Config, QFormerConfig
 from mmjax.tasks.blip2 import Blip2DataConfig
 from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, load_experiment
+from mmjax.train.pipeline import Requires
+
+# prerequisite runs: trained first by `mmjax train` when this config reads their workdir and it
+# holds no finished run (mmjax.train.pipeline)
+REQUIRES = (Requires("clip_digits.py", "workdirs/clip_digits"),)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NO_DECAY = (r"(^|/)bias$", r"norm/scale$", r"^itc_temp$", r"(^|/)lm_bias$", r"embedding$", r"^query_tokens$")

@@ -35,6 +35,12 @@ import os
 
 from mmjax.tasks.visual_sft import VisualSFTDataConfig
 from mmjax.train.experiment import ExperimentConfig, OptimizerConfig
+from mmjax.train.pipeline import Requires
+
+# prerequisite runs: trained first by `mmjax train` when this config reads their workdir and it
+# holds no finished run (mmjax.train.pipeline)
+REQUIRES = (Requires("clip_digits.py", "workdirs/clip_digits"), Requires("llm_text.py", "workdirs/llm_text"),
+            Requires("llava_digits_stage1.py", "workdirs/llava_digits_stage1"))
 
 
 def llava_model(connector: str = "mlp"):

@@ -33,6 +33,11 @@ from mmjax.models.llava import LlavaConfig
 from mmjax.tasks.visual_sft import VisualSFTDataConfig
 from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, load_experiment
 from mmjax.train.experiment import InitSource
+from mmjax.train.pipeline import Requires
+
+# prerequisite runs: trained first by `mmjax train` when this config reads their workdir and it
+# holds no finished run (mmjax.train.pipeline)
+REQUIRES = (Requires("clip_digits.py", "workdirs/clip_digits"), Requires("llm_text.py", "workdirs/llm_text"))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

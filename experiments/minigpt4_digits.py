@@ -4,12 +4,10 @@ is trained into the main job's frozen LLaMA, first on captions, then on visual q
 MiniGPT-4's prompt `###Human: <Img>[8 image tokens]</Img> question ###Assistant: answer</s>`
 (chat template "minigpt4").
 
-Command (a script: two training runs; `get_config()` is stage 2 alone):
+Command (a pipeline: stage 1 then stage 2 in `workdirs/minigpt4_digits/{stage1,stage2}`; the CLIP
+digits tower, the main job's LLM and BLIP-2's stage 1 are trained first where missing):
 
-    mmjax train experiments/clip_digits.py --workdir workdirs/clip_digits
-    mmjax train experiments/llm_text.py --workdir workdirs/llm_text
-    mmjax train experiments/blip2_digits_stage1.py --workdir workdirs/blip2_digits/stage1
-    .venv/bin/python experiments/minigpt4_digits.py --json | tail -1
+    mmjax train experiments/minigpt4_digits.py --json | tail -1    # {"vqa_accuracy": ..., ...}
 
 Stage 1 ("pretraining" on image-caption pairs): the digits' captions, user turn = the image alone.
 Stage 2 (instruction tuning): the digits VQA questions (digit / parity / plus one / count).
@@ -22,14 +20,12 @@ One Linear into the frozen 4-layer pydoc LLM does not make it answer (docs/blip2
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
-import sys
-import time
 
 from mmjax.tasks.visual_sft import VisualSFTDataConfig
-from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, load_experiment
+from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, init_sources
+from mmjax.train.pipeline import Phase, Pipeline, Requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLIP2_STAGE1 = "workdirs/blip2_digits/stage1"
@@ -58,6 +54,7 @@ def stage1_config(blip2_stage1: str = BLIP2_STAGE1) -> ExperimentConfig:
 
 
 def get_config(stage1: str = "workdirs/minigpt4_digits_stage1") -> ExperimentConfig:
+    """Stage 2 alone, from `stage1` (the pipeline points it at its own stage-1 run)."""
     return stage1_config().replace(
         name="minigpt4_digits",
         data=VisualSFTDataConfig(dataset="digits_vqa", template="minigpt4", image_size=32, seq_len=80,
@@ -68,38 +65,27 @@ def get_config(stage1: str = "workdirs/minigpt4_digits_stage1") -> ExperimentCon
     )
 
 
-def main(argv=None) -> dict:
-    from mmjax.train.loop import train
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="workdirs/minigpt4_digits")
-    ap.add_argument("--blip2-stage1", default=BLIP2_STAGE1)
-    ap.add_argument("--stage1-steps", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="stage-2 steps")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    s1 = stage1_config(args.blip2_stage1)
-    if args.stage1_steps:
-        s1 = s1.replace(steps=args.stage1_steps)
-    s1_dir = os.path.join(args.workdir, "stage1")
-    m1 = train(s1, s1_dir)
-    cfg = get_config(s1_dir)
-    if args.steps:
-        cfg = cfg.replace(steps=args.steps)
-    m2 = train(cfg, os.path.join(args.workdir, "stage2"))
-    out = {"stage1_caption_bleu4": m1["caption_bleu4"], "stage1_caption_cider": m1["caption_cider"],
-           "stage1_caption_accuracy": m1["caption_accuracy"], "vqa_accuracy": m2["vqa_accuracy"],
-           "start_vqa_accuracy": m2.get("start_vqa_accuracy"),
-           **{k: v for k, v in m2.items() if k.startswith("vqa_accuracy_")},
-           "seconds": round(time.time() - t0, 1)}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:32s} {v}")
-    return out
+STAGE1 = "workdirs/minigpt4_digits_stage1"
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def _from(phase: str, placeholder: str):
+    """Replace the init source at `placeholder` by the workdir this pipeline trained for `phase`."""
+    def prepare(cfg: ExperimentConfig, results) -> ExperimentConfig:
+        sources = tuple(dataclasses.replace(s, path=results[phase].workdir) if s.path == placeholder else s
+                        for s in init_sources(cfg.init_from, cfg.init_from_prefix))
+        return cfg.replace(init_from=sources)
+    return prepare
+
+
+def get_pipeline() -> Pipeline:
+    return Pipeline(
+        name="minigpt4_digits",
+        stages=(Phase("stage1", stage1_config()), Phase("stage2", get_config(), prepare=_from("stage1", STAGE1))),
+        summarize=lambda r: {
+            "stage1_caption_bleu4": r["stage1"].metrics["caption_bleu4"],
+            "stage1_caption_cider": r["stage1"].metrics["caption_cider"],
+            "stage1_caption_accuracy": r["stage1"].metrics["caption_accuracy"],
+            **{k: v for k, v in r["stage2"].metrics.items() if k.startswith(("vqa_accuracy", "start_vqa_accuracy"))}},
+        requires=(Requires("clip_digits.py", "workdirs/clip_digits"), Requires("llm_text.py", "workdirs/llm_text"),
+                  Requires("blip2_digits_stage1.py", BLIP2_STAGE1)),
+    )

@@ -45,6 +45,11 @@ import os
 
 from mmjax.tasks.sft import SFTDataConfig, SFTSampleConfig
 from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, load_experiment
+from mmjax.train.pipeline import Requires
+
+# prerequisite runs: trained first by `mmjax train` when this config reads their workdir and it
+# holds no finished run (mmjax.train.pipeline)
+REQUIRES = (Requires("llm_text.py", "workdirs/llm_text"),)
 
 LLM_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llm_text.py")
 

@@ -20,6 +20,11 @@ from mmjax.models.clip import CLIP_VISION_LAYOUT
 from mmjax.models.vit import ViTConfig
 from mmjax.tasks.image_data import ImageDataConfig
 from mmjax.train.experiment import ExperimentConfig, OptimizerConfig
+from mmjax.train.pipeline import Requires
+
+# prerequisite runs: trained first by `mmjax train` when this config reads their workdir and it
+# holds no finished run (mmjax.train.pipeline)
+REQUIRES = (Requires("clip_digits.py", "workdirs/clip_digits"),)
 
 NO_DECAY = (r"(^|/)bias$", r"norm/scale$", r"(^|/)cls$", r"pos_embedding/")
 

@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a test that would train a full prerequisite run (mmjax.train.pipeline) fails instead
+os.environ.setdefault("MMJAX_TRAIN_PREREQUISITES", "refuse")
 
 # One persistent XLA compilation cache per test run, shared by the xdist workers and by the
 # subprocesses they start (CLI runs, notebook kernels, multi-host processes inherit the

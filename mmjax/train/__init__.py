@@ -11,6 +11,7 @@ model, the data, the loss and the evaluation.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 from mmjax.train.experiment import ExperimentConfig, OptimizerConfig, apply_overrides, load_experiment
@@ -32,7 +33,8 @@ def run(
     """
     from mmjax.errors import ConfigError
     from mmjax.train.loop import train
-    from mmjax.train.pipeline import load_pipeline, phase_configs, run_pipeline
+    from mmjax.train.pipeline import (ensure_prerequisites, load_pipeline, load_requires, one_phase_config,
+                                      run_pipeline)
 
     if steps is not None and steps <= 0:
         raise ConfigError(f"--steps must be positive, got {steps}")
@@ -48,14 +50,18 @@ def run(
         if pipeline is None:
             raise ConfigError(f"--phase {phase}: {config_path} defines no get_pipeline(), so it has "
                               "no phases; run it without --phase")
-        pipeline.phase(phase)  # ConfigError listing the phases
-        cfg = phase_configs(pipeline, overrides)[phase]
+        cfg = one_phase_config(pipeline, phase, overrides)  # ConfigError listing the phases
         workdir = workdir or os.path.join("workdirs", pipeline.name, phase)
     else:
         cfg = load_experiment(config_path, list(overrides))
     if steps is not None:
         cfg = cfg.replace(steps=steps)
     workdir = workdir or os.path.join("workdirs", cfg.name)
+    requires = pipeline.requires if pipeline is not None else load_requires(config_path)
+    if requires:  # the prerequisite runs this config reads
+        ensure_prerequisites(requires, [cfg], os.path.dirname(os.path.abspath(config_path)),
+                             lambda msg: print(msg, file=sys.stderr if json_output else sys.stdout, flush=True),
+                             mesh_spec=mesh, json_output=json_output, force_unlock=force_unlock)
     return train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh, json_output=json_output,
                  force_unlock=force_unlock)
 

@@ -22,9 +22,13 @@ beside (or instead of) `get_config()`:
   `Action` is work between runs that is not training (CapFilt's filtering): `fn(results, DIR)`
   returns JSON-able metrics. `results[name]` is a `StageResult` (workdir, config, metrics).
 * **Prerequisites.** `Requires(experiment, workdir)`: a run other experiments share (the CLIP
-  digits tower, the main job's LLM). When `workdir` holds no finished run, it is trained there
-  first with its own file's config, unscaled by `--steps` (a shared workdir must not be left
-  holding a shortened run); a finished one is reused as it is.
+  digits tower, the main job's LLM). When a phase's config reads `workdir` (`init_from`, a
+  tokenizer path) and it holds no finished run, it is trained there first with its own file's
+  config (and its own prerequisites), unscaled by `--steps`: a shared workdir must not be left
+  holding a shortened run. A finished one is reused as it is; one the overrides made unused
+  (`--set init_from=None`) is not trained. A single-run experiment declares the same with a
+  module-level `REQUIRES = (Requires(...), ...)`. `MMJAX_TRAIN_PREREQUISITES=refuse` (the test
+  suite sets it) turns "train it first" into an error, so no test trains a full prerequisite.
 * **Steps.** `--steps N` is the pipeline's total number of training steps: N is split over the
   phases in proportion to their configured steps (largest remainder, at least 1 each), and each
   phase's learning-rate schedule spans its share. `--stop-at K` counts the same global steps: the
@@ -49,6 +53,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -174,6 +179,16 @@ def phase_configs(pipeline: Pipeline, overrides: Sequence[str] = (), steps: int 
     return cfgs
 
 
+def one_phase_config(pipeline: Pipeline, name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Phase `name`'s declared config with the overrides meant for it (unprefixed or `name.`);
+    other phases' configs are not built, so keys only this phase has are fine unprefixed."""
+    phase = pipeline.phase(name)
+    try:
+        return apply_overrides(phase.config, split_overrides(pipeline, overrides)[name])
+    except ConfigError as e:
+        raise ConfigError(f"phase {name!r}: {e}") from e
+
+
 def split_steps(total: int, weights: Sequence[int]) -> list[int]:
     """`total` steps over phases in proportion to `weights` (largest remainder, >= 1 each)."""
     if total < len(weights):
@@ -208,6 +223,45 @@ def _finished(workdir: str) -> bool:
     except (OSError, KeyError, ValueError):
         return False
     return bool(steps) and max(steps) >= total
+
+
+def ensure_prerequisites(
+    requires: Sequence[Requires], configs: Sequence[ExperimentConfig], base_dir: str, log, *,
+    mesh_spec: str | None = None, json_output: bool = False, force_unlock: bool = False,
+) -> None:
+    """Train each prerequisite that one of `configs` reads (its workdir appears in the config:
+    `init_from`, a tokenizer path, ...) and whose workdir holds no finished run. A prerequisite
+    the overrides made unused (`--set init_from=None`) is not trained."""
+    from mmjax.train import run
+
+    text = json.dumps([c.to_dict() for c in configs], default=str)
+    for req in requires:
+        wanted = {os.path.normpath(req.workdir), os.path.abspath(req.workdir)}
+        if not any(re.search('"' + re.escape(w) + '[/"]', text) for w in wanted):
+            continue
+        if _finished(req.workdir):
+            log(f"prerequisite {req.workdir}: finished run found, reused")
+            continue
+        path = os.path.join(base_dir, req.experiment)
+        if os.environ.get("MMJAX_TRAIN_PREREQUISITES", "train") == "refuse":
+            raise ConfigError(
+                f"prerequisite {req.workdir} holds no finished run and MMJAX_TRAIN_PREREQUISITES=refuse "
+                f"(set by the test suite): train it first (mmjax train {path} --workdir {req.workdir}) "
+                "or override the reference to it away")
+        log(f"prerequisite {req.workdir}: no finished run; training {path} there first "
+            "(its own config: a shared workdir is not shortened by --steps)")
+        run(path, workdir=req.workdir, mesh=mesh_spec, json_output=json_output, force_unlock=force_unlock)
+
+
+def load_requires(path: str) -> tuple[Requires, ...]:
+    """A single-run experiment file's module-level `REQUIRES` (prerequisite runs), or ()."""
+    from mmjax.train.experiment import load_module
+
+    requires = tuple(getattr(load_module(path), "REQUIRES", ()))
+    bad = [r for r in requires if not isinstance(r, Requires)]
+    if bad:
+        raise ConfigError(f"{path}: REQUIRES must hold mmjax.train.pipeline.Requires, got {bad[0]!r}")
+    return requires
 
 
 def _jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,16 +311,8 @@ def run_pipeline(
     check_workdir_writable(root)
     lock = WorkdirLock(root).acquire(force=force_unlock, log=log) if is_main else None
     try:
-        for req in pipeline.requires:
-            if _finished(req.workdir):
-                log(f"prerequisite {req.workdir}: finished run found, reused")
-                continue
-            path = os.path.join(base_dir, req.experiment)
-            log(f"prerequisite {req.workdir}: no finished run; training {path} there first "
-                "(its own config: a shared workdir is not shortened by --steps)")
-            train(load_experiment(path), req.workdir, mesh_spec=mesh_spec, json_output=json_output,
-                  force_unlock=force_unlock)
-
+        ensure_prerequisites(pipeline.requires, list(cfgs.values()), base_dir, log,
+                             mesh_spec=mesh_spec, json_output=json_output, force_unlock=force_unlock)
         record = _read_record(root)
         results: dict[str, StageResult] = {}
         phase_info: dict[str, Any] = {}

@@ -61,7 +61,7 @@ def test_stage2_trains_the_qformer_and_projection_only(stage1, tmp_path, capsys)
     wd2 = str(tmp_path / "stage2")
     text = ["model.text.dim=32", "model.text.num_layers=1", "model.text.num_heads=2", "model.text.num_kv_heads=1",
             "model.text.mlp_dim=64", "model.text.dtype='float32'"]
-    m = run(STAGE2, workdir=wd2, steps=4, overrides=VISION + text + COMMON + [
+    m = run(STAGE2, workdir=wd2, steps=4, phase="stage2", overrides=VISION + text + COMMON + [
         f"init_from={wd1!r}", "data.tokenizer=None", "data.vocab_size=400", "data.eval_per_type=2",
         "data.eval_batch_size=16", "data.eval_captions=8", "data.caption_max_new_tokens=4",
         "data.max_new_tokens=2", "optimizer.learning_rate=3e-3", "eval_at_start=False"])

@@ -33,7 +33,7 @@ def get_pipeline():
     return Pipeline(
         name="toy",
         requires=(Requires("pre.py", {pre_wd!r}),),
-        stages=(Phase("a", base(4)),
+        stages=(Phase("a", base(4).replace(init_from={pre_wd!r})),  # reads the prerequisite
                 Action("mid", _mid),
                 Phase("b", base(2), prepare=lambda cfg, r: cfg.replace(init_from=r["a"].workdir))),
         summarize=lambda r: {{"a_val_loss": r["a"].metrics["val_loss"], "b_val_loss": r["b"].metrics["val_loss"],
@@ -107,8 +107,9 @@ def test_pipeline_declaration_errors():
         Pipeline("p", (Phase("a", cfg),), summarize=dict).phase("c")
 
 
-def test_pipeline_runs_stops_resumes_and_skips_finished_stages(toy, tmp_path):
+def test_pipeline_runs_stops_resumes_and_skips_finished_stages(toy, tmp_path, monkeypatch):
     path, pre_wd = toy
+    monkeypatch.setenv("MMJAX_TRAIN_PREREQUISITES", "train")  # the suite refuses by default
     root = str(tmp_path / "run")
     # --stop-at counts global steps: step 3 falls in phase a (4 steps)
     code, out, err = _train(path, "--workdir", root, "--stop-at", "3", "--json")
@@ -155,3 +156,31 @@ def test_the_shipped_pipelines_declare_their_phases():
     blip2 = load_pipeline(os.path.join(ROOT, "experiments", "blip2_digits.py"))
     assert [p.name for p in blip2.phases] == ["stage1", "stage2"]
     assert [r.workdir for r in blip2.requires] == ["workdirs/clip_digits", "workdirs/llm_text"]
+
+
+def test_prerequisites_are_trained_only_when_read_and_unfinished(tmp_path, monkeypatch):
+    """`ensure_prerequisites` (also behind a single-run file's REQUIRES): a prerequisite the
+    config does not read is left alone, a finished one is reused; neither trains."""
+    from mmjax.train.experiment import ExperimentConfig
+    from mmjax.train.pipeline import Requires, ensure_prerequisites
+
+    finished = tmp_path / "finished"
+    (finished / "checkpoints" / "3").mkdir(parents=True)
+    (finished / "experiment.json").write_text(json.dumps({"steps": 3}))
+    unread = tmp_path / "unread"
+    logs = []
+    reqs = (Requires("missing_file.py", str(finished)), Requires("missing_file.py", str(unread)))
+    ensure_prerequisites(reqs, [ExperimentConfig(init_from=str(finished))], str(tmp_path), logs.append)
+    assert logs == [f"prerequisite {finished}: finished run found, reused"] and not unread.exists()
+    # a path that merely starts like the prerequisite's is not a read of it
+    logs.clear()
+    ensure_prerequisites(reqs[1:], [ExperimentConfig(init_from=str(unread) + "_other")], str(tmp_path), logs.append)
+    assert logs == [] and not unread.exists()
+    # read and unfinished: the suite refuses to train it (MMJAX_TRAIN_PREREQUISITES=refuse) ...
+    with pytest.raises(ConfigError, match="holds no finished run and MMJAX_TRAIN_PREREQUISITES=refuse"):
+        ensure_prerequisites(reqs[1:], [ExperimentConfig(init_from=str(unread))], str(tmp_path), logs.append)
+    # ... and otherwise trains it from its file (here missing: a clear error, nothing written)
+    monkeypatch.setenv("MMJAX_TRAIN_PREREQUISITES", "train")
+    with pytest.raises(Exception, match="missing_file.py"):
+        ensure_prerequisites(reqs[1:], [ExperimentConfig(init_from=str(unread))], str(tmp_path), logs.append)
+    assert not unread.exists()
