@@ -37,7 +37,8 @@ def _json_default(x):
 def cmd_compare(args) -> int:
     from mmjax.convert.compare import compare
 
-    report = compare(args.hf_dir, batch=args.batch, seq_len=args.seq_len, seed=args.seed)
+    report = compare(args.hf_dir, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                     adapter=args.adapter)
     if args.json:
         _print_json(report)
     else:
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter", metavar="PEFT_DIR", default=None,
+                   help="a peft LoRA adapter directory: compare against PeftModel.from_pretrained(base, PEFT_DIR)")
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON report")
     p.set_defaults(func=cmd_compare)
 

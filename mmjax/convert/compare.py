@@ -34,12 +34,18 @@ from mmjax.errors import InputError, MmjaxError
 TOLERANCE = 1e-4
 
 
-def compare(hf_dir: str, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict[str, Any]:
+def compare(hf_dir: str, batch: int = 2, seq_len: int = 16, seed: int = 0,
+            adapter: str | None = None) -> dict[str, Any]:
     """Run the HF reference and the converted mmjax model on the same random inputs.
 
     Returns {"model_type", "architecture", "max_abs_diff", "tolerance", "passed", "diffs"
     (output name -> max |diff|), "reference" ("transformers <version>"), "inputs" (what was
     fed), ...}. Raises MmjaxError subclasses for bad input.
+
+    adapter: a peft LoRA adapter directory; then the reference is
+    `PeftModel.from_pretrained(base, adapter)` and the mmjax side runs the base params plus the
+    adapter's LoRA leaves under `mmjax.nn.lora.lora` (unmerged); the report gains "adapter"
+    (path, r, alpha, scale, use_rslora, modules) and "reference" names peft too.
     """
     from mmjax.convert import read_hf
     from mmjax.models import build_model
@@ -53,10 +59,19 @@ def compare(hf_dir: str, batch: int = 2, seq_len: int = 16, seed: int = 0) -> di
     if converter.compare is None:
         raise MmjaxError(f"mmjax compare has no reference runner for model_type {hf_config['model_type']!r}")
     torch, transformers = _import_reference()
+    reference_name = f"transformers {transformers.__version__}"
+    adapter_report = None
+    runner_module, runner_transformers = module, transformers
+    if adapter is not None:
+        np_params, runner_module, runner_transformers, adapter_report = _with_adapter(
+            adapter, hf_config, config, np_params, module, transformers)
+        reference_name += f" + peft {adapter_report.pop('peft_version')}"
     # the family's runner (`Converter.compare`, in its converter file) builds the inputs and
     # runs both sides
-    diffs, extra = converter.compare(hf_dir, module, config, np_params, batch, seq_len, seed, torch,
-                                     transformers)
+    diffs, extra = converter.compare(hf_dir, runner_module, config, np_params, batch, seq_len, seed,
+                                     torch, runner_transformers)
+    if adapter_report is not None:
+        extra = {**extra, "adapter": adapter_report}
     max_diff = max(diffs.values())
     return {
         "model_type": hf_config["model_type"],
@@ -65,9 +80,27 @@ def compare(hf_dir: str, batch: int = 2, seq_len: int = 16, seed: int = 0) -> di
         "tolerance": TOLERANCE,
         "passed": bool(max_diff <= TOLERANCE),
         "diffs": diffs,
-        "reference": f"transformers {transformers.__version__}",
+        "reference": reference_name,
         **extra,
     }
+
+
+def _with_adapter(adapter_dir, hf_config, config, np_params, module, transformers):
+    """(params + LoRA leaves, module running under the adapter's LoraConfig, transformers as
+    the runner sees it (model classes load base + PeftModel), the report's "adapter" entry)."""
+    from mmjax.convert import peft as peft_io
+
+    peft = peft_io.import_peft()
+    params, adapter = peft_io.load_adapter(adapter_dir, np_params, config, hf_config["model_type"],
+                                           tuple(hf_config.get("architectures") or ()))
+    cfg = adapter.config
+    report = {"path": adapter_dir, "peft_type": "LORA", "r": cfg.r, "alpha": cfg.alpha,
+              "scale": cfg.scale, "use_rslora": cfg.use_rslora,
+              "num_modules": len(adapter.modules),
+              "target_modules": adapter.peft_config.get("target_modules"),
+              "peft_version": peft.__version__}
+    return (params, peft_io.LoraModule(module, cfg),
+            peft_io.PeftReference(transformers, adapter_dir, peft), report)
 
 
 def _import_reference():

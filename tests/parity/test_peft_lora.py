@@ -1,0 +1,259 @@
+"""LoRA (`mmjax.nn.lora`) and peft interop (`mmjax.convert.peft`, `mmjax compare --adapter`).
+
+A tiny random `LlamaForCausalLM` (every tensor randomised, norms included) gets a peft LoRA
+adapter on q/k/v/o and gate/up/down whose A and B are both randomised (B nonzero, so a
+transposed, mis-reshaped or mis-scaled LoRA path shows), saved with `save_pretrained`. The
+reference logits come from `PeftModel` itself.
+"""
+
+import copy
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from mmjax import cli  # noqa: E402
+from mmjax.convert import from_hf, read_hf  # noqa: E402
+from mmjax.convert import peft as peft_io  # noqa: E402
+from mmjax.errors import ConfigError, InputError, UnsupportedModelError  # noqa: E402
+from mmjax.nn import lora as L  # noqa: E402
+
+from support import randomise_torch  # noqa: E402
+
+TOL = 1e-4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+MMJAX_TARGETS = (r"attn/(query|key|value|out)$", r"mlp/(gate|up|down)$")
+
+
+def _randomise_lora(model, scale=0.2):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn_like(p))
+
+
+def _peft_model(base, **lora_kw):
+    cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS,
+                             "lora_dropout": 0.1, **lora_kw})
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    _randomise_lora(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(hf base model, base dir, {name: (peft model, adapter dir)})."""
+    torch.manual_seed(0)
+    base = randomise_torch(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)), 0.08)
+    base.config._attn_implementation = "eager"
+    base_dir = str(tmp_path_factory.mktemp("base"))
+    base.save_pretrained(base_dir)
+    adapters = {}
+    for name, kw in {"lora": {}, "rslora": {"use_rslora": True, "r": 8, "lora_alpha": 4}}.items():
+        model = _peft_model(base, **kw)
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path)
+        adapters[name] = (model, path)
+    return base, base_dir, adapters
+
+
+def _tokens(seed=0, batch=2, seq=11):
+    return np.random.default_rng(seed).integers(3, LLAMA["vocab_size"], size=(batch, seq))
+
+
+def _torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+
+
+def _mmjax_logits(module, params, tokens, cfg=None):
+    def run():
+        with jax.default_matmul_precision("highest"):
+            return np.asarray(module.apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+    if cfg is None:
+        return run()
+    with L.lora(cfg):
+        return run()
+
+
+@pytest.mark.parametrize("name", ["lora", "rslora"])
+def test_compare_adapter_cli(saved, name, capsys):
+    _, base_dir, adapters = saved
+    path = adapters[name][1]
+    assert cli.main(["compare", base_dir, "--adapter", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["passed"] is True and report["model_type"] == "llama"
+    assert report["max_abs_diff"] < TOL and report["tolerance"] == TOL
+    assert report["adapter"]["path"] == path and report["adapter"]["num_modules"] == 7 * 2
+    assert "peft" in report["reference"]
+    if name == "rslora":
+        assert report["adapter"]["use_rslora"] and report["adapter"]["scale"] == pytest.approx(4 / 8 ** 0.5)
+
+
+def test_adapter_changes_the_model(saved):
+    """The adapter is far from a no-op (so the parity above tests the LoRA path), and the
+    mmjax LoRA logits match PeftModel's; its merged form matches too."""
+    base, base_dir, adapters = saved
+    model, path = adapters["lora"]
+    module, params = from_hf(base_dir)
+    converter, hf_config, config, _ = read_hf(base_dir)
+    full, adapter = peft_io.load_adapter(path, params, config, "llama")
+    tokens = _tokens(1)
+    ref = _torch_logits(model, tokens)
+    assert np.abs(ref - _torch_logits(base, tokens)).max() > 0.05
+    ours = _mmjax_logits(module, full, tokens, adapter.config)
+    assert np.abs(ours - ref).max() < TOL
+    merged = L.merge(full, adapter.config)
+    assert not L.lora_modules(merged)
+    assert np.abs(_mmjax_logits(module, merged, tokens) - ref).max() < TOL
+
+
+def test_export_roundtrip(saved, tmp_path):
+    """mmjax LoRA weights -> peft directory -> PeftModel.from_pretrained: the same logits; the
+    written tensors equal peft's own file."""
+    base, base_dir, adapters = saved
+    model, path = adapters["lora"]
+    module, params = from_hf(base_dir)
+    _, _, config, _ = read_hf(base_dir)
+    full, adapter = peft_io.load_adapter(path, params, config, "llama")
+    out = str(tmp_path / "exported")
+    written = peft_io.export_adapter(full, adapter.config, config, out)
+    assert sorted(written["target_modules"]) == sorted(TARGETS)
+    ours, theirs = load_file(os.path.join(out, peft_io.WEIGHTS_FILE)), load_file(
+        os.path.join(path, peft_io.WEIGHTS_FILE))
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    tokens = _tokens(2)
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens), _torch_logits(model, tokens), atol=1e-6)
+
+
+def test_init_equals_base_and_merge(saved):
+    """Fresh LoRA (peft's A init, B zero) is exactly the base model; after B is trained
+    (randomised) merged == unmerged in fp32, and unmerge restores the kernels."""
+    _, base_dir, _ = saved
+    module, params = from_hf(base_dir)
+    tokens = _tokens(3)
+    base_logits = _mmjax_logits(module, params, tokens)
+    for init in ("kaiming", "gaussian"):
+        cfg = L.LoraConfig(targets=MMJAX_TARGETS, r=4, alpha=16, init=init)
+        full = L.init_lora(module, params, cfg, jax.random.key(0), jnp.asarray(tokens, jnp.int32))
+        assert len(L.lora_modules(full)) == 14
+        a = np.asarray(full["layers_0"]["attn"]["query"]["lora_a"])
+        assert a.shape == (32, 4) and np.abs(a).max() > 0
+        if init == "kaiming":  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert np.abs(a).max() <= 1 / np.sqrt(32) and np.abs(a).max() > 0.5 / np.sqrt(32)
+        else:
+            assert 0.15 < a.std() < 0.35  # N(0, (1/r)^2)
+        assert np.asarray(full["layers_0"]["attn"]["out"]["lora_a"]).shape == (4, 8, 4)
+        assert np.asarray(full["layers_0"]["attn"]["key"]["lora_b"]).shape == (4, 2, 8)
+        np.testing.assert_array_equal(_mmjax_logits(module, full, tokens, cfg), base_logits)
+    # "train" B: nonzero
+    rng = np.random.default_rng(0)
+    trained = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.normal(size=x.shape) * 0.2, x.dtype)
+        if getattr(p[-1], "key", None) == L.LORA_B else x, full)
+    unmerged = _mmjax_logits(module, trained, tokens, cfg)
+    assert np.abs(unmerged - base_logits).max() > 0.05
+    merged_params = L.merge(trained, cfg)
+    assert jax.tree_util.tree_structure(merged_params) == jax.tree_util.tree_structure(params)
+    np.testing.assert_allclose(_mmjax_logits(module, merged_params, tokens), unmerged, atol=1e-5)
+    back = L.unmerge(merged_params, L.lora_params(trained), cfg)
+    np.testing.assert_allclose(back["layers_1"]["mlp"]["down"]["kernel"],
+                               params["layers_1"]["mlp"]["down"]["kernel"], atol=1e-6)
+
+
+def test_dropout_on_lora_path_only(saved):
+    _, base_dir, _ = saved
+    module, params = from_hf(base_dir)
+    tokens = jnp.asarray(_tokens(4), jnp.int32)
+    cfg = L.LoraConfig(targets=MMJAX_TARGETS, r=4, alpha=8, dropout=0.5)
+    full = L.init_lora(module, params, cfg, jax.random.key(0), tokens)
+    base_logits = module.apply({"params": params}, tokens)
+    with L.lora(cfg, deterministic=False):  # B = 0: dropout on the LoRA path changes nothing
+        out = module.apply({"params": full}, tokens, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(np.asarray(out), np.asarray(base_logits), atol=1e-6)
+
+
+def test_bad_lora_config(saved):
+    _, base_dir, _ = saved
+    module, params = from_hf(base_dir)
+    tokens = jnp.asarray(_tokens(5), jnp.int32)
+    with pytest.raises(InputError, match=r"'q_proj'.*closest: layers_0/attn/query"):
+        L.init_lora(module, params, L.LoraConfig(targets=("attn/query$", "q_proj")),
+                    jax.random.key(0), tokens)
+    with pytest.raises(ConfigError, match="LoraConfig.r"):
+        L.LoraConfig(targets=("query",), r=0)
+    with pytest.raises(ConfigError, match="valid regex"):
+        L.LoraConfig(targets=("(",))
+
+
+def _edited(src, dst, config_edit=None, tensors_edit=None):
+    shutil.copytree(src, dst)
+    if config_edit:
+        with open(os.path.join(dst, peft_io.CONFIG_FILE)) as f:
+            cfg = json.load(f)
+        config_edit(cfg)
+        with open(os.path.join(dst, peft_io.CONFIG_FILE), "w") as f:
+            json.dump(cfg, f)
+    if tensors_edit:
+        path = os.path.join(dst, peft_io.WEIGHTS_FILE)
+        tensors = load_file(path)
+        tensors_edit(tensors)
+        save_file(tensors, path)
+    return dst
+
+
+def _set(**kv):
+    return lambda cfg: cfg.update(kv)
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+BAD = {
+    "bias": (_set(bias="all"), None, r"bias='all'"),
+    "modules_to_save": (_set(modules_to_save=["lm_head"]), None, "modules_to_save"),
+    "dora": (_set(use_dora=True), None, "use_dora"),
+    "rank_pattern": (_set(rank_pattern={"q_proj": 2}), None, "rank_pattern"),
+    "unknown_key": (_set(new_option=1), None, "new_option"),
+    "other_arch": (lambda c: c["auto_mapping"].update(base_model_class="OPTForCausalLM"), None,
+                   "OPTForCausalLM"),
+    "embedding_target": (_set(target_modules=TARGETS + ["embed_tokens"]), None, "embed_tokens"),
+    "no_such_target": (_set(target_modules=TARGETS + ["fc1"]), None, "'fc1'"),
+    "shape": (None, lambda t: t.update({Q_A: np.zeros((4, 16), np.float32)}), r"q_proj.lora_A.*\(4, 16\)"),
+    "foreign_module": (None, lambda t: t.update({
+        "base_model.model.model.decoder.layers.0.fc1.lora_A.weight": np.zeros((4, 32), np.float32),
+        "base_model.model.model.decoder.layers.0.fc1.lora_B.weight": np.zeros((48, 4), np.float32)}),
+        "model.decoder.layers.0.fc1"),
+    "missing_b": (None, lambda t: t.pop(Q_A.replace("lora_A", "lora_B")), "lora_A"),
+}
+
+
+def test_bad_adapters_exit_2(saved, tmp_path, capsys):
+    _, base_dir, adapters = saved
+    path = adapters["lora"][1]
+    for case, (cfg_edit, tensors_edit, pattern) in BAD.items():
+        bad = _edited(path, str(tmp_path / case), cfg_edit, tensors_edit)
+        with pytest.raises((InputError, UnsupportedModelError), match=pattern):
+            peft_io.load_adapter(bad, *from_hf(base_dir)[1:], read_hf(base_dir)[2], "llama",
+                                 ("LlamaForCausalLM",))
+    # through the command line: exit 2 with one line on stderr, before any model runs
+    bad = str(tmp_path / "bias")
+    assert cli.main(["compare", base_dir, "--adapter", bad, "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bias" in err[0]
+    assert cli.main(["compare", base_dir, "--adapter", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
