@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "attention": "mmjax.bench.attention:run",
     "memory": "mmjax.bench.memory:run",
     "compile": "mmjax.bench.compile:run",
+    "speculative": "mmjax.bench.speculative:run",
 }
 
 
