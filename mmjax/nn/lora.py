@@ -183,26 +183,52 @@ def check_targets(cfg: LoraConfig, paths: Sequence[str]) -> None:
                              f"{', '.join(_closest(t, paths))} ({len(set(paths))} paths in all)")
 
 
-def _has_boxes(tree: Any) -> bool:
-    return any(isinstance(x, nn.meta.AxisMetadata)
-               for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)))
-
-
 def init_lora(module: nn.Module, params: Mapping[str, Any], cfg: LoraConfig, rng: jax.Array,
               *args: Any, **kwargs: Any) -> dict[str, Any]:
     """`params` (the base model's) plus fresh `lora_a` / `lora_b` leaves on every target of
-    `cfg`, created by one forward pass of `module` on example inputs `args` / `kwargs` (shapes
-    only matter). Base leaves are returned as given; existing LoRA leaves are kept."""
+    `cfg`, found by one abstract forward pass of `module` on example inputs `args` / `kwargs`
+    (shapes only matter; nothing runs). The A values are one draw from `rng`,
+    cut into the targets in sorted module-path order. Base leaves are returned as given."""
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
+    def run(p, key):  # the example inputs are baked in as constants (shapes are what matter)
+        variables = module.apply({"params": p}, *args, **kwargs, mutable=["params"],
+                                 rngs={"params": key})[1]
+        return lora_params(nn.meta.unbox(variables["params"]))  # only the new leaves come out
+
+    # shapes only (nothing compiles): which modules get LoRA leaves, and their shapes; an XLA
+    # compile of the whole init would take seconds for what is one random draw
     with lora(cfg) as trace:
-        _, variables = module.apply({"params": params}, *args, **kwargs, mutable=["params"],
-                                    rngs={"params": rng})
+        shapes = jax.eval_shape(run, params, rng)
     check_targets(cfg, trace.paths)
-    out = variables["params"]
-    if not _has_boxes(params):
-        out = nn.meta.unbox(out)
-    return jax.tree_util.tree_map(lambda x: x, dict(out))
+    modules = sorted(lora_modules(shapes))
+    nodes = []
+    for path in modules:
+        node = shapes
+        for k in path.split("/"):
+            node = node[k]
+        nodes.append((path, node[LORA_A], node[LORA_B]))
+    # one draw for every A (one small compile), cut into the leaves in sorted-path order
+    total = sum(int(np.prod(a.shape)) for _, a, _ in nodes)
+    if cfg.init == "gaussian":  # N(0, (1/r)^2)
+        flat = jax.random.normal(rng, (total,), jnp.float32) / cfg.r
+    else:  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        flat = jax.random.uniform(rng, (total,), jnp.float32, -1.0, 1.0)
+    flat = np.asarray(flat)
+    new: dict[str, Any] = {}
+    start = 0
+    for path, a, b in nodes:
+        size = int(np.prod(a.shape))
+        piece = flat[start:start + size].reshape(a.shape)
+        start += size
+        if cfg.init != "gaussian":
+            piece = piece / math.sqrt(int(np.prod(a.shape[:-1])))
+        leaf = new
+        for k in path.split("/"):
+            leaf = leaf.setdefault(k, {})
+        leaf[LORA_A] = jnp.asarray(piece, a.dtype)
+        leaf[LORA_B] = jnp.zeros(b.shape, b.dtype)
+    return with_lora(params, new)
 
 
 # --- param-tree helpers ----------------------------------------------------------------------

@@ -82,7 +82,8 @@ def _torch_logits(model, tokens):
 def _mmjax_logits(module, params, tokens, cfg=None):
     def run():
         with jax.default_matmul_precision("highest"):
-            return np.asarray(module.apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+            apply = jax.jit(lambda p, t: module.apply({"params": p}, t))
+            return np.asarray(apply(params, jnp.asarray(tokens, jnp.int32)))
     if cfg is None:
         return run()
     with L.lora(cfg):
@@ -142,16 +143,20 @@ def test_export_roundtrip(saved, tmp_path):
     np.testing.assert_allclose(_torch_logits(reloaded, tokens), _torch_logits(model, tokens), atol=1e-6)
 
 
-def test_init_equals_base_and_merge(saved):
+def test_init_equals_base_merge_and_dropout(saved):
     """Fresh LoRA (peft's A init, B zero) is exactly the base model; after B is trained
-    (randomised) merged == unmerged in fp32, and unmerge restores the kernels."""
+    (randomised) merged == unmerged in fp32, and unmerge restores the kernels; dropout acts on
+    the LoRA path only."""
     _, base_dir, _ = saved
     module, params = from_hf(base_dir)
-    tokens = _tokens(3)
-    base_logits = _mmjax_logits(module, params, tokens)
-    for init in ("kaiming", "gaussian"):
-        cfg = L.LoraConfig(targets=MMJAX_TARGETS, r=4, alpha=16, init=init)
-        full = L.init_lora(module, params, cfg, jax.random.key(0), jnp.asarray(tokens, jnp.int32))
+    tokens = jnp.asarray(_tokens(3), jnp.int32)
+    plain = jax.jit(lambda p, t: module.apply({"params": p}, t))
+    with jax.default_matmul_precision("highest"):
+        base_logits = np.asarray(plain(params, tokens))
+    cfgs = {init: L.LoraConfig(targets=MMJAX_TARGETS, r=4, alpha=16, init=init, dropout=0.5)
+            for init in ("kaiming", "gaussian")}
+    for init, cfg in cfgs.items():
+        full = L.init_lora(module, params, cfg, jax.random.key(0), tokens)
         assert len(L.lora_modules(full)) == 14
         a = np.asarray(full["layers_0"]["attn"]["query"]["lora_a"])
         assert a.shape == (32, 4) and np.abs(a).max() > 0
@@ -161,32 +166,35 @@ def test_init_equals_base_and_merge(saved):
             assert 0.15 < a.std() < 0.35  # N(0, (1/r)^2)
         assert np.asarray(full["layers_0"]["attn"]["out"]["lora_a"]).shape == (4, 8, 4)
         assert np.asarray(full["layers_0"]["attn"]["key"]["lora_b"]).shape == (4, 2, 8)
-        np.testing.assert_array_equal(_mmjax_logits(module, full, tokens, cfg), base_logits)
+        assert not np.asarray(full["layers_0"]["attn"]["key"]["lora_b"]).any()
+    cfg = cfgs["kaiming"]
+    with L.lora(cfg):
+        adapted = jax.jit(lambda p, t: module.apply({"params": p}, t))
+        with jax.default_matmul_precision("highest"):
+            np.testing.assert_array_equal(np.asarray(adapted(full, tokens)), base_logits)
+    with L.lora(cfg, deterministic=False):
+        dropped = jax.jit(lambda p, t, k: module.apply({"params": p}, t, rngs={"dropout": k}))
+        # B = 0: dropout on the LoRA path changes nothing
+        np.testing.assert_allclose(np.asarray(dropped(full, tokens, jax.random.key(1))), base_logits,
+                                   atol=1e-6)
     # "train" B: nonzero
     rng = np.random.default_rng(0)
     trained = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(rng.normal(size=x.shape) * 0.2, x.dtype)
         if getattr(p[-1], "key", None) == L.LORA_B else x, full)
-    unmerged = _mmjax_logits(module, trained, tokens, cfg)
-    assert np.abs(unmerged - base_logits).max() > 0.05
-    merged_params = L.merge(trained, cfg)
-    assert jax.tree_util.tree_structure(merged_params) == jax.tree_util.tree_structure(params)
-    np.testing.assert_allclose(_mmjax_logits(module, merged_params, tokens), unmerged, atol=1e-5)
+    with jax.default_matmul_precision("highest"):
+        unmerged = np.asarray(adapted(trained, tokens))
+        assert np.abs(unmerged - base_logits).max() > 0.05
+        noisy = np.asarray(dropped(trained, tokens, jax.random.key(1)))
+        assert np.abs(noisy - unmerged).max() > 1e-3
+        merged_params = L.merge(trained, cfg)
+        assert jax.tree_util.tree_structure(merged_params) == jax.tree_util.tree_structure(params)
+        np.testing.assert_allclose(np.asarray(plain(merged_params, tokens)), unmerged, atol=1e-5)
     back = L.unmerge(merged_params, L.lora_params(trained), cfg)
     np.testing.assert_allclose(back["layers_1"]["mlp"]["down"]["kernel"],
                                params["layers_1"]["mlp"]["down"]["kernel"], atol=1e-6)
-
-
-def test_dropout_on_lora_path_only(saved):
-    _, base_dir, _ = saved
-    module, params = from_hf(base_dir)
-    tokens = jnp.asarray(_tokens(4), jnp.int32)
-    cfg = L.LoraConfig(targets=MMJAX_TARGETS, r=4, alpha=8, dropout=0.5)
-    full = L.init_lora(module, params, cfg, jax.random.key(0), tokens)
-    base_logits = module.apply({"params": params}, tokens)
-    with L.lora(cfg, deterministic=False):  # B = 0: dropout on the LoRA path changes nothing
-        out = module.apply({"params": full}, tokens, rngs={"dropout": jax.random.key(1)})
-    np.testing.assert_allclose(np.asarray(out), np.asarray(base_logits), atol=1e-6)
+    np.testing.assert_array_equal(back["layers_1"]["mlp"]["down"]["lora_b"],
+                                  trained["layers_1"]["mlp"]["down"]["lora_b"])
 
 
 def test_bad_lora_config(saved):
