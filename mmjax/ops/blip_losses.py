@@ -8,6 +8,13 @@
     one-hot positives, or soft targets from `momentum_targets` (momentum distillation).
   * `momentum_targets(...)`: BLIP's soft ITC targets alpha * softmax(momentum sims / temperature)
     + (1 - alpha) * one-hot.
+  * `itc_momentum_loss(image_feat, text_feat, m_image_feat, m_text_feat, image_queue,
+    text_queue, temperature, alpha, ...)`: ALBEF/BLIP's ITC with momentum distillation: online
+    image features against the momentum encoder's texts of the batch + the text queue (and
+    online texts against momentum images + the image queue), soft targets from
+    `momentum_targets`.
+  * `class_targets(batch_class, queue_class)`: the idx-aware hard targets of BLIP's retrieval
+    fine-tune: every column of the same class (>= 0) is a positive, rows normalised.
   * `momentum_update(ema, online, m)`: ema <- m * ema + (1 - m) * online over any pytree.
   * `queue_push(queue, feats, ptr)`: a FIFO feature queue [Q, dim] as a ring buffer: the rows
     ptr .. ptr + B (mod Q) are overwritten; returns (queue, new ptr).
@@ -59,21 +66,65 @@ def _one_hot_targets(batch: int, width: int) -> jax.Array:
 
 
 def momentum_targets(m_image_feat: jax.Array, m_text_feat: jax.Array, image_queue: jax.Array,
-                     text_queue: jax.Array, temperature: jax.Array | float, alpha: float
-                     ) -> tuple[jax.Array, jax.Array]:
+                     text_queue: jax.Array, temperature: jax.Array | float, alpha: float,
+                     hard: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Soft ITC targets from the momentum encoder's features: (i2t [B, B + Q], t2i [B, B + Q]),
-    alpha * softmax(m_sim / temperature) + (1 - alpha) * one-hot (positives on the diagonal of
-    the first B columns). Gradients are stopped."""
+    alpha * softmax(m_sim / temperature) + (1 - alpha) * hard, hard = one-hot on the diagonal
+    of the first B columns (or the given [B, B + Q] rows, e.g. `class_targets`; the same for
+    both directions). Gradients are stopped."""
     _check_feats(m_image_feat, m_text_feat, "momentum_targets")
     img, txt = m_image_feat.astype(jnp.float32), m_text_feat.astype(jnp.float32)
-    t = jnp.asarray(temperature, jnp.float32)
+    t = jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32))
     all_txt = jnp.concatenate([txt, text_queue.astype(jnp.float32)])
     all_img = jnp.concatenate([img, image_queue.astype(jnp.float32)])
-    hard = _one_hot_targets(img.shape[0], all_txt.shape[0])
+    if hard is None:
+        hard = _one_hot_targets(img.shape[0], all_txt.shape[0])
+    elif hard.shape != (img.shape[0], all_txt.shape[0]):
+        raise InputError(f"momentum_targets: hard targets {tuple(hard.shape)} must be [B, B + Q] = "
+                         f"{(img.shape[0], all_txt.shape[0])}")
     i2t = jax.nn.softmax(jnp.einsum("id,jd->ij", img, all_txt, precision=_HP) / t, axis=-1)
     t2i = jax.nn.softmax(jnp.einsum("id,jd->ij", txt, all_img, precision=_HP) / t, axis=-1)
     soft = lambda p: jax.lax.stop_gradient(alpha * p + (1.0 - alpha) * hard)  # noqa: E731
     return soft(i2t), soft(t2i)
+
+
+def class_targets(batch_class: jax.Array, queue_class: jax.Array) -> jax.Array:
+    """[B, B + Q] hard ITC targets: row i spreads 1 evenly over the columns (batch, then queue)
+    whose class equals batch_class[i] (>= 0; class -1 = unknown matches nothing); its own
+    column i is always a positive (BLIP's idx-aware `sim_targets = pos_idx / pos_idx.sum(1)`)."""
+    b = batch_class.shape[0]
+    cols = jnp.concatenate([batch_class, queue_class]).astype(jnp.int32)
+    pos = (batch_class.astype(jnp.int32)[:, None] == cols[None, :]) & (batch_class[:, None] >= 0)
+    pos = pos | (jnp.arange(cols.shape[0])[None, :] == jnp.arange(b)[:, None])
+    pos = pos.astype(jnp.float32)
+    return pos / jnp.sum(pos, axis=-1, keepdims=True)
+
+
+def itc_momentum_loss(image_feat: jax.Array, text_feat: jax.Array, m_image_feat: jax.Array,
+                      m_text_feat: jax.Array, image_queue: jax.Array, text_queue: jax.Array,
+                      temperature: jax.Array | float, alpha: float,
+                      hard: jax.Array | None = None) -> jax.Array:
+    """ITC with momentum distillation (ALBEF, BLIP): logits_i2t = image_feat @ [m_text_feat;
+    text_queue].T / temperature, logits_t2i = text_feat @ [m_image_feat; image_queue].T /
+    temperature, each against `momentum_targets(..., alpha, hard)`; (CE_i2t + CE_t2i) / 2. The
+    momentum features and queues are constants (gradients stopped); the gradient reaches the
+    online features and the temperature. Queues may be empty ([0, dim]: batch only)."""
+    _check_feats(image_feat, text_feat, "itc_momentum_loss")
+    _check_feats(m_image_feat, m_text_feat, "itc_momentum_loss (momentum features)")
+    if (image_queue.ndim != 2 or image_queue.shape != text_queue.shape
+            or image_queue.shape[1] != image_feat.shape[1] or m_image_feat.shape != image_feat.shape):
+        raise InputError(f"itc_momentum_loss: queues image {tuple(image_queue.shape)} / text "
+                         f"{tuple(text_queue.shape)} must both be [Q, {image_feat.shape[1]}] and the "
+                         f"momentum features {tuple(m_image_feat.shape)} like the online ones "
+                         f"{tuple(image_feat.shape)}")
+    sg = lambda x: jax.lax.stop_gradient(x.astype(jnp.float32))  # noqa: E731
+    m_img, m_txt, iq, tq = sg(m_image_feat), sg(m_text_feat), sg(image_queue), sg(text_queue)
+    targets = momentum_targets(m_img, m_txt, iq, tq, temperature, alpha, hard)
+    t = jnp.asarray(temperature, jnp.float32)
+    img, txt = image_feat.astype(jnp.float32), text_feat.astype(jnp.float32)
+    logits_i2t = jnp.einsum("id,jd->ij", img, jnp.concatenate([m_txt, tq]), precision=_HP) / t
+    logits_t2i = jnp.einsum("id,jd->ij", txt, jnp.concatenate([m_img, iq]), precision=_HP) / t
+    return 0.5 * (_soft_ce(logits_i2t, targets[0]) + _soft_ce(logits_t2i, targets[1]))
 
 
 def itc_queue_loss(image_feat: jax.Array, text_feat: jax.Array, image_queue: jax.Array,

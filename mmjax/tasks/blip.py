@@ -39,8 +39,21 @@ itc_weight * ITC + itm_weight * ITM + lm_weight * LM (BLIP: 1, 1, 1); a zero wei
 objective's forward, which is how the CapFilt fine-tunes train the filter (ITC + ITM) and the
 captioner (LM) apart, as the paper does. `data.start_from` (a "blip" workdir) starts a fresh run
 from its latest params (the loop's `init_from` reads a model's own tree, not this composite one).
-Not used here: the momentum encoder and the feature queue (`momentum_update`, `queue_push`,
-`itc_queue_loss` are tested helpers; the loop keeps no per-task state for them yet).
+
+Momentum distillation (ALBEF/BLIP, off by default: `data.momentum=0`). With `data.momentum=m`
+(BLIP: 0.995) the task keeps a train state of its own (`init_task_state`, carried through the
+jitted step, sharded like the params and checkpointed by the loop; `mmjax.train.state`):
+momentum copies of the image encoder, the text encoder and the two ITC projections
+(`_MOMENTUM`), updated m * momentum + (1 - m) * online at the start of every step before they
+encode the batch (ALBEF's order), and with `data.queue_size=Q > 0` ring buffers of the last Q
+momentum image / text features and their caption classes. ITC then scores the online image
+features against the momentum text features of the batch + the text queue (and the texts the
+other way round), with targets alpha * softmax(momentum similarities / temperature) + (1 -
+alpha) * hard (`data.alpha`, BLIP 0.4; hard = one-hot, or with `data.class_positives` every
+entry of the same caption class: BLIP's idx-aware targets, which fit class-level captions).
+The queues start as random unit vectors of class -1 (ALBEF starts them random) and fill
+after Q / batch steps. Evaluation (`val_loss`) uses the plain in-batch ITC. As in BLIP only
+ITC is distilled; not done: ALBEF's alpha warm-up over the first epoch.
 
 Why ITM needs its own fine-tune at this size (measured, see experiments/blip_capfilt.py): at
 init the [CLS] features of every image and every caption are almost the same (post-LN BERT,
@@ -60,7 +73,7 @@ find. `train_on` picks the pairs that train ("all", "clean": the fine-tune set, 
 "clean" flags) replaces the generated pairs: a CapFilt-cleaned set, several captions per image
 allowed.
 
-Evaluation (held-out images, one clean caption each): `i2t_r@K` / `t2i_r@K` class-level ITC
+Evaluation (held-out images -- all, or the first `data.eval_limit` --, one clean caption each): `i2t_r@K` / `t2i_r@K` class-level ITC
 retrieval, `itm_accuracy` (positives vs captions of another class, p(match) > 0.5),
 `itm_pair_accuracy` (how often an image's own caption outscores the other one: threshold-free,
 0.5 for a text-blind head), `caption_accuracy` (the greedy caption names the image's class),
@@ -84,7 +97,16 @@ from mmjax.data.digits import caption_label
 from mmjax.data.photo_captions import held_out_captions, load_caption_set, make_pairs
 from mmjax.errors import ConfigError, InputError
 from mmjax.eval.retrieval import retrieval_recall
-from mmjax.ops.blip_losses import itc_loss, itm_loss, lm_loss, sample_hard_negatives
+from mmjax.ops.blip_losses import (
+    class_targets,
+    itc_loss,
+    itc_momentum_loss,
+    itm_loss,
+    lm_loss,
+    momentum_update,
+    queue_push,
+    sample_hard_negatives,
+)
 from mmjax.tasks import image_data
 from mmjax.tasks.image_data import ImageDataConfig
 from mmjax.train.task import Task
@@ -92,6 +114,7 @@ from mmjax.train.task import Task
 TEMP_RANGE = (0.001, 0.5)
 _HEADS = ("vision_proj", "text_proj", "itm_head")
 _LM_HEADS = ("lm_transform", "lm_norm", "lm_bias")
+_MOMENTUM = ("vision", "text_encoder", "vision_proj", "text_proj")  # what the momentum encoder copies
 
 
 TRAIN_ON = ("all", "clean", "web")
@@ -117,6 +140,12 @@ class BlipDataConfig(ImageDataConfig):
     itc_weight: float = 1.0
     itm_weight: float = 1.0
     lm_weight: float = 1.0
+    # momentum distillation (ALBEF/BLIP; see the module docstring): 0 = off; BLIP 0.995
+    momentum: float = 0.0
+    queue_size: int = 0  # momentum features queued as extra ITC negatives (0 = batch only)
+    alpha: float = 0.4  # weight of the momentum similarities in the ITC targets
+    class_positives: bool = False  # ITC targets: every pair of the same caption class is positive
+    eval_limit: int = 0  # evaluate on the first N held-out images (0 = all of them)
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,6 +166,24 @@ class BlipDataConfig(ImageDataConfig):
             raise ConfigError(f"data.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not TEMP_RANGE[0] <= self.temperature_init <= TEMP_RANGE[1]:
             raise ConfigError(f"data.temperature_init must be in {list(TEMP_RANGE)}, got {self.temperature_init}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"data.momentum must be in [0, 1) (0 = no momentum encoder; BLIP 0.995), "
+                              f"got {self.momentum}")
+        if self.momentum and not self.itc_weight:
+            raise ConfigError("data.momentum distils ITC, which is off (data.itc_weight=0); set "
+                              "data.momentum=0 or data.itc_weight > 0")
+        if self.queue_size < 0:
+            raise ConfigError(f"data.queue_size must be >= 0, got {self.queue_size}")
+        if self.queue_size and not self.momentum:
+            raise ConfigError(f"data.queue_size={self.queue_size} queues momentum features: it needs "
+                              "data.momentum > 0 (e.g. 0.995)")
+        if self.queue_size and self.queue_size < self.batch_size:
+            raise ConfigError(f"data.queue_size={self.queue_size} must hold at least one batch "
+                              f"(data.batch_size={self.batch_size})")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"data.alpha must be in [0, 1], got {self.alpha}")
+        if self.eval_limit < 0 or self.eval_limit == 1:
+            raise ConfigError(f"data.eval_limit must be 0 (all) or >= 2, got {self.eval_limit}")
 
 
 caption_digit = caption_label  # the digit a caption names, -1 for none (mmjax.data.digits)
@@ -314,7 +361,28 @@ class BlipTask(Task):
                                     method=lambda m, e, t, k: m._lm_logits(m.text_decoder(t, None, k, e, None)))
 
     # --- objective --------------------------------------------------------------------------
+    def init_task_state(self, params) -> Any:
+        """The momentum encoder (copies of `_MOMENTUM`) and, with data.queue_size, the feature
+        queues; None when data.momentum is 0 (the loop then keeps no task state)."""
+        d = self.cfg.data
+        if not d.momentum:
+            return None
+        # jnp.copy: own buffers (the step donates the state; params and copies must not alias)
+        state = {"params": jax.tree_util.tree_map(jnp.copy, {k: params[k] for k in _MOMENTUM})}
+        if d.queue_size:
+            dim = self.model_config.embed_dim
+            k1, k2 = jax.random.split(jax.random.PRNGKey(d.seed))
+            unit = lambda k: (lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True))(  # noqa: E731
+                jax.random.normal(k, (d.queue_size, dim), jnp.float32))
+            state.update(image_queue=unit(k1), text_queue=unit(k2),
+                         class_queue=jnp.full((d.queue_size,), -1, jnp.int32), ptr=jnp.zeros((), jnp.int32))
+        return state
+
     def loss(self, params, batch, rng):
+        return self.state_loss(params, None, batch, rng)[:3]
+
+    def state_loss(self, params, task_state, batch, rng):
+        """The step's loss and the next task state (None stays None); see the module docstring."""
         d = self.cfg.data
         rp, cp = self._split(params)
         tokens, mask = batch["tokens"], batch["input_mask"]
@@ -323,9 +391,13 @@ class BlipTask(Task):
         temp = self.temperature(params)
         zero = jnp.float32(0.0)
         total, aux = zero, {"temperature": temp}
+        new_state = None
         if d.itc_weight or d.itm_weight:
             image_feat, text_feat, sim = self._itc_on(rp, embeds, tokens, mask)
-            l_itc = itc_loss(image_feat, text_feat, temp)
+            if task_state is None:
+                l_itc = itc_loss(image_feat, text_feat, temp)
+            else:
+                l_itc, new_state = self._itc_momentum(params, task_state, batch, image_feat, text_feat, temp)
             total, aux["itc_loss"] = total + d.itc_weight * l_itc, l_itc
         if d.itm_weight:
             cls = batch["text_class"]
@@ -345,7 +417,32 @@ class BlipTask(Task):
             lm_logits = self._lm_on(cp, embeds, tokens.at[:, 0].set(self.dec_id), mask)
             l_lm = lm_loss(lm_logits, tokens, mask, d.label_smoothing)
             total, aux["lm_loss"] = total + d.lm_weight * l_lm, l_lm
-        return total, jnp.float32(1.0), aux
+        return total, jnp.float32(1.0), aux, new_state
+
+    def _itc_momentum(self, params, task_state, batch, image_feat, text_feat, temp):
+        """(ITC with momentum distillation, the next task state): EMA first, then the momentum
+        features of the batch, the loss against batch + queue, then the batch enqueued."""
+        d = self.cfg.data
+        online = jax.lax.stop_gradient({k: params[k] for k in _MOMENTUM})
+        mom = momentum_update(task_state["params"], online, d.momentum)
+        m_img, m_txt, _ = self._itc_on(mom, self._embeds(mom, batch["images"]), batch["tokens"], batch["input_mask"])
+        m_img, m_txt = jax.lax.stop_gradient(m_img), jax.lax.stop_gradient(m_txt)
+        cls = batch["text_class"].astype(jnp.int32)
+        if d.queue_size:
+            iq, tq, cq = task_state["image_queue"], task_state["text_queue"], task_state["class_queue"]
+        else:
+            iq = tq = jnp.zeros((0, m_img.shape[1]), jnp.float32)
+            cq = jnp.zeros((0,), jnp.int32)
+        hard = class_targets(cls, cq) if d.class_positives else None
+        loss = itc_momentum_loss(image_feat, text_feat, m_img, m_txt, iq, tq, temp, d.alpha, hard)
+        new = {"params": mom}
+        if d.queue_size:
+            ptr = task_state["ptr"]
+            new["image_queue"], _ = queue_push(iq, m_img, ptr)
+            new["text_queue"], _ = queue_push(tq, m_txt, ptr)
+            new["class_queue"] = cq.at[(ptr + jnp.arange(cls.shape[0])) % d.queue_size].set(cls)
+            new["ptr"] = (ptr + cls.shape[0]) % d.queue_size
+        return loss, new
 
     # --- inference helpers (evaluation, CapFilt) -----------------------------------------------
     def _itc_feats(self, params, images, tokens, mask):
@@ -411,25 +508,27 @@ class BlipTask(Task):
 
     def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
         test, d = self.data.test, self.cfg.data
-        labels = np.asarray(test.labels)
-        texts = self.test_captions()
+        n = d.eval_limit or len(test)  # data.eval_limit: the first N held-out images
+        labels = np.asarray(test.labels)[:n]
+        texts = self.test_captions()[:n]
+        images = test.images[:n]
         tokens, mask = self.data.tokenizer.encode(texts, d.max_text_len)
-        img, txt = self._batched(lambda x, t, m: self._jit_itc(params, x, t, m), test.images, tokens, mask)
+        img, txt = self._batched(lambda x, t, m: self._jit_itc(params, x, t, m), images, tokens, mask)
         out = retrieval_recall(img, txt, image_labels=labels, text_labels=labels)
         # ITM: each image with its caption and with the caption of the next image of another digit
         other = np.asarray([next(j for k in range(1, len(labels)) if labels[j := (i + k) % len(labels)] != labels[i])
                             for i in range(len(labels))])
-        pos = self.match_scores(params, test.images, texts)
-        neg = self.match_scores(params, test.images, [texts[j] for j in other])
+        pos = self.match_scores(params, images, texts)
+        neg = self.match_scores(params, images, [texts[j] for j in other])
         out["itm_accuracy"] = float(np.mean(np.concatenate([pos > 0.5, neg <= 0.5])))
         # threshold-free: how often the image's own caption outscores the other one. A text-blind
         # head (p(match) a function of the image alone) gives exactly 0.5 here AND above
         out["itm_pair_accuracy"] = float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
-        caps = self.captions(params, test.images)
+        caps = self.captions(params, images)
         out["caption_accuracy"] = float(np.mean([self.data.caption_class(c) == y for c, y in zip(caps, labels)]))
         b = d.batch_size
         cls = np.asarray([self.data.caption_class(t) for t in texts], np.int32)
-        losses = [float(self._jit_loss(params, {"images": test.images[i:i + b], "tokens": tokens[i:i + b],
+        losses = [float(self._jit_loss(params, {"images": images[i:i + b], "tokens": tokens[i:i + b],
                                                 "input_mask": mask[i:i + b], "text_class": cls[i:i + b]})[0])
                   for i in range(0, len(labels) - b + 1, b)]
         out["val_loss"] = float(np.mean(losses)) if losses else float("nan")

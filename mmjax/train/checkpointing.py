@@ -2,7 +2,8 @@
 
 Each step directory holds four items:
   params  the model params (all `load_for_inference` needs)
-  train   {"step", "opt_state", "rng"}
+  train   {"step", "opt_state", "rng"} and, for a task with its own state (BLIP's momentum
+          encoder and queues, `TrainState.task_state`), "task_state"
   data    the data iterator's state (JSON); in a multi-process job every process's own state
           (gathered to the primary, which writes the JSON), each process restores its own
   meta    {"step", "metrics", "config"} (JSON)
@@ -109,9 +110,7 @@ class Checkpointer:
             clean_metrics = None  # BestN ignores it; LatestN still keeps it
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
-            train=ocp.args.StandardSave(
-                {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-            ),
+            train=ocp.args.StandardSave(_train_item(state)),
             data=ocp.args.JsonSave(_jsonable({"iterator": data_state,
                                                **_per_process(data_state)})),
             meta=ocp.args.JsonSave(_jsonable({"step": step, "metrics": metrics or {},
@@ -200,9 +199,7 @@ class Checkpointer:
         self.check_compatible(step, abstract)
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract.params),
-            train=ocp.args.StandardRestore(
-                {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
-            ),
+            train=ocp.args.StandardRestore(_train_item(abstract)),
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
@@ -214,7 +211,8 @@ class Checkpointer:
             ) from None
         train = out["train"]
         state = TrainState(step=train["step"], params=out["params"],
-                           opt_state=train["opt_state"], rng=train["rng"])
+                           opt_state=train["opt_state"], rng=train["rng"],
+                           task_state=train.get("task_state"))
         return state, _own_data_state(out["data"]), out["meta"]
 
     def verify(self, step: int, abstract: TrainState | None = None) -> str | None:
@@ -231,14 +229,15 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             return f"its metadata cannot be read ({one_line(e)})"
         saved = getattr(saved, "tree", saved)
-        want = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+        want = _train_item(abstract)
         got_s = {path_str(p): tuple(m.shape) for p, m in _leaves(saved)}
         want_s = {path_str(p): tuple(a.shape) for p, a in _leaves(want)}
         if got_s != want_s:
             diff = sorted(k for k in set(got_s) | set(want_s) if got_s.get(k) != want_s.get(k))
             raise IncompatibleCheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match this run's optimizer "
-                f"state (did the optimizer or freeze settings change?): {len(diff)} entries "
+                f"or task state (did the optimizer, freeze or task-state settings, e.g. "
+                f"data.momentum, change?): {len(diff)} entries "
                 f"differ, e.g. {diff[0]}: checkpoint {got_s.get(diff[0], 'absent')} vs run "
                 f"{want_s.get(diff[0], 'absent')}")
         return None
@@ -315,6 +314,15 @@ class Checkpointer:
             self._write_manifests()
         finally:
             self._manager.close()
+
+
+def _train_item(state: TrainState) -> dict[str, Any]:
+    """The "train" item of `state` (arrays or their abstract targets): step, optimizer state,
+    RNG, and the task state when the task has one."""
+    item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    if state.task_state is not None:
+        item["task_state"] = state.task_state
+    return item
 
 
 def _leaves(tree: Any) -> list:

@@ -11,6 +11,11 @@ It knows nothing of model families: `cfg.task` names a `mmjax.train.task.Task` t
 model, the data, the loss and the evaluation. Workdir layout: `checkpoints/` (Orbax),
 `mmjax_model.json` ({"family", "config"}), `experiment.json`, `metrics.jsonl`, `tensorboard/`,
 `samples.txt`, `loss_curve.png`, plus the task's own files (e.g. `tokenizer.model`).
+
+Task state: a task whose `init_task_state(params)` returns a pytree (None = none) trains with
+`task.state_loss(params, task_state, batch, rng)` (see `mmjax.train.step`); the state is
+created with the params, sharded like them, checkpointed in the "train" item and restored on
+resume (`mmjax.train.state`, docs/training.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from mmjax.train.state import (
     abstract_train_state,
     count_params,
     create_train_state,
+    reinit_task_state,
     state_shardings,
 )
 from mmjax.train.step import make_train_step, shard_batch
@@ -215,14 +221,16 @@ def _train(
     abstract_params = abstract_boxed_params(task.init_params)  # the tree the optimizer needs
     tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
     rules, opt_rules = preset.rules, preset.opt_rules
-    shardings = (state_shardings(task.init_params, tx, mesh, rules, opt_rules)
+    init_task_state = _task_state_fn(task, abstract_params)
+    shardings = (state_shardings(task.init_params, tx, mesh, rules, opt_rules, init_task_state)
                  if mesh is not None else None)
 
     train_iter = task.train_iterator()
     history: dict[str, Any] = {}
     restored = None
     if latest is not None:
-        abstract = abstract_train_state(task.init_params, tx, shardings=shardings)
+        abstract = abstract_train_state(task.init_params, tx, shardings=shardings,
+                                        init_task_state=init_task_state)
         restored = ckpt.restore_latest(abstract, log)  # verified; falls back past bad steps
     if restored is not None:
         latest, state, iter_state, meta = restored
@@ -233,11 +241,14 @@ def _train(
         log(f"resumed from {ckpt.directory} at step {latest}")
     else:
         state, _ = create_train_state(task.init_params, tx, seed=cfg.seed, mesh=mesh,
-                                      rules=rules, opt_rules=opt_rules)
+                                      rules=rules, opt_rules=opt_rules,
+                                      init_task_state=init_task_state)
         sources = pretrained.init_sources(cfg.init_from, cfg.init_from_prefix)
         if sources:
             params, report = pretrained.overlay_sources(state.params, sources)
             state = state.replace(params=params)
+            with activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
+                state = reinit_task_state(state, init_task_state, shardings)  # from the new params
             log(pretrained.describe(report, sources))
             if is_main:
                 pretrained.write_report(workdir, report, sources)
@@ -250,7 +261,8 @@ def _train(
     def build_train_step(tx, schedule):
         return make_train_step(task.loss, tx, schedule,
                                grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                               mesh=mesh, shardings=shardings, rules=rules)
+                               mesh=mesh, shardings=shardings, rules=rules,
+                               state_loss_fn=task.state_loss if init_task_state else None)
 
     train_step = build_train_step(tx, schedule)
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -400,6 +412,22 @@ def _train(
     if sample_text is not None:
         final["sample"] = sample_text
     return final
+
+
+def _task_state_fn(task, abstract_boxed) -> Any:
+    """The task's `init_task_state` when it has one that returns a state for these params (a
+    task may keep it off by config), else None."""
+    fn = getattr(task, "init_task_state", None)
+    if fn is None:
+        return None
+    import flax.linen as nn
+
+    if jax.eval_shape(fn, nn.meta.unbox(abstract_boxed)) is None:
+        return None
+    if not callable(getattr(task, "state_loss", None)):
+        raise TypeError(f"task {type(task).__name__} has a task state but no "
+                        "state_loss(params, task_state, batch, rng)")
+    return fn
 
 
 def format_metrics(m: dict[str, Any]) -> str:

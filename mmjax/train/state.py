@@ -11,6 +11,15 @@ whole state is created already laid out: nothing is materialised on one device f
 `opt_rules` gives the optimizer state its own rules table (ZeRO-1: moments sharded over the
 data axis while params stay replicated); each moment then takes the layout its param would
 have under `opt_rules`.
+
+Task state. A task may carry its own pytree through training beside the params (BLIP's
+momentum encoder and feature queues): `init_task_state(params) -> pytree` (plain params in,
+called inside the jitted init) gives `TrainState.task_state`; the train step hands it to the
+task's loss and stores what the loss returns (`mmjax.train.step`); the checkpoint saves and
+restores it with the optimizer state. Without one `task_state` is None (an empty pytree node:
+nothing is traced, sharded or saved). Its shardings mirror the params' like the optimizer
+state's do: a leaf whose dict-key path ends with a param's path and has its shape (a momentum
+copy of that param) takes the param's sharding, the rest (queues, pointers) are replicated.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from mmjax.parallel.mesh import activate, check_divisible, logical_sharding
 from mmjax.parallel.rules import DEFAULT_RULES
 
 InitFn = Callable[[jax.Array], Any]  # rng -> boxed param tree
+TaskStateFn = Callable[[Any], Any]  # plain params -> the task's state pytree (or None)
 
 
 @flax.struct.dataclass
@@ -36,6 +46,7 @@ class TrainState:
     params: Any  # plain (unboxed) float32 param tree
     opt_state: Any
     rng: jax.Array  # uint32 [2] raw PRNG key, split once per step
+    task_state: Any = None  # the task's own pytree (e.g. a momentum encoder), None = none
 
 
 def abstract_boxed_params(init_params: InitFn) -> Any:
@@ -45,11 +56,12 @@ def abstract_boxed_params(init_params: InitFn) -> Any:
 
 def state_shardings(
     init_params: InitFn, tx: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES,
-    opt_rules=None,
+    opt_rules=None, init_task_state: TaskStateFn | None = None,
 ) -> TrainState:
     """A TrainState-shaped tree of NamedShardings for `mesh` (optimizer state under
-    `opt_rules`, default `rules`). ConfigError when a param dimension does not divide by the
-    mesh axes its logical name maps to."""
+    `opt_rules`, default `rules`; task state mirroring the params, see the module docstring).
+    ConfigError when a param dimension does not divide by the mesh axes its logical name maps
+    to."""
     boxed = abstract_boxed_params(init_params)
     check_divisible(boxed, mesh, rules, "param")
     param_sh = logical_sharding(boxed, mesh, rules)
@@ -62,7 +74,12 @@ def state_shardings(
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = NamedSharding(mesh, PartitionSpec())
     opt_sh = _mirror_param_shardings(abstract_opt, abstract_params, opt_param_sh, repl)
-    return TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+    task_sh = None
+    if init_task_state is not None:
+        abstract_task = jax.eval_shape(init_task_state, abstract_params)
+        if abstract_task is not None:
+            task_sh = _mirror_param_shardings(abstract_task, abstract_params, param_sh, repl)
+    return TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, task_state=task_sh)
 
 
 def _mirror_param_shardings(opt_state, params, param_sh, default):
@@ -89,24 +106,27 @@ def _dict_keys(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def _fresh_state(init_params: InitFn, tx: optax.GradientTransformation, rng: jax.Array
-                 ) -> TrainState:
+def _fresh_state(init_params: InitFn, tx: optax.GradientTransformation, rng: jax.Array,
+                 init_task_state: TaskStateFn | None = None) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
     params = nn.meta.unbox(init_params(params_rng))
+    task_state = init_task_state(params) if init_task_state is not None else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng)
+                      rng=state_rng, task_state=task_state)
 
 
 def create_train_state(
     init_params: InitFn, tx: optax.GradientTransformation, *, seed: int,
     mesh: Mesh | None = None, rules=DEFAULT_RULES, opt_rules=None,
+    init_task_state: TaskStateFn | None = None,
 ) -> tuple[TrainState, TrainState | None]:
-    """Fresh state (params from `seed`) and its shardings (None without a mesh)."""
+    """Fresh state (params from `seed`, the task state from those params) and its shardings
+    (None without a mesh)."""
     rng = jax.random.PRNGKey(seed)
-    init = lambda r: _fresh_state(init_params, tx, r)  # noqa: E731
+    init = lambda r: _fresh_state(init_params, tx, r, init_task_state)  # noqa: E731
     if mesh is None:
         return jax.jit(init)(rng), None
-    shardings = state_shardings(init_params, tx, mesh, rules, opt_rules)
+    shardings = state_shardings(init_params, tx, mesh, rules, opt_rules, init_task_state)
     with activate(mesh, rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
@@ -114,14 +134,26 @@ def create_train_state(
 
 def abstract_train_state(
     init_params: InitFn, tx: optax.GradientTransformation, *, shardings: TrainState | None = None,
+    init_task_state: TaskStateFn | None = None,
 ) -> TrainState:
     """ShapeDtypeStructs of the state (with shardings when given): the target of a restore."""
-    abstract = jax.eval_shape(lambda r: _fresh_state(init_params, tx, r), jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda r: _fresh_state(init_params, tx, r, init_task_state),
+                              jax.random.PRNGKey(0))
     if shardings is None:
         return abstract
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+
+
+def reinit_task_state(state: TrainState, init_task_state: TaskStateFn | None,
+                      shardings: TrainState | None = None) -> TrainState:
+    """`state` with its task state rebuilt from its (e.g. just overlaid pretrained) params."""
+    if init_task_state is None or state.task_state is None:
+        return state
+    out_sh = None if shardings is None else shardings.task_state
+    task_state = jax.jit(init_task_state, out_shardings=out_sh)(state.params)
+    return state.replace(task_state=task_state)
 
 
 def count_params(params: Any) -> int:

@@ -10,6 +10,16 @@ A loss function has the form
 None in evaluation. Writing the loss as (sum, count) makes gradient accumulation and batch
 sharding exact: the step's gradient is that of `sum(total) / sum(count)` over the whole batch.
 
+A task with its own state (`TrainState.task_state`, see `mmjax.train.state`) trains with a
+stateful loss instead:
+
+    state_loss_fn(params, task_state, batch, rng) -> (total, count, aux, new_task_state)
+
+The step differentiates `total` with respect to `params` only and stores `new_task_state`
+(gradients stopped) in the next state; evaluation keeps the plain `loss_fn`. One micro-batch
+per step (grad_accum_steps=1): a state updated per micro-batch would not equal the big-batch
+step.
+
 A batch is a dict of host (numpy) arrays whose leading axis is the batch: `shard_batch` puts it
 on the devices with rows split over the mesh axes the rules give `act_batch` (("data", "fsdp")
 by default; each parallelism preset has its own, see `mmjax.parallel.presets`).
@@ -32,13 +42,14 @@ from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+StateLossFn = Callable[[Any, Any, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array], Any]]
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch's rows under DEFAULT_RULES
 
 
 def make_train_step(
     loss_fn: LossFn, tx: optax.GradientTransformation, schedule: Callable, *,
     grad_accum_steps: int = 1, mesh: Mesh | None = None, shardings: TrainState | None = None,
-    rules=DEFAULT_RULES,
+    rules=DEFAULT_RULES, state_loss_fn: StateLossFn | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated;
     `step.lower(state, batch)` lowers it ahead of time (ShapeDtypeStructs are enough).
@@ -46,7 +57,21 @@ def make_train_step(
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along axis 0
     and scanned, summing the gradients of the loss sums, so the step equals the big-batch step.
     metrics: loss (total / count), grad_norm, learning_rate, count, and the loss's aux metrics.
+    `state_loss_fn` (a task with state): used instead of `loss_fn`, the state's `task_state`
+    passed in and replaced by what it returns (see the module docstring).
     """
+    if state_loss_fn is not None and grad_accum_steps != 1:
+        raise ConfigError(f"optimizer.grad_accum_steps={grad_accum_steps}: a task with its own "
+                          "train state (e.g. BLIP's momentum encoder) steps once per batch; use "
+                          "grad_accum_steps=1 (a bigger data.batch_size instead)")
+
+    def stateful_grads(params, task_state, batch, rng):
+        def f(p):
+            total, count, aux, new_task_state = state_loss_fn(p, task_state, batch, rng)
+            return total, (count, aux, new_task_state)
+
+        (total, (count, aux, new_ts)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return total, count, aux, grads, jax.lax.stop_gradient(new_ts)
 
     def value_and_grad(params, batch, rng):
         def f(p):
@@ -89,7 +114,15 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch):
         rng, loss_rng = jax.random.split(state.rng)
-        total, count, aux, grads = grads_of(state.params, batch, loss_rng)
+        task_state = state.task_state
+        if state_loss_fn is not None:
+            if task_state is None:
+                raise ConfigError("make_train_step: state_loss_fn given but the train state has "
+                                  "no task_state (create it with init_task_state)")
+            total, count, aux, grads, task_state = stateful_grads(
+                state.params, task_state, batch, loss_rng)
+        else:
+            total, count, aux, grads = grads_of(state.params, batch, loss_rng)
         denom = jnp.maximum(count, 1e-9)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -101,7 +134,8 @@ def make_train_step(
             "learning_rate": schedule(state.step),
             "count": count,
         }
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                            task_state=task_state)
         return new, metrics
 
     if mesh is None:
