@@ -32,7 +32,8 @@ family cannot map (an embedding, an MoE expert), an adapter whose base class is 
 architecture, tensors naming modules the base lacks, and shape mismatches raise `InputError` /
 `UnsupportedModelError` naming the module or tensor.
 
-Families: LLaMA / Mistral (attention q/k/v/o and MLP gate/up/down, and lm_head).
+Families (`RULES`): LLaMA / Mistral (q/k/v/o, gate/up/down, lm_head) and OPT (q/k/v/out_proj,
+fc1/fc2, project_in/out, lm_head).
 """
 
 from __future__ import annotations
@@ -62,8 +63,15 @@ def _llama_rules(config) -> list[TensorRule]:
     return llama.tensor_rules(config)
 
 
-# HF model_type -> the family's tensor rules of a config
-RULES: dict[str, Callable[[Any], list[TensorRule]]] = {"llama": _llama_rules, "mistral": _llama_rules}
+def _opt_rules(config) -> list[TensorRule]:
+    from mmjax.convert import opt
+
+    return opt.tensor_rules(config)
+
+
+# HF model_type -> the family's tensor rules of a config (the rule list its converter applies)
+RULES: dict[str, Callable[[Any], list[TensorRule]]] = {"llama": _llama_rules, "mistral": _llama_rules,
+                                                       "opt": _opt_rules}
 
 # adapter_config.json keys mmjax reads
 _READ_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
@@ -295,14 +303,13 @@ def export_adapter(params: Mapping[str, Any], lora_cfg: LoraConfig, config: Any,
     import jax
     from safetensors.numpy import save_file
 
-    if model_type is None:
-        from mmjax.convert.llama import default_model_type
+    if model_type is None or architecture is None:  # what `to_hf` would write for this config
+        from mmjax.convert import registry
+        from mmjax.models import family_of
 
-        model_type = default_model_type(config)
-    if architecture is None:
-        from mmjax.convert.llama import ARCHITECTURES
-
-        architecture = ARCHITECTURES.get(model_type)
+        hf = registry.for_export(family_of(config), config, model_type).config_to_hf(config, model_type)
+        model_type = model_type or hf["model_type"]
+        architecture = architecture or (hf.get("architectures") or [None])[0]
     mappable, other = _module_rules(config, model_type)
     by_path = {"/".join(rule.path[:-1]): name for name, rule in mappable.items()}
     plain = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32),

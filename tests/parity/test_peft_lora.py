@@ -104,6 +104,39 @@ def test_compare_adapter_cli(saved, name, capsys):
         assert report["adapter"]["use_rslora"] and report["adapter"]["scale"] == pytest.approx(4 / 8 ** 0.5)
 
 
+OPT = dict(vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+           max_position_embeddings=40, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+           word_embed_proj_dim=32, activation_function="relu")
+OPT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "project_in", "project_out"]
+
+
+def test_opt_adapter_both_ways(tmp_path, capsys):
+    """Another family through the same code: OPT (its own module names, biases in the base,
+    project_in/out between a 32-wide embedding and the 64-wide decoder)."""
+    torch.manual_seed(1)
+    base = randomise_torch(transformers.OPTForCausalLM(transformers.OPTConfig(**OPT)), 0.1)
+    base.config._attn_implementation = "eager"
+    base_dir, path = str(tmp_path / "opt"), str(tmp_path / "opt_lora")
+    base.save_pretrained(base_dir)
+    model = _peft_model(base, target_modules=OPT_TARGETS, r=2, lora_alpha=6)
+    model.save_pretrained(path)
+    assert cli.main(["compare", base_dir, "--adapter", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model_type"] == "opt" and report["max_abs_diff"] < TOL
+    assert report["adapter"]["num_modules"] == 6 * 2 + 2
+    module, params = from_hf(base_dir)
+    config = read_hf(base_dir)[2]
+    full, adapter = peft_io.load_adapter(path, params, config, "opt")
+    assert full["project_in"]["lora_a"].shape == (32, 2)
+    out = str(tmp_path / "opt_exported")
+    peft_io.export_adapter(full, adapter.config, config, out)
+    ours, theirs = (load_file(os.path.join(d, peft_io.WEIGHTS_FILE)) for d in (out, path))
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    tokens = _tokens(6, seq=9) % OPT["vocab_size"]
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens), _torch_logits(model, tokens), atol=1e-6)
+
+
 def test_adapter_changes_the_model(saved):
     """The adapter is far from a no-op (so the parity above tests the LoRA path), and the
     mmjax LoRA logits match PeftModel's; its merged form matches too."""
