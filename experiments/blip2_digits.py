@@ -110,6 +110,7 @@ def get_pipeline(train_llm: bool = False) -> Pipeline:
 
 def main(argv=None) -> dict:
     """`mmjax train experiments/blip2_digits.py` with `--train-llm` (the third run) available."""
+    from mmjax.train import run
     from mmjax.train.pipeline import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     out = run_pipeline(get_pipeline(args.train_llm), args.workdir, base_dir=HERE, steps=args.steps,
-                       overrides=args.set, json_output=args.json)
+                       overrides=args.set, json_output=args.json, run=run)
     if args.json:
         print(json.dumps(out))
     else:

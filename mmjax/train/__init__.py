@@ -45,7 +45,7 @@ def run(
         return run_pipeline(
             pipeline, workdir or os.path.join("workdirs", pipeline.name),
             base_dir=os.path.dirname(os.path.abspath(config_path)), steps=steps, stop_at=stop_at,
-            mesh_spec=mesh, overrides=overrides, json_output=json_output, force_unlock=force_unlock)
+            mesh_spec=mesh, overrides=overrides, json_output=json_output, force_unlock=force_unlock, run=run)
     if phase is not None:
         if pipeline is None:
             raise ConfigError(f"--phase {phase}: {config_path} defines no get_pipeline(), so it has "
@@ -61,7 +61,7 @@ def run(
     if requires:  # the prerequisite runs this config reads
         ensure_prerequisites(requires, [cfg], os.path.dirname(os.path.abspath(config_path)),
                              lambda msg: print(msg, file=sys.stderr if json_output else sys.stdout, flush=True),
-                             mesh_spec=mesh, json_output=json_output, force_unlock=force_unlock)
+                             run=run, mesh_spec=mesh, json_output=json_output, force_unlock=force_unlock)
     return train(cfg, workdir, stop_at=stop_at, mesh_spec=mesh, json_output=json_output,
                  force_unlock=force_unlock)
 

@@ -227,13 +227,14 @@ def _finished(workdir: str) -> bool:
 
 def ensure_prerequisites(
     requires: Sequence[Requires], configs: Sequence[ExperimentConfig], base_dir: str, log, *,
-    mesh_spec: str | None = None, json_output: bool = False, force_unlock: bool = False,
+    run: Callable[..., Any] | None = None, mesh_spec: str | None = None, json_output: bool = False,
+    force_unlock: bool = False,
 ) -> None:
     """Train each prerequisite that one of `configs` reads (its workdir appears in the config:
     `init_from`, a tokenizer path, ...) and whose workdir holds no finished run. A prerequisite
-    the overrides made unused (`--set init_from=None`) is not trained."""
-    from mmjax.train import run
-
+    the overrides made unused (`--set init_from=None`) is not trained. `run` is
+    `mmjax.train.run` (passed in: it calls this module), which trains a file with its own
+    prerequisites."""
     text = json.dumps([c.to_dict() for c in configs], default=str)
     for req in requires:
         wanted = {os.path.normpath(req.workdir), os.path.abspath(req.workdir)}
@@ -250,6 +251,8 @@ def ensure_prerequisites(
                 "or override the reference to it away")
         log(f"prerequisite {req.workdir}: no finished run; training {path} there first "
             "(its own config: a shared workdir is not shortened by --steps)")
+        if run is None:
+            raise ConfigError(f"prerequisite {req.workdir} must be trained, and no runner was given")
         run(path, workdir=req.workdir, mesh=mesh_spec, json_output=json_output, force_unlock=force_unlock)
 
 
@@ -290,10 +293,11 @@ def _write_record(root: str, name: str, stages: dict[str, Any]) -> None:
 def run_pipeline(
     pipeline: Pipeline, workdir: str, *, base_dir: str = ".", steps: int | None = None,
     stop_at: int | None = None, mesh_spec: str | None = None, overrides: Sequence[str] = (),
-    json_output: bool = False, force_unlock: bool = False,
+    json_output: bool = False, force_unlock: bool = False, run: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage of `pipeline` under `workdir`; return the summary metrics
-    (the pipeline's `summarize` plus `step`, `train_loss` and per-phase `phases`)."""
+    (the pipeline's `summarize` plus `step`, `train_loss` and per-phase `phases`). `run`
+    (`mmjax.train.run`) trains missing prerequisites."""
     import jax
 
     from mmjax.train.loop import check_workdir_writable, train
@@ -311,7 +315,7 @@ def run_pipeline(
     check_workdir_writable(root)
     lock = WorkdirLock(root).acquire(force=force_unlock, log=log) if is_main else None
     try:
-        ensure_prerequisites(pipeline.requires, list(cfgs.values()), base_dir, log,
+        ensure_prerequisites(pipeline.requires, list(cfgs.values()), base_dir, log, run=run,
                              mesh_spec=mesh_spec, json_output=json_output, force_unlock=force_unlock)
         record = _read_record(root)
         results: dict[str, StageResult] = {}

@@ -181,6 +181,9 @@ def test_prerequisites_are_trained_only_when_read_and_unfinished(tmp_path, monke
         ensure_prerequisites(reqs[1:], [ExperimentConfig(init_from=str(unread))], str(tmp_path), logs.append)
     # ... and otherwise trains it from its file (here missing: a clear error, nothing written)
     monkeypatch.setenv("MMJAX_TRAIN_PREREQUISITES", "train")
+    from mmjax.train import run
+
     with pytest.raises(Exception, match="missing_file.py"):
-        ensure_prerequisites(reqs[1:], [ExperimentConfig(init_from=str(unread))], str(tmp_path), logs.append)
+        ensure_prerequisites(reqs[1:], [ExperimentConfig(init_from=str(unread))], str(tmp_path), logs.append,
+                             run=run)
     assert not unread.exists()
