@@ -399,5 +399,13 @@ def import_peft() -> Any:
     return peft
 
 
-__all__ = ["Adapter", "adapter_from_peft", "load_adapter", "export_adapter", "read_adapter_dir",
-           "LoraModule", "PeftReference", "RULES"]
+__all__ = [
+    "RULES",
+    "Adapter",
+    "LoraModule",
+    "PeftReference",
+    "adapter_from_peft",
+    "export_adapter",
+    "load_adapter",
+    "read_adapter_dir",
+]

@@ -322,5 +322,17 @@ def unmerge(merged: Mapping[str, Any], adapter: Mapping[str, Any], cfg: LoraConf
     return _rebuild(params, unfold)
 
 
-__all__ = ["LoraConfig", "lora", "init_lora", "check_targets", "merge", "unmerge", "lora_params",
-           "lora_modules", "with_lora", "without_lora", "LORA_A", "LORA_B"]
+__all__ = [
+    "LORA_A",
+    "LORA_B",
+    "LoraConfig",
+    "check_targets",
+    "init_lora",
+    "lora",
+    "lora_modules",
+    "lora_params",
+    "merge",
+    "unmerge",
+    "with_lora",
+    "without_lora",
+]

@@ -21,14 +21,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
+from support import randomise_torch  # noqa: E402
 
 from mmjax import cli  # noqa: E402
 from mmjax.convert import from_hf, read_hf  # noqa: E402
 from mmjax.convert import peft as peft_io  # noqa: E402
 from mmjax.errors import ConfigError, InputError, UnsupportedModelError  # noqa: E402
 from mmjax.nn import lora as L  # noqa: E402
-
-from support import randomise_torch  # noqa: E402
 
 TOL = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -124,7 +123,7 @@ def test_opt_adapter_both_ways(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["model_type"] == "opt" and report["max_abs_diff"] < TOL
     assert report["adapter"]["num_modules"] == 6 * 2 + 2
-    module, params = from_hf(base_dir)
+    _, params = from_hf(base_dir)
     config = read_hf(base_dir)[2]
     full, adapter = peft_io.load_adapter(path, params, config, "opt")
     assert full["project_in"]["lora_a"].shape == (32, 2)
@@ -143,7 +142,7 @@ def test_adapter_changes_the_model(saved):
     base, base_dir, adapters = saved
     model, path = adapters["lora"]
     module, params = from_hf(base_dir)
-    converter, hf_config, config, _ = read_hf(base_dir)
+    config = read_hf(base_dir)[2]
     full, adapter = peft_io.load_adapter(path, params, config, "llama")
     tokens = _tokens(1)
     ref = _torch_logits(model, tokens)
@@ -160,8 +159,8 @@ def test_export_roundtrip(saved, tmp_path):
     written tensors equal peft's own file."""
     base, base_dir, adapters = saved
     model, path = adapters["lora"]
-    module, params = from_hf(base_dir)
-    _, _, config, _ = read_hf(base_dir)
+    _, params = from_hf(base_dir)
+    config = read_hf(base_dir)[2]
     full, adapter = peft_io.load_adapter(path, params, config, "llama")
     out = str(tmp_path / "exported")
     written = peft_io.export_adapter(full, adapter.config, config, out)
