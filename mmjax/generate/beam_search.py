@@ -12,6 +12,11 @@ parents' cache rows. A row stops once it has `num_beams` finished hypotheses and
 beam, scored at its current length, does not beat the worst of them (Hugging Face's default
 `early_stopping=False` heuristic); all stop at `max_new_tokens`, where live beams compete as if
 finished. The best hypothesis per row is returned.
+
+`extra` (the `prefill_inputs` of `mmjax.generate.generate`, e.g. BLIP's / LLaVA's images) goes
+to the prompt's prefill call only, once per row; whatever the prefill stores in the cache
+(BLIP's image embeddings, LLaVA's image keys/values) is repeated per beam with the rest of the
+cache and gathered with its beam, so the decoding steps read their own row's image.
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ def beam_search_fn(model, config, eos: tuple[int, ...]):
     def norm(score, length):
         return score / (length.astype(jnp.float32) ** lp)
 
-    def run(params, tokens, mask, rng):
+    def run(params, tokens, mask, rng, extra=None):
         del rng
         TRACE_COUNT["beam"] += 1
         b, t = tokens.shape
         total = t + n_new
         cache = model.init_cache(b, total)
-        logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache)
+        logits, cache = model.apply({"params": params}, tokens, input_mask=mask, cache=cache,
+                                    **(extra or {}))
         cache = _map_rows(cache, lambda x, axis: jnp.repeat(x, k, axis=axis))
         logits = jnp.repeat(logits[:, -1], k, axis=0)  # [b*k, V]
         vocab = logits.shape[-1]

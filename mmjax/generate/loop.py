@@ -16,7 +16,7 @@ the `Llama` calling convention (`tokens, input_mask=, cache=` -> `(logits, cache
 
 `prefill_inputs` are extra keyword inputs of the prompt's prefill call only (LLaVA's images:
 `generate(llava, params, prompts, gen, prefill_inputs={"images": pixels})`, the prompts holding
-the image tokens); the decoding steps call the model without them. A model with a
+the image tokens); the decoding steps call the model without them. Beam search takes them too. A model with a
 `check_prefill_inputs(tokens, input_mask, **prefill_inputs)` method has it run on the concrete,
 left-padded prompt before the jitted program (checks that need concrete values, such as
 LLaVA's image-token count).
@@ -108,7 +108,8 @@ def generate(
       `mask_ar` zeros; PaliGemma-style) or, False, causally (BLIP-2 / LLaVA feed their image
       tokens causally). Greedy and sampling; beam search takes no prefix yet.
     prefill_inputs: extra keyword inputs of the model's prefill call (e.g. `{"images": pixels}`
-      for LLaVA), not passed to the decoding steps. Greedy and sampling; not with a prefix.
+      for LLaVA), not passed to the decoding steps. Greedy, sampling and beam search (each
+      row's prefill is repeated per beam); not with a prefix.
     """
     tokens, mask = prepare_prompts(prompts, config, model.config.vocab_size)
     n_prefix = 0
@@ -127,9 +128,6 @@ def generate(
     if extra:
         if prefix_embeddings is not None:
             raise InputError("pass prefix_embeddings or prefill_inputs, not both")
-        if config.num_beams > 1:
-            raise InputError(f"prefill_inputs ({', '.join(extra)}): beam search takes no extra "
-                             "prefill inputs yet; use num_beams=1 (greedy or sampling)")
         check = getattr(model, "check_prefill_inputs", None)
         if check is not None:
             check(tokens, mask, **extra)

@@ -90,6 +90,3 @@ def test_prefill_inputs_are_checked_before_the_program(setup):
         generate(model, params, short, gen, prefill_inputs={"images": images})
     with pytest.raises(InputError, match="the model takes 16x16"):
         generate(model, params, [_prompt([1], [3])], gen, prefill_inputs={"images": images[:1, :8, :8]})
-    with pytest.raises(InputError, match="beam search"):
-        generate(model, params, [_prompt([1], [3])], gen.replace(num_beams=2),
-                 prefill_inputs={"images": images[:1]})
