@@ -42,7 +42,7 @@ def tiny(dim, layers, seed, vocab=VOCAB, heads=4, scale=1.0):
 
 @pytest.fixture(scope="module")
 def models():
-    target, tparams = tiny(32, 2, 0)
+    target, tparams = tiny(32, 1, 0)
     draft, dparams = tiny(16, 1, 1)  # smaller, unrelated: rejects almost everything
     # the target's own module with perturbed weights: accepts some tokens, rejects others
     rng = np.random.default_rng(7)
@@ -51,8 +51,8 @@ def models():
     return target, tparams, draft, dparams, noisy
 
 
-# token 55 ends some rows early under the plain loop (asserted below), so EOS handling is exercised
-GREEDY = GenerationConfig(max_new_tokens=NEW, eos_token_id=55)
+# token 47 ends some rows early under the plain loop (asserted below), so EOS handling is exercised
+GREEDY = GenerationConfig(max_new_tokens=NEW, eos_token_id=47)
 
 
 def test_greedy_batch_left_padded_matches_plain(models):
@@ -66,6 +66,8 @@ def test_greedy_batch_left_padded_matches_plain(models):
         np.testing.assert_array_equal(out.lengths, ref.lengths)
         np.testing.assert_allclose(out.scores, ref.scores, atol=1e-4)
         rates.append(out.acceptance_rate)
+        if dp is noisy:  # rows kept different counts: the masked-hole path ran
+            assert len(set(out.accepted.tolist())) > 1, out.accepted
     # unrelated draft < perturbed target (rows accept different counts) < the target itself
     assert rates[0] < 0.3 and 0.2 < rates[1] < 0.95 and rates[2] == 1.0, rates
     # draft == target: every round keeps k + 1 tokens
@@ -113,7 +115,7 @@ def test_one_compiled_program(models):
 
 def test_accept_rule_gives_target_distribution():
     """One round with fixed p, q (k = 2): the first emitted token must follow p_1."""
-    v, k, n = 6, 2, 200_000
+    v, k, n = 6, 2, 100_000
     p = jnp.array([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]] * (k + 1))
     q = jnp.array([[0.05, 0.1, 0.1, 0.15, 0.2, 0.4], [0.3, 0.1, 0.1, 0.2, 0.2, 0.1]])
     r_draft, r_acc = jax.random.split(jax.random.key(0))
@@ -121,14 +123,14 @@ def test_accept_rule_gives_target_distribution():
     bp, bq = jnp.broadcast_to(p, (n, k + 1, v)), jnp.broadcast_to(q, (n, k, v))
     nacc, y = jax.jit(speculative_accept)(bp, bq, drafts.astype(jnp.int32), r_acc)
     first = np.bincount(np.asarray(y[:, 0]), minlength=v) / n
-    assert np.abs(first - np.asarray(p[0])).max() < 0.005  # sd of a frequency here <= 0.0011
+    assert np.abs(first - np.asarray(p[0])).max() < 0.006  # sd of a frequency here <= 0.0016
     # the second token, where the first was accepted, follows p_2 too
     second = np.asarray(y[:, 1])[np.asarray(nacc) >= 1]
     freq2 = np.bincount(second, minlength=v) / len(second)
     assert np.abs(freq2 - np.asarray(p[1])).max() < 0.01
     # the acceptance rate is sum(min(p, q)) per position
     rate = float(np.mean(np.asarray(nacc) >= 1))
-    assert abs(rate - float(jnp.minimum(p[0], q[0]).sum())) < 0.005
+    assert abs(rate - float(jnp.minimum(p[0], q[0]).sum())) < 0.006
     # a wrong rule (keep every draft token) would be far off: the test can fail
     assert np.abs(np.asarray(q[0]) - np.asarray(p[0])).max() > 0.1
 
