@@ -221,8 +221,9 @@ def init_lora(module: nn.Module, params: Mapping[str, Any], cfg: LoraConfig, rng
         size = int(np.prod(a.shape))
         piece = flat[start:start + size].reshape(a.shape)
         start += size
-        if cfg.init != "gaussian":
-            piece = piece / math.sqrt(int(np.prod(a.shape[:-1])))
+        if cfg.init != "gaussian":  # fan_in: the kernel's input dims (a stack's layer dim aside)
+            n = _stacked_dims(a.shape, b.shape, np.shape(_node(params, path)["kernel"])) or 0
+            piece = piece / math.sqrt(int(np.prod(a.shape[n:-1])))
         leaf = new
         for k in path.split("/"):
             leaf = leaf.setdefault(k, {})
@@ -266,6 +267,26 @@ def without_lora(params: Mapping[str, Any]) -> dict[str, Any]:
     return _rebuild(params, lambda p, node: {k: v for k, v in node.items() if k not in (LORA_A, LORA_B)})
 
 
+def _stacked_dims(a_shape, b_shape, k_shape) -> int | None:
+    """How many leading dims `lora_a`, `lora_b` and the kernel share as a stack (0 for a plain
+    layer, 1 for `scan_layers`' [layers, ...] params); None when the shapes do not fit
+    (a: lead + in + (r,), b: lead + (r,) + out, kernel: lead + in + out)."""
+    a_shape, b_shape, k_shape = tuple(a_shape), tuple(b_shape), tuple(k_shape)
+    for n in range(min(len(a_shape), len(b_shape)) - 1):
+        if (a_shape[:n] == b_shape[:n] == k_shape[:n] and a_shape[-1] == b_shape[n]
+                and a_shape[n:-1] + b_shape[n + 1:] == k_shape[n:]):
+            return n
+    return None
+
+
+def _node(tree: Mapping[str, Any], path: str) -> Any:
+    for k in path.split("/"):
+        tree = tree.get(k) if isinstance(tree, Mapping) else None
+        if tree is None:
+            return None
+    return tree
+
+
 def with_lora(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with the LoRA leaves of `adapter` (same nesting) added beside the kernels;
     InputError when an adapter module has no kernel in `base` or the shapes disagree."""
@@ -283,15 +304,20 @@ def with_lora(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, 
             raise InputError(f"LoRA weights for {name}, which has no kernel in the base params")
         a, b, kernel = node[LORA_A], node[LORA_B], target["kernel"]
         k_shape = tuple(np.shape(kernel))
-        if tuple(np.shape(a)[:-1]) + tuple(np.shape(b)[1:]) != k_shape or np.shape(a)[-1] != np.shape(b)[0]:
+        if _stacked_dims(np.shape(a), np.shape(b), k_shape) is None:
             raise InputError(f"LoRA weights for {name}: lora_a {tuple(np.shape(a))} x lora_b "
                              f"{tuple(np.shape(b))} do not fit the kernel {k_shape}")
         target[LORA_A], target[LORA_B] = a, b
     return out
 
 
-def _delta(a, b, scale):
-    return scale * jnp.tensordot(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), axes=1)
+def _delta(a, b, kernel, scale):
+    """scale * A.B in the kernel's shape, in float32 (per layer for a stacked kernel)."""
+    n = _stacked_dims(np.shape(a), np.shape(b), np.shape(kernel))
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    lead, r = a.shape[:n], a.shape[-1]
+    ab = jnp.matmul(a.reshape(lead + (-1, r)), b.reshape(lead + (r, -1)))
+    return scale * ab.reshape(np.shape(kernel))
 
 
 def merge(params: Mapping[str, Any], cfg: LoraConfig) -> dict[str, Any]:
@@ -301,7 +327,7 @@ def merge(params: Mapping[str, Any], cfg: LoraConfig) -> dict[str, Any]:
         if LORA_A not in node:
             return node
         kernel = node["kernel"]
-        new = jnp.asarray(kernel, jnp.float32) + _delta(node[LORA_A], node[LORA_B], cfg.scale)
+        new = jnp.asarray(kernel, jnp.float32) + _delta(node[LORA_A], node[LORA_B], kernel, cfg.scale)
         out = {k: v for k, v in node.items() if k not in (LORA_A, LORA_B)}
         out["kernel"] = new.astype(jnp.asarray(kernel).dtype)
         return out
@@ -317,7 +343,7 @@ def unmerge(merged: Mapping[str, Any], adapter: Mapping[str, Any], cfg: LoraConf
         if LORA_A not in node:
             return node
         kernel = node["kernel"]
-        new = jnp.asarray(kernel, jnp.float32) - _delta(node[LORA_A], node[LORA_B], cfg.scale)
+        new = jnp.asarray(kernel, jnp.float32) - _delta(node[LORA_A], node[LORA_B], kernel, cfg.scale)
         return {**node, "kernel": new.astype(jnp.asarray(kernel).dtype)}
     return _rebuild(params, unfold)
 

@@ -229,6 +229,33 @@ def test_init_equals_base_merge_and_dropout(saved):
                                   trained["layers_1"]["mlp"]["down"]["lora_b"])
 
 
+def test_scanned_layers():
+    """LoRA through nn.scan + remat (params [layers, ...]): the leaves stack like the kernels,
+    merged == unmerged."""
+    import flax.linen as nn
+
+    from mmjax.models import build_model
+
+    module, _ = build_model("llama", dict(vocab_size=64, dim=32, num_layers=2, num_heads=4,
+                                          num_kv_heads=2, mlp_dim=48, max_len=32,
+                                          scan_layers=True, remat=True))
+    tokens = jnp.asarray(_tokens(7, seq=8) % 64, jnp.int32)
+    params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), tokens)["params"])
+    cfg = L.LoraConfig(targets=(r"attn/(query|out)$",), r=4, alpha=8)
+    full = L.init_lora(module, params, cfg, jax.random.key(1), tokens)
+    attn = full["layers"]["block"]["attn"]
+    assert attn["query"]["lora_a"].shape == (2, 32, 4) and attn["out"]["lora_a"].shape == (2, 4, 8, 4)
+    assert np.abs(attn["query"]["lora_a"]).max() <= 1 / np.sqrt(32)  # fan_in 32, not 2 * 32
+    b = attn["out"]["lora_b"]
+    attn["out"]["lora_b"] = jnp.asarray(np.random.default_rng(0).normal(size=b.shape) * 0.2, b.dtype)
+    plain = jax.jit(lambda p, t: module.apply({"params": p}, t))
+    with L.lora(cfg), jax.default_matmul_precision("highest"):
+        unmerged = np.asarray(jax.jit(lambda p, t: module.apply({"params": p}, t))(full, tokens))
+    with jax.default_matmul_precision("highest"):
+        assert np.abs(unmerged - np.asarray(plain(params, tokens))).max() > 0.05
+        np.testing.assert_allclose(np.asarray(plain(L.merge(full, cfg), tokens)), unmerged, atol=1e-5)
+
+
 def test_bad_lora_config(saved):
     _, base_dir, _ = saved
     module, params = from_hf(base_dir)
