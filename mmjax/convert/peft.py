@@ -193,6 +193,9 @@ def _module_rules(config: Any, model_type: str) -> tuple[dict[str, TensorRule], 
         else:
             other[name] = ("an MoE expert" if rule.expert >= 0 else
                            f"a {rule.kind!r} tensor ({'/'.join(rule.path)}), not a linear projection")
+    if getattr(config, "tie_embeddings", False) and "lm_head" not in mappable:
+        other["lm_head"] = ("tied to the input embedding (tie_word_embeddings): mmjax computes the "
+                            "head from the embedding table")
     return mappable, other
 
 
