@@ -17,6 +17,14 @@ InputError ("Image features and image tokens do not match ..."; exit 2 at the CL
 
     answers = generate_text("workdirs/llava_digits", "<image>\nIs the digit even or odd?",
                             images=["seven.png"])
+
+An image captioner (a BLIP with task="caption", e.g. a `blip` task workdir, which loads as its
+captioner: `mmjax.train.inference`) takes the image into its prefill instead of image tokens:
+one image per prompt (one prompt goes with every image), the prompt the caption's prefix as in
+BLIP ("" or "a picture of"), after [DEC]; the caption stops at [SEP] or at the model's context
+(max_new_tokens is capped there). Returns prefix + continuation, the words joined by spaces.
+
+    captions = generate_text("workdirs/blip_capfilt/noisy", "", images=["seven.png"], num_beams=3)
 """
 
 from __future__ import annotations
@@ -66,6 +74,10 @@ def generate_text(
         raise InputError(f"{workdir} has no {WORKDIR_TOKENIZER_FILE}: generating text needs the "
                          "tokenizer the run was trained with (copy it back into the workdir)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if _is_captioner(model):
+        return _caption(model, params, tokenizer, prompts, images, seed,
+                        dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, num_beams=num_beams))
     template, system = _chat_template(workdir)
     vision = getattr(model.config, "image_seq_length", None)
     if images and vision is None:
@@ -115,6 +127,45 @@ def generate_text(
         # Decode prompt and continuation together: sentencepiece drops the word-boundary
         # space of a sequence's first piece, which would glue the continuation to the prompt.
         texts.append(tokenizer.decode([t for t in prompt_ids if t != bos] + new))
+    return texts
+
+
+def _is_captioner(model) -> bool:
+    """A model that reads its image in the prefill and has no image tokens (BLIP caption)."""
+    c = model.config
+    return (getattr(c, "task", None) == "caption" and hasattr(c, "vision")
+            and getattr(c, "image_seq_length", None) is None)
+
+
+def _caption(model, params, tokenizer, prompts, images, seed, gen) -> list[str]:
+    """Captions of `images` continuing `prompts` (see the module docstring)."""
+    from mmjax.generate import GenerationConfig, generate
+
+    if not images:
+        raise InputError(f"{type(model).__name__} (task='caption') captions images: give --image "
+                         "(the prompt, possibly \"\", is the caption's beginning)")
+    pixels = _load_images(images, model.config)
+    if len(prompts) == 1:
+        prompts = prompts * len(pixels)
+    if len(prompts) != len(pixels):
+        raise InputError(f"{len(prompts)} prompts and {len(pixels)} images: give one prompt per "
+                         "image, or one for all")
+    ids = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
+    room = model.config.max_len - max(len(r) for r in ids)
+    if room <= 0:
+        raise InputError(f"the prompt leaves no room in the captioner's context of "
+                         f"{model.config.max_len} tokens")
+    eos = tokenizer.eos_id
+    config = GenerationConfig(**{**gen, "max_new_tokens": min(gen["max_new_tokens"], room)},
+                              eos_token_id=(eos,), pad_token_id=max(tokenizer.pad_id, 0))
+    out = generate(model, params, ids, config, rng=jax.random.key(seed),
+                   prefill_inputs={"images": pixels})
+    texts = []
+    for prompt_ids, row, n in zip(ids, np.asarray(out.tokens), np.asarray(out.lengths)):
+        new = [int(t) for t in row[: int(n)]]
+        if eos in new:
+            new = new[: new.index(eos)]
+        texts.append(tokenizer.decode(prompt_ids[1:] + new))
     return texts
 
 

@@ -78,14 +78,17 @@ retrieval, `itm_accuracy` (positives vs captions of another class, p(match) > 0.
 `itm_pair_accuracy` (how often an image's own caption outscores the other one: threshold-free,
 0.5 for a text-blind head), `caption_accuracy` (the greedy caption names the image's class),
 `val_loss` (the step's loss).
-Limits: one process (the pairs are not sharded over hosts); the workdir's params are this
-composite tree, so `mmjax generate` / `load_for_inference` cannot load them as one `Blip`.
+Inference: the workdir's params are this composite tree; `mmjax generate` /
+`load_for_inference` load it as the captioner, one `Blip` with task="caption"
+(`mmjax.train.inference.blip_caption_params`), with the caption vocabulary the task writes to
+`caption_vocab.json`. Limits: one process (the pairs are not sharded over hosts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -109,6 +112,7 @@ from mmjax.ops.blip_losses import (
 )
 from mmjax.tasks import image_data
 from mmjax.tasks.image_data import ImageDataConfig
+from mmjax.train.inference import BLIP_VOCAB_FILE, blip_caption_params
 from mmjax.train.task import Task
 
 TEMP_RANGE = (0.001, 0.5)
@@ -259,6 +263,9 @@ class BlipTask(Task):
         self._jit_itm = jax.jit(self._match_prob)
         self._jit_caption = jax.jit(self._greedy)
         self._start_params = jax.device_get(load_params(self, d.start_from)) if d.start_from else None
+        if os.path.isdir(workdir) and jax.process_index() == 0:  # for mmjax generate (load_for_inference)
+            with open(os.path.join(workdir, BLIP_VOCAB_FILE), "w") as f:
+                json.dump({"words": list(tok.words), "enc_id": self.enc_id, "dec_id": self.dec_id}, f)
 
     # --- data -------------------------------------------------------------------------------
     def _load_pairs(self) -> None:
@@ -331,14 +338,7 @@ class BlipTask(Task):
         """(the retrieval module's params, the caption module's params) from the shared tree."""
         retrieval = {"vision": params["vision"], "text_encoder": params["text_encoder"],
                      **{k: params[k] for k in _HEADS}}
-        if self.cfg.data.share_text:
-            decoder = dict(params["text_encoder"])
-            for name, own in params["decoder"].items():
-                decoder[name] = {**params["text_encoder"][name], **own}
-        else:
-            decoder = params["decoder"]
-        caption = {"vision": params["vision"], "text_decoder": decoder, **{k: params[k] for k in _LM_HEADS}}
-        return retrieval, caption
+        return retrieval, blip_caption_params(params, self.cfg.data.share_text)
 
     def temperature(self, params) -> jax.Array:
         return jnp.clip(params["itc_temp"], *TEMP_RANGE)
@@ -542,7 +542,6 @@ class BlipTask(Task):
 
 def load_params(task: BlipTask, workdir: str) -> Any:
     """The shared param tree (unboxed) of a `blip` training workdir's latest checkpoint."""
-    import os
 
     import orbax.checkpoint as ocp
 

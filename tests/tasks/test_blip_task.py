@@ -16,6 +16,7 @@ TINY = ["model.vision.dim=32", "model.vision.mlp_dim=64", "model.vision.num_laye
         "model.text.dim=32", "model.text.mlp_dim=64", "model.text.num_layers=1",
         "model.text.encoder_width=32", "data.batch_size=16", "optimizer.warmup_steps=2",
         "optimizer.learning_rate=3e-3", "checkpoint_every=0"]
+EVAL_LIMIT = "data.eval_limit=64"  # the module run evaluates on 64 of the 559 held-out images
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def capfilt_run(tmp_path_factory):
     from mmjax.cli import main
 
     root = str(tmp_path_factory.mktemp("blip") / "capfilt")
-    sets = [*TINY, "noisy.log_every=1", "noisy.eval_at_start=True", "noisy.steps=30", "filter.steps=2",
+    sets = [*TINY, EVAL_LIMIT, "noisy.log_every=1", "noisy.eval_at_start=True", "noisy.steps=30", "filter.steps=2",
             "filter.log_every=1", "captioner.steps=2", "capfilt.steps=2"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -162,3 +163,46 @@ def test_blip_fine_tune_starts_from_a_workdir_and_trains_on_the_clean_pairs(blip
     assert any("itm_loss" in r for r in rows) and not any("lm_loss" in r for r in rows)
     m = json.load(open(os.path.join(root, "pipeline.json")))["stages"]["filter"]["metrics"]
     assert 0.0 <= m["itm_pair_accuracy"] <= 1.0
+
+
+def test_blip_workdir_captions_as_one_blip_with_mmjax_generate(blip_run, tmp_path, capsys):
+    """load_for_inference / `mmjax generate --image` on a blip task workdir: the shared tree
+    rearranged into one caption Blip, whose greedy caption is the task's own; a prompt is the
+    caption's prefix; beam search runs on it too."""
+    from PIL import Image
+
+    from mmjax.cli import main
+    from mmjax.data.digits_vqa import load_digits_vqa
+    from mmjax.tasks.blip import load_params
+    from mmjax.textgen import _load_images
+    from mmjax.train import load_for_inference
+    from mmjax.train.experiment import load_experiment
+    from mmjax.train.task import build_task
+
+    wd, _ = blip_run
+    model, params, tok = load_for_inference(wd)
+    assert type(model).__name__ == "Blip" and model.config.task == "caption"
+    assert set(params) == {"vision", "text_decoder", "lm_transform", "lm_norm", "lm_bias"}
+    raw = load_digits_vqa(32).test.raw
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"digit{i}.png"))
+        Image.fromarray(raw[i]).save(paths[-1])
+    task = build_task(load_experiment(BLIP_CAPFILT, TINY), str(tmp_path / "t"), lambda s: None)
+    want = task.captions(load_params(task, wd), _load_images(paths, model.config))
+
+    def generate(*extra):
+        args = ["generate", "--workdir", wd, "--image", paths[0], "--image", paths[1], "--json", *extra]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)["completions"]
+
+    assert generate("--prompt", "") == want
+    assert all(want) and {w for c in want for w in c.split()} <= set(tok.words)
+    prefix = " ".join(want[0].split()[:2])  # the caption's own first words as the prefix: the same caption
+    assert generate("--prompt", prefix)[0] == want[0]
+    beams = generate("--prompt", "a photo of", "--num-beams", "3")
+    assert len(beams) == 2 and all(b.startswith("a photo of") for b in beams)
+    assert main(["generate", "--workdir", wd, "--prompt", ""]) == 2
+    assert "--image" in capsys.readouterr().err
+    assert main(["generate", "--workdir", wd, "--prompt", "a zebra", "--image", paths[0]]) == 2
+    assert "zebra" in capsys.readouterr().err
