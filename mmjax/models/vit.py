@@ -460,13 +460,20 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False,
-                 interpolate_pos_encoding: bool = False):
+                 interpolate_pos_encoding: bool = False, keep: jax.Array | None = None,
+                 keep_valid: jax.Array | None = None):
         """
         Args:
           images: [batch, height, width, channels] float, already rescaled and normalised.
           return_intermediates: also return a dict of named activations (module docstring).
           interpolate_pos_encoding: accept any height/width divisible by the patch size,
             resampling learned positions bicubically to that grid (sin-cos ones are recomputed).
+          keep: [batch, K] int patch indices (row-major): only these patches, with their
+            positions, enter the encoder (I-JEPA's context encoder, MAE); needs
+            class_token=False. Token order follows `keep`.
+          keep_valid: [batch, K] bool, False at padding entries of `keep` (fixed-shape batches
+            of lists of different lengths): padded tokens are never attended to and the "gap"
+            pooling averages the valid ones only.
         Returns:
           logits [batch, num_classes] float32 when num_classes > 0, else the pooled features
           [batch, features_dim] float32; then the intermediates dict if asked.
@@ -491,6 +498,17 @@ class ViT(nn.Module):
             if grid != c.grid:
                 table = resample_posemb(table, c.grid, grid, num_prefix_tokens=c.num_prefix_tokens)
             x = x + table[None]
+        if keep is not None:
+            if c.class_token:
+                raise InputError("ViT(keep=...) selects patches of a model without [CLS]; this one has "
+                                 "class_token=True")
+            if keep.ndim != 2 or keep.shape[0] != b or not jnp.issubdtype(keep.dtype, jnp.integer):
+                raise InputError(f"keep must be [batch={b}, K] integer patch indices, got shape "
+                                 f"{tuple(keep.shape)} dtype {keep.dtype}")
+            x = jnp.take_along_axis(x, keep[:, :, None].astype(jnp.int32), axis=1)
+        elif keep_valid is not None:
+            raise InputError("keep_valid needs keep")
+        attn_mask = None if keep_valid is None else keep_valid[:, None, None, :].astype(bool)
         if c.pre_norm:
             x = LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="pre_norm")(x)
         x = constrain(x, BATCH_LEN_EMBED)
@@ -498,12 +516,15 @@ class ViT(nn.Module):
         layers = make_layers(vit_block_spec(c), c.num_layers, scan=c.scan_layers,
                              remat=c.remat_policy if c.remat else "none")
         embedded = x
-        x, hidden, _ = run_layers(layers, x, keep_hidden=return_intermediates)
+        x, hidden, _ = run_layers(layers, x, mask=attn_mask, keep_hidden=return_intermediates)
         hidden_states = (embedded,) + hidden
         encoded = LayerNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
 
         if c.pool == "cls":
             pooled = encoded[:, 0]
+        elif c.pool == "gap" and keep_valid is not None:
+            w = keep_valid.astype(jnp.float32)[..., None]
+            pooled = (jnp.sum(encoded.astype(jnp.float32) * w, 1) / jnp.maximum(w.sum(1), 1.0)).astype(dtype)
         elif c.pool == "gap":
             pooled = jnp.mean(encoded[:, c.num_prefix_tokens:].astype(jnp.float32), axis=1).astype(dtype)
         else:  # map

@@ -33,6 +33,7 @@ TASKS: dict[str, str] = {
     "sft": "mmjax.tasks.sft:SFTTask",
     "blip": "mmjax.tasks.blip:BlipTask",
     "blip2": "mmjax.tasks.blip2:Blip2Stage1Task",
+    "ijepa": "mmjax.tasks.ijepa:IJepaTask",
 }
 
 
