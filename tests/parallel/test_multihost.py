@@ -122,7 +122,7 @@ EXPERIMENT = textwrap.dedent('''
     def get_config():
         return ExperimentConfig(
             name="multihost", task="synthetic_lm", parallelism={parallelism!r},
-            model=LlamaConfig(vocab_size=128, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+            model=LlamaConfig(vocab_size=128, dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
                               mlp_dim=64, max_len=32),
             data=SyntheticDataConfig(seq_len=16, batch_size=8, seed=0),
             optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
