@@ -372,8 +372,11 @@ class BlipTask(Task):
         if d.queue_size:
             dim = self.model_config.embed_dim
             k1, k2 = jax.random.split(jax.random.PRNGKey(d.seed))
-            unit = lambda k: (lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True))(  # noqa: E731
-                jax.random.normal(k, (d.queue_size, dim), jnp.float32))
+
+            def unit(key):  # random unit vectors, ALBEF's initial queue
+                x = jax.random.normal(key, (d.queue_size, dim), jnp.float32)
+                return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
             state.update(image_queue=unit(k1), text_queue=unit(k2),
                          class_queue=jnp.full((d.queue_size,), -1, jnp.int32), ptr=jnp.zeros((), jnp.int32))
         return state
