@@ -116,8 +116,8 @@ def test_momentum_itc_loss_is_albef_on_a_hand_example():
     assert got == pytest.approx(ref(hard), rel=1e-5)
 
 
-def test_stop_and_resume_with_momentum_on_a_mesh_equals_one_run(tmp_path):
-    """BLIP with the momentum encoder + queue, sharded over data=8 (the test's host devices):
+def test_stop_and_resume_with_momentum_equals_one_run(tmp_path):
+    """BLIP with the momentum encoder + queue (one device: the mesh layout is the next test's):
     2 steps, stop, resume to step 4 gives the losses of 4 straight steps (the queue and the EMA
     come back from the checkpoint, which holds them). Both stop at 4 of a 6-step schedule, so
     no final evaluation is paid for."""
@@ -126,7 +126,7 @@ def test_stop_and_resume_with_momentum_on_a_mesh_equals_one_run(tmp_path):
     from mmjax.train.errors import IncompatibleCheckpointError
 
     over = [*TINY, *MOMENTUM, "data.lm_weight=0.0"]  # ITC + ITM: a smaller program to compile
-    kw = dict(phase="noisy", steps=6, mesh="data=-1", overrides=over)
+    kw = dict(phase="noisy", steps=6, overrides=over)
     straight = run(BLIP_CAPFILT, workdir=str(tmp_path / "a"), stop_at=4, **kw)
     first = run(BLIP_CAPFILT, workdir=str(tmp_path / "b"), stop_at=2, **kw)
     assert first["stopped"] == "--stop-at 2"
