@@ -50,26 +50,41 @@ def corpus(tmp_path_factory):
 # long tests (the notebooks, the multi-host run) came last and one worker ran them alone at the
 # end. Here the files known to be long go first, longest first (the many short files then fill in
 # behind them, so both workers finish together), and the notebook tests, which share no fixture,
-# are one unit each so the two workers split them. The seconds are the files' summed test
-# durations in a loaded full run (docs/testing.md); a file not listed keeps xdist's order after
-# the listed ones, so a stale table costs balance, never a test.
+# are one unit each so the two workers split them. The seconds: the files' summed durations of
+# the 80 slowest tests of a loaded full run (2026-12-01, divided by its 4x slowdown; the notebooks
+# and multi-host after their cuts); a file not listed keeps xdist's order after the listed ones,
+# so a stale table costs balance, never a test.
 _NB = "tests/cli/test_notebooks.py::test_notebook_runs_and_renders_its_figure"
 LONG_FIRST = {  # scope (a file, or one test of SPLIT_FILES) -> seconds
-    "tests/tasks/test_blip2_task.py": 92,
-    "tests/train/test_faults.py": 85,
-    "tests/parallel/test_multihost.py": 67,
-    "tests/parity/test_convert_blip2.py": 60,
-    f"{_NB}[blip2]": 60,
-    "tests/tasks/test_visual_sft.py": 54,
-    f"{_NB}[clip]": 45,
-    f"{_NB}[llava]": 45,
-    "tests/tasks/test_blip_task.py": 45,
-    "tests/parity/test_convert_blip.py": 44,
-    "tests/parity/test_convert_bert.py": 42,
-    "tests/models/test_bert.py": 33,
-    "tests/tasks/test_sft.py": 29,
-    "tests/test_rag.py": 25,
-    f"{_NB}[minilm]": 19,
+    "tests/parallel/test_parallel_presets.py": 143,
+    "tests/train/test_train_step.py": 129,
+    "tests/nn/test_transformer.py": 126,
+    "tests/models/test_vit_clip_stack.py": 105,
+    "tests/train/test_faults.py": 89,
+    "tests/kernels/test_ring_attention.py": 71,
+    "tests/generate/test_beam_search.py": 62,
+    "tests/tasks/test_blip2_task.py": 60,
+    "tests/train/test_train_budget.py": 57,
+    "tests/parity/test_convert_blip2.py": 53,
+    "tests/models/test_llama_embeddings.py": 51,
+    "tests/models/test_llama_model.py": 49,
+    "tests/models/test_blip.py": 48,
+    "tests/convert/test_cli_convert.py": 40,
+    "tests/eval/test_perplexity.py": 40,
+    "tests/train/test_train_resume.py": 39,
+    "tests/tasks/test_visual_sft.py": 38,
+    "tests/parallel/test_multihost.py": 34,
+    "tests/parallel/test_preset_two_towers.py": 37,
+    f"{_NB}[blip2]": 32,
+    "tests/eval/test_sentence_embeddings.py": 30,
+    "tests/tasks/test_blip_task.py": 30,
+    "tests/parallel/test_parallel_resume.py": 27,
+    "tests/models/test_blip2.py": 27,
+    "tests/generate/test_generate.py": 27,
+    f"{_NB}[clip]": 23,
+    f"{_NB}[llava]": 20,
+    "tests/models/test_llava.py": 21,
+    f"{_NB}[minilm]": 15,
 }
 SPLIT_FILES = ("tests/cli/test_notebooks.py",)
 
