@@ -89,6 +89,7 @@ LONG_FIRST = {  # scope (a file, or one test of SPLIT_FILES) -> seconds
 SPLIT_FILES = ("tests/cli/test_notebooks.py",)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not installed
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile":
         return None
