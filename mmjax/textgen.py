@@ -30,6 +30,7 @@ BLIP ("" or "a picture of"), after [DEC]; the caption stops at [SEP] or at the m
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -53,6 +54,7 @@ def generate_text(
     a vision-language model (see the module docstring)."""
     from mmjax.generate import GenerationConfig, generate
     from mmjax.train import load_for_inference
+    from mmjax.train.inference import resolve_workdir
 
     if not os.path.isdir(workdir):
         raise InputError(f"--workdir {workdir!r} does not exist (train first: mmjax train CONFIG)")
@@ -67,6 +69,7 @@ def generate_text(
     if num_beams < 1:
         raise InputError(f"--num-beams must be >= 1, got {num_beams}")
 
+    workdir = resolve_workdir(workdir, log=lambda m: print(m, file=sys.stderr))  # a pipeline: its last phase
     model, params, tokenizer = load_for_inference(workdir)
     if tokenizer is None:
         from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE

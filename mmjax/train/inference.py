@@ -25,13 +25,34 @@ BLIP_VOCAB_FILE = "caption_vocab.json"  # a blip workdir's caption words ({"word
 _LM_HEADS = ("lm_transform", "lm_norm", "lm_bias")
 
 
+def resolve_workdir(workdir: str, log=None) -> str:
+    """A pipeline's root (`DIR/pipeline.json`, no model of its own) -> the workdir of its last
+    finished phase (BLIP-2's stage 2, CapFilt's retrain); any other path as it is."""
+    from mmjax.train.pipeline import RECORD_FILE
+
+    record = os.path.join(workdir, RECORD_FILE)
+    if os.path.isfile(os.path.join(workdir, checkpoint.WORKDIR_MODEL_FILE)) or not os.path.isfile(record):
+        return workdir
+    with open(record) as f:
+        stages = json.load(f).get("stages", {})
+    phases = [name for name, rec in stages.items() if rec.get("done") and "fingerprint" in rec]
+    if not phases:
+        raise InputError(f"{workdir} is a pipeline root with no finished phase yet (see {record})")
+    chosen = os.path.join(workdir, phases[-1])
+    if log is not None:
+        log(f"{workdir} is a pipeline: using its last finished phase, {chosen}")
+    return chosen
+
+
 def load_for_inference(workdir: str) -> tuple[nn.Module, Any, Any]:
     """The model module, the latest checkpoint's params and the workdir's sentencepiece
     tokenizer (None when the run had none, e.g. an image classifier); a `blip` task workdir:
-    its captioner and caption tokenizer (see the module docstring).
+    its captioner and caption tokenizer (see the module docstring); a pipeline's root: its
+    last finished phase (`resolve_workdir`).
 
     Raises InputError when `workdir` is not a training workdir or holds no checkpoint.
     """
+    workdir = resolve_workdir(workdir)
     if _experiment(workdir).get("task") == "blip":
         return load_blip_captioner(workdir)
     model, _, params = checkpoint.load_workdir(workdir)

@@ -36,9 +36,10 @@ def trained(request, pydoc, tmp_path_factory):
     return tok, path, seconds
 
 
-def test_training_is_quick_and_writes_the_model(trained):
-    tok, path, seconds = trained
-    assert seconds < 5.0, f"training took {seconds:.1f}s"
+def test_training_writes_the_model(trained):
+    # no timed assertion (docs/testing.md: speed is a benchmark, not a test); the time is kept
+    # in the fixture for a person reading a failure
+    tok, path, _seconds = trained
     assert os.path.isfile(path)
     assert tok.vocab_size == VOCAB
     assert Tokenizer.load(path).serialized_model_proto() == tok.serialized_model_proto()

@@ -126,6 +126,10 @@ def test_pipeline_runs_stops_resumes_and_skips_finished_stages(toy, tmp_path, mo
     assert json.load(open(out["mid_file"]))["a_loss"] == out["a_val_loss"]
     assert json.load(open(os.path.join(root, "b", "experiment.json")))["init_from"] == os.path.join(root, "a")
     assert "resumed from" in err  # phase a continued from its step-3 checkpoint
+    # the root loads as its last finished phase (what `mmjax generate --workdir ROOT` uses)
+    from mmjax.train.inference import resolve_workdir
+
+    assert resolve_workdir(root) == os.path.join(root, "b") and resolve_workdir(pre_wd) == pre_wd
     # a rerun of a finished pipeline trains nothing and reports the same summary
     a_lines = _lines(os.path.join(root, "a", "metrics.jsonl"))
     code, again, err = _train(path, "--workdir", root, "--json")
