@@ -21,7 +21,7 @@ TINY = ["model.vision.dim=32", "model.vision.mlp_dim=64", "model.vision.num_laye
         "model.text.dim=32", "model.text.mlp_dim=64", "model.text.num_layers=1",
         "model.text.encoder_width=32", "data.batch_size=16", "optimizer.warmup_steps=2",
         "optimizer.learning_rate=3e-3", "checkpoint_every=0", "eval_at_start=False",
-        "log_every=1", "data.eval_limit=32"]
+        "log_every=1", "data.eval_limit=32", "data.photos=False"]
 MOMENTUM = ["data.momentum=0.9", "data.queue_size=40", "data.alpha=0.4"]
 
 
