@@ -29,12 +29,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from mmjax.convert import hf_io, reference
-from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activation_to_hf,
-                                apply_rules_from_hf, apply_rules_to_hf, build_config, check_architecture,
-                                check_config_keys, check_dropout, check_model_type, size_to_hf,
-                                stamp_version, tuple_sizes)
+from mmjax.convert.core import (Converter, TensorRule, activation_to_hf, apply_rules_from_hf,
+                                apply_rules_to_hf, build_config, check_architecture, check_config_keys,
+                                check_model_type, size_to_hf, stamp_version)
+from mmjax.convert.vit import _DIRECT_KEYS, encoder_config_kwargs, encoder_layer_rules
 from mmjax.convert.vit import _VIT_LAYER_NAMES as VIT_LAYER_NAMES
-from mmjax.convert.vit import encoder_layer_rules
 from mmjax.errors import UnsupportedModelError
 from mmjax.models.vit import ViTConfig
 
@@ -43,17 +42,9 @@ ARCHITECTURES = ("IJepaModel", "IJepaForImageClassification")
 IJEPA_LAYOUT = dict(pool="gap", posemb="learned", class_token=False, pre_norm=False, patch_bias=True,
                     patch_embed="linear")
 
-_DIRECT_KEYS = {
-    "hidden_size": "dim", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-    "intermediate_size": "mlp_dim", "layer_norm_eps": "norm_eps", "image_size": "image_size",
-    "patch_size": "patch_size", "num_channels": "channels", "qkv_bias": "qkv_bias",
-    "initializer_range": "initializer_range",
-}
+# the config keys, class defaults and key -> field mapping are ViT's (`mmjax.convert.vit`)
 _SPECIAL_KEYS = {"hidden_act", "pooler_output_size", "pooler_act", "id2label", "label2id",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "problem_type"}
-# transformers.IJepaConfig class defaults, used when a key is absent
-_HF_DEFAULTS = dict(dim=768, num_layers=12, num_heads=12, mlp_dim=3072, norm_eps=1e-12, image_size=224,
-                    patch_size=16, channels=3, qkv_bias=True, initializer_range=0.02)
 # checkpoints name the blocks as ViT does (`encoder.layer.N.attention.attention.query`, what
 # save_pretrained writes and the released models use); transformers' in-memory module names
 # (`layers.N.attention.q_proj`) are accepted too and renamed on load
@@ -84,18 +75,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
     check_model_type(hf, "ijepa", "I-JEPA")
     check_config_keys(hf, set(_DIRECT_KEYS) | _SPECIAL_KEYS, "ijepa config.json")
     arch = check_architecture(hf, ARCHITECTURES)
-    kw: dict[str, Any] = dict(_HF_DEFAULTS)
-    for hf_key, field in _DIRECT_KEYS.items():
-        if hf_key in hf:
-            kw[field] = hf[hf_key]
-    tuple_sizes(kw, "image_size", "patch_size")
-    kw["activation"] = activation_from_hf(hf.get("hidden_act", "gelu"))
-    check_dropout(hf, "hidden_dropout_prob", "attention_probs_dropout_prob")
-    if arch == "IJepaForImageClassification":
-        labels = hf.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
-        if not isinstance(labels, Mapping) or not labels:
-            raise UnsupportedModelError(f"id2label must be a non-empty object, got {labels!r}")
-        kw["num_classes"] = len(labels)
+    kw = encoder_config_kwargs(hf, classifier=arch == "IJepaForImageClassification")
     return build_config(ViTConfig, {**kw, **IJEPA_LAYOUT}, "ijepa config.json")
 
 

@@ -81,6 +81,18 @@ def config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
     check_model_type(hf, "vit", "ViT")
     check_config_keys(hf, set(_DIRECT_KEYS) | _SPECIAL_KEYS, "vit config.json")
     arch = check_architecture(hf, ARCHITECTURES)
+    kw = encoder_config_kwargs(hf, classifier=arch == "ViTForImageClassification")
+    if hf.get("pooler_act", "tanh") != "tanh":
+        raise UnsupportedModelError(f"pooler_act {hf['pooler_act']!r} is not supported; supported: tanh")
+    if arch != "ViTForImageClassification":
+        kw["representation"] = hf.get("pooler_output_size") or kw["dim"]
+    return build_config(ViTConfig, {**kw, **_HF_LAYOUT}, "vit config.json")
+
+
+def encoder_config_kwargs(hf: Mapping[str, Any], classifier: bool) -> dict[str, Any]:
+    """ViTConfig fields of an HF ViT-style encoder config (ViT, I-JEPA share the keys and
+    defaults): sizes, activation, dropout checks and, for a classifier, `num_classes` from
+    `id2label`."""
     kw: dict[str, Any] = dict(_HF_DEFAULTS)
     for hf_key, field in _DIRECT_KEYS.items():
         if hf_key in hf:
@@ -88,16 +100,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> ViTConfig:
     tuple_sizes(kw, "image_size", "patch_size")
     kw["activation"] = activation_from_hf(hf.get("hidden_act", "gelu"))
     check_dropout(hf, "hidden_dropout_prob", "attention_probs_dropout_prob")
-    if hf.get("pooler_act", "tanh") != "tanh":
-        raise UnsupportedModelError(f"pooler_act {hf['pooler_act']!r} is not supported; supported: tanh")
-    if arch == "ViTForImageClassification":
+    if classifier:
         labels = hf.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
         if not isinstance(labels, Mapping) or not labels:
             raise UnsupportedModelError(f"id2label must be a non-empty object, got {labels!r}")
         kw["num_classes"] = len(labels)
-    else:
-        kw["representation"] = hf.get("pooler_output_size") or kw["dim"]
-    return build_config(ViTConfig, {**kw, **_HF_LAYOUT}, "vit config.json")
+    return kw
 
 
 def _check_exportable(config: ViTConfig) -> None:

@@ -209,7 +209,9 @@ class IJepaTask(Task):
     def baselines(self) -> dict[str, float]:
         """Probe accuracies of the network at its random init and of raw pixels (computed once)."""
         if self._baselines is None:
-            init = jax.tree_util.tree_map(np.asarray, __import__("flax").linen.unbox(
+            import flax.linen as nn
+
+            init = jax.tree_util.tree_map(np.asarray, nn.unbox(
                 jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
             tr, te = self.data.train.images[self.probe_rows], self.data.test.images
             self._baselines = {

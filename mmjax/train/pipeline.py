@@ -59,7 +59,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from mmjax.errors import ConfigError
-from mmjax.train.experiment import ExperimentConfig, apply_overrides, load_experiment
+from mmjax.train.experiment import ExperimentConfig, apply_overrides
 
 RECORD_FILE = "pipeline.json"
 _RESERVED = {f.name for f in dataclasses.fields(ExperimentConfig)}
