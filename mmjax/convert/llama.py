@@ -125,12 +125,12 @@ def config_kwargs(hf: Mapping[str, Any], model_type: str, keys: set[str],
     tp = hf.get("pretraining_tp", 1)
     if tp is not None and (not isinstance(tp, int) or tp < 1):
         raise UnsupportedModelError(f"pretraining_tp must be a positive int, got {tp!r}")
-    kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf, kw["max_len"],
+    kw["rope_theta"], kw["rope_scaling"] = rope_from_hf(hf, kw["max_len"],
                                                          defaults.get("rope_theta", 10000.0))
     return kw
 
 
-def _rope_from_hf(hf: Mapping[str, Any], max_len: int, default_theta: float = 10000.0
+def rope_from_hf(hf: Mapping[str, Any], max_len: int, default_theta: float = 10000.0
                   ) -> tuple[float, RopeScaling | None]:
     """(rope_theta, RopeScaling or None) from `rope_parameters` (transformers >= 5) or the older
     `rope_theta` + `rope_scaling` pair."""

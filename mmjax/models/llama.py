@@ -296,6 +296,7 @@ class Llama(nn.Module):
         cache: KVCache | None = None,
         return_intermediates: bool = False,
         deterministic: bool = True,
+        layer_hook: Any = None,
     ):
         """
         Args:
@@ -316,6 +317,9 @@ class Llama(nn.Module):
           cache: a KVCache from `init_cache`; the new tokens are appended and attend the cache.
           return_intermediates: also return a dict of named activations.
           deterministic: False applies `config.dropout` (pass `rngs={"dropout": key}`).
+          layer_hook: `hook(i, x) -> x` run before layer i and after the last (i = num_layers):
+            a model that inserts its own blocks between this frozen stack's layers (Flamingo)
+            passes them here (`mmjax.nn.transformer.run_layers`; not with scan_layers).
         Returns:
           logits [batch, seq, vocab] float32; then the new cache if `cache` was given; then the
           intermediates dict if asked: `hidden_states` (embeddings and each layer's output,
@@ -388,7 +392,8 @@ class Llama(nn.Module):
         x, hidden, new_kv = run_layers(
             self.layers, x, mask=mask, segment_ids=segment_ids, positions=positions,
             cache_kv=None if cache is None else (cache.k, cache.v), cache_index=cache_index,
-            causal=causal, deterministic=deterministic, keep_hidden=return_intermediates)
+            causal=causal, deterministic=deterministic, keep_hidden=return_intermediates,
+            layer_hook=layer_hook)
         h = self.final_norm(x)
         logits = self.embed.attend(h) if c.tie_embeddings else self.lm_head(h)
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))

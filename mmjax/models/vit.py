@@ -530,7 +530,7 @@ class ViT(nn.Module):
         else:  # map
             pooled = MAPHead(c.num_heads, c.mlp_dim, c.activation, c.norm_eps, dtype, pdtype,
                              c.initializer_range, c.implementation, name="map_head")(encoded)
-        out = {"hidden_states": hidden_states, "final_hidden": encoded,
+        out = {"hidden_states": hidden_states, "last_hidden": x, "final_hidden": encoded,
                "patch_tokens": encoded[:, c.num_prefix_tokens:], "pooled": pooled}
         features = pooled
         if c.representation:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.linear import DenseGeneral
+from mmjax.nn.norms import LayerNorm, RMSNorm
 from mmjax.ops.attention import attention
 from mmjax.ops.rope import apply_rope
 
@@ -32,6 +33,10 @@ class Attention(nn.Module):
         slot `cache_index` and the queries attend over the whole cache (with `mask`).
     Returns out [batch, q_len, out_features or embed], plus the updated (k, v) when
     cache_kv is given.
+
+    qk_norm: "rms" or "layer" normalises each query and key head over head_dim right after
+    the projection, before RoPE (params `query_norm`, `key_norm` [head_dim]; Idefics' gated
+    cross-attention uses RMSNorm, its perceiver LayerNorm; Qwen3 / OLMo-2 style); None: none.
     """
 
     num_heads: int
@@ -45,6 +50,16 @@ class Attention(nn.Module):
     kernel_init: Callable = nn.initializers.normal(0.02)
     implementation: str | None = None
     scale: float | None = None
+    qk_norm: str | None = None  # None | "rms" | "layer" (per head, over head_dim)
+    qk_norm_eps: float = 1e-6
+
+    def _qk_norm(self, x: jax.Array, name: str) -> jax.Array:
+        if self.qk_norm == "rms":
+            return RMSNorm(self.qk_norm_eps, self.dtype, self.param_dtype, name=name)(x)
+        if self.qk_norm == "layer":
+            return LayerNorm(self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name=name)(x)
+        raise ValueError(f"{self.name}: qk_norm must be None, 'rms' or 'layer', got {self.qk_norm!r}")
 
     @nn.compact
     def __call__(
@@ -71,6 +86,8 @@ class Attention(nn.Module):
                          use_bias=self.qkv_bias, name="key", **kw)(kv_input)
         v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
                          use_bias=self.qkv_bias, name="value", **kw)(value_input)
+        if self.qk_norm is not None:
+            q, k = self._qk_norm(q, "query_norm"), self._qk_norm(k, "key_norm")
         if inv_freq is not None:
             if positions is None:
                 raise ValueError(f"{self.name}: RoPE needs positions [batch, seq]")

@@ -1,4 +1,9 @@
-"""Qwen-VL's position-aware adapter: learned queries cross-attend to image features of any grid.
+"""Resamplers: learned queries that compress image features to a fixed number of tokens.
+
+`QwenVLResampler` (below, first) is Qwen-VL's position-aware adapter; `PerceiverResampler`
+(at the end of the file) is Flamingo's Perceiver Resampler (Idefics / OpenFlamingo).
+
+Qwen-VL's position-aware adapter: learned queries cross-attend to image features of any grid.
 
     resampler = QwenVLResampler(num_queries=256, dim=text_dim, num_heads=h, kv_dim=vision_dim)
     params = resampler.init(rng, feats, grid_hw=vit_config.grid)["params"]
@@ -61,6 +66,7 @@ import numpy as np
 from mmjax.errors import ConfigError, InputError
 from mmjax.nn.attention import Attention
 from mmjax.nn.linear import DenseGeneral
+from mmjax.nn.mlp import MLP
 from mmjax.nn.norms import LayerNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
 from mmjax.ops.resize import resize_grid
@@ -190,4 +196,114 @@ class QwenVLResampler(nn.Module):
         out = LayerNorm(self.norm_eps, name="ln_post", **kw)(out)
         out = DenseGeneral(dim, ("embed", "mlp"), use_bias=False,
                            kernel_init=nn.initializers.normal(dim ** -0.5), name="proj", **kw)(out)
+        return constrain(out, BATCH_LEN_EMBED)
+
+
+class _PerceiverBlock(nn.Module):
+    """One Perceiver Resampler block (see `PerceiverResampler`): (context, latents) -> latents."""
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str
+    qk_norm: bool
+    norm_eps: float
+    dtype: Any
+    param_dtype: Any
+    implementation: str | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, lat: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        init = nn.initializers.normal(0.02)
+        ctx = LayerNorm(self.norm_eps, name="context_norm", **kw)(x)
+        q_in = LayerNorm(self.norm_eps, name="latents_norm", **kw)(lat)
+        h = Attention(num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=self.head_dim,
+                      out_features=lat.shape[-1], kernel_init=init, implementation=self.implementation,
+                      qk_norm="layer" if self.qk_norm else None, qk_norm_eps=self.norm_eps,
+                      name="attn", **kw)(q_in, jnp.concatenate([ctx, q_in], axis=1))
+        lat = lat + h
+        h = LayerNorm(self.norm_eps, name="mlp_norm", **kw)(lat)
+        return lat + MLP(self.mlp_dim, self.activation, False, self.dtype, self.param_dtype, init,
+                         name="mlp")(h)
+
+
+class PerceiverResampler(nn.Module):
+    """Flamingo's Perceiver Resampler: features [batch, frames, tokens, dim] (or [batch, tokens,
+    dim] = one frame) -> [batch, num_latents, dim].
+
+    Per block (`depth` of them), with L the latents:
+        kv = concat(context_norm(x), latents_norm(L))      # the latents attend to themselves too
+        L  = L + attn(q=latents_norm(L), kv)               # heads x head_dim, no biases
+        L  = L + mlp(mlp_norm(L))                          # fc1 -> act -> fc2, no biases
+    then `final_norm(L)`. Frames are flattened into one context of frames * tokens keys
+    (the paper's [T*S, d]); with `max_frames > 0` a learned per-frame embedding [max_frames,
+    dim] is added first (the paper's time embeddings; OpenFlamingo's `frame_embs`).
+
+    Idefics (`IdeficsPerceiverResampler`): activation "relu", mlp_dim 4 x dim, LayerNorms with
+    eps 1e-5, optional q/k LayerNorms over head_dim (`qk_norm`, params attn/{query,key}_norm),
+    latents initialised N(0, 1) (torch.randn), no frame embeddings. OpenFlamingo: "gelu".
+    Queries are scaled by head_dim ** -0.5 after the q/k norms (as both references).
+
+    Param tree: latents [num_latents, dim] ("position", "embed"); frame_embed [max_frames, dim]
+    (when max_frames > 0); blocks_{i}/{context_norm, latents_norm, mlp_norm}/{scale, bias},
+    blocks_{i}/attn/{query, key, value}/kernel [dim, heads, head_dim],
+    blocks_{i}/attn/out/kernel [heads, head_dim, dim], blocks_{i}/mlp/{fc1, fc2}/kernel;
+    final_norm/{scale, bias}.
+    """
+
+    dim: int
+    num_latents: int = 64
+    depth: int = 6
+    num_heads: int = 16
+    head_dim: int = 96
+    mlp_dim: int | None = None  # None: 4 * dim
+    activation: str = "relu"
+    qk_norm: bool = False
+    max_frames: int = 0
+    norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+
+    def _check(self, features: Any) -> jax.Array:
+        for name in ("dim", "num_latents", "depth", "num_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"PerceiverResampler.{name} must be positive, got {getattr(self, name)}")
+        shape = tuple(getattr(features, "shape", ()))
+        if len(shape) == 3:
+            features = features[:, None]
+        elif len(shape) != 4:
+            raise InputError(f"PerceiverResampler: features must be [batch, tokens, dim] or "
+                             f"[batch, frames, tokens, dim], got shape {shape}")
+        if features.shape[-1] != self.dim:
+            raise InputError(f"PerceiverResampler: features have width {features.shape[-1]}, the "
+                             f"resampler takes dim={self.dim}; got shape {shape}")
+        if self.max_frames and features.shape[1] > self.max_frames:
+            raise InputError(f"PerceiverResampler: {features.shape[1]} frames, but the frame "
+                             f"embeddings cover max_frames={self.max_frames}")
+        return features
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        x = self._check(features)
+        dt = jnp.dtype(self.dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, f, s, d = x.shape
+        x = x.astype(dt)
+        if self.max_frames:
+            frame = self.param("frame_embed", nn.with_logical_partitioning(
+                nn.initializers.normal(1.0), ("position", "embed")), (self.max_frames, d),
+                self.param_dtype)
+            x = x + frame[:f, None].astype(dt)
+        x = x.reshape(b, f * s, d)
+        latents = self.param("latents", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("position", "embed")), (self.num_latents, d),
+            self.param_dtype)
+        lat = jnp.broadcast_to(latents.astype(dt), (b, self.num_latents, d))
+        for i in range(self.depth):
+            lat = _PerceiverBlock(self.num_heads, self.head_dim, self.mlp_dim or 4 * d,
+                                  self.activation, self.qk_norm, self.norm_eps, self.dtype,
+                                  self.param_dtype, self.implementation, name=f"blocks_{i}")(x, lat)
+        out = LayerNorm(self.norm_eps, name="final_norm", **kw)(lat)
         return constrain(out, BATCH_LEN_EMBED)

@@ -262,8 +262,13 @@ def make_layers(spec: BlockSpec, num_layers: int, *, scan: bool = False, remat: 
 
 def run_layers(layers, x: jax.Array, *, mask=None, segment_ids=None, positions=None,
                cross_input=None, cross_mask=None, cache_kv=None, cache_index=None,
-               causal: bool = False, deterministic: bool = True, keep_hidden: bool = True):
+               causal: bool = False, deterministic: bool = True, keep_hidden: bool = True,
+               layer_hook=None):
     """Run the stack from `make_layers` over x [batch, seq, dim].
+
+    layer_hook: `hook(i, x) -> x`, called before block i (i = 0 .. n-1) and once after the
+      last (i = n): what runs between a frozen stack's layers (Flamingo's gated
+      cross-attention). Loop stacks only; `hidden_states` stay the blocks' own outputs.
 
     keep_hidden: return every block's output (a scanned stack otherwise keeps none, saving a
     [num_layers, batch, seq, dim] buffer; a loop stack's are free).
@@ -276,6 +281,8 @@ def run_layers(layers, x: jax.Array, *, mask=None, segment_ids=None, positions=N
     if isinstance(layers, (list, tuple)):
         hidden, new_k, new_v = [], [], []
         for i, block in enumerate(layers):
+            if layer_hook is not None:
+                x = layer_hook(i, x)
             kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
             x, kv = block(x, mask, segment_ids, positions, cross_input, cross_mask, kv, cache_index,
                           causal, deterministic)
@@ -283,11 +290,16 @@ def run_layers(layers, x: jax.Array, *, mask=None, segment_ids=None, positions=N
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
+        if layer_hook is not None:
+            x = layer_hook(len(layers), x)
         if cache_kv is None:
             return x, tuple(hidden), None
         if isinstance(cache_kv[0], (tuple, list)):
             return x, tuple(hidden), (tuple(new_k), tuple(new_v))
         return x, tuple(hidden), (jnp.stack(new_k), jnp.stack(new_v))  # in the form given
+    if layer_hook is not None:
+        raise ConfigError("a layer hook (work between the layers, e.g. Flamingo's gated "
+                          "cross-attention) needs an unscanned stack: set scan_layers=False")
     per_layer = cache_kv is not None and isinstance(cache_kv[0], (tuple, list))
     stacked = cache_kv
     if per_layer:  # a per-layer cache given to a scanned stack: stack it (a copy per call)

@@ -97,3 +97,49 @@ def qformer_mask(text_mask: jax.Array, num_queries: int, mode: str) -> jax.Array
     else:
         structure = make_attention_mask(jnp.ones((1, total), bool), is_text[None])
     return structure & padding_mask(keys)
+
+
+def media_index(tokens: jax.Array, media_token_id: int, input_mask: jax.Array | None = None,
+                start: jax.Array | None = None) -> jax.Array:
+    """Flamingo's "which image" of every token: [batch, seq] int32, the 0-based index (within
+    its row) of the most recent `media_token_id` token at or before each position (an `<image>`
+    token counts itself), -1 before the row's first image.
+
+    input_mask: padding tokens never count as images (a pad id equal to the image id is not
+    one). start: [batch] int32, the index of the last image seen before these tokens (-1: none):
+    decoding continues the prompt's count.
+    """
+    is_media = tokens == media_token_id
+    if input_mask is not None:
+        is_media &= input_mask.astype(bool)
+    count = jnp.cumsum(is_media.astype(jnp.int32), axis=1)
+    base = -1 if start is None else jnp.asarray(start, jnp.int32).reshape(-1, 1)
+    return count + base
+
+
+def media_mask(index: jax.Array, num_media: int, *, only_immediate: bool = True,
+               media_valid: jax.Array | None = None) -> jax.Array:
+    """Which images each text token may attend to: [batch, seq, num_media] bool from
+    `media_index` [batch, seq].
+
+    only_immediate=True (Flamingo's paper, Idefics, OpenFlamingo's default): only the image
+    that most recently precedes the token; False: every image up to it. A token before any
+    image (index -1) attends to none -- its cross-attention output is then exactly zero (the
+    caller gates on `media_mask(...).any(-1)`). Indices >= num_media (an `<image>` token with
+    no image behind it) and images with media_valid [batch, num_media] False attend to none.
+    """
+    m = jnp.arange(num_media, dtype=jnp.int32)
+    idx = index.astype(jnp.int32)[..., None]
+    mask = (m == idx) if only_immediate else (m <= idx)
+    mask &= idx < num_media
+    if media_valid is not None:
+        mask &= media_valid.astype(bool)[:, None, :]
+    return mask
+
+
+def media_attention_mask(mask: jax.Array, tokens_per_media: int) -> jax.Array:
+    """[batch, seq, num_media] (`media_mask`) -> the cross-attention mask over the flattened
+    media tokens [batch, 1, seq, num_media * tokens_per_media] (each image's latents / patch
+    tokens share its entry)."""
+    b, t, n = mask.shape
+    return jnp.repeat(mask, tokens_per_media, axis=-1).reshape(b, 1, t, n * tokens_per_media)
