@@ -56,7 +56,6 @@ from mmjax.convert.core import (Converter, TensorRule, activation_from_hf, activ
                                 check_bool, check_config_keys, check_model_type,
                                 stamp_version, sub_config)
 from mmjax.errors import InputError, UnsupportedModelError
-from mmjax.models.clip import CLIP_VISION_LAYOUT
 from mmjax.models.flamingo import FlamingoConfig
 from mmjax.models.llama import LlamaConfig
 

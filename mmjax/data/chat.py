@@ -339,7 +339,7 @@ def render(
                   min(len(whole), len(tokens)))
         turn = owner[min(at, len(owner) - 1)] if owner else -1
         where = (f"turn {turn} ({turns[turn].role})" if turn >= 0
-                 else f"the template's own text")
+                 else "the template's own text")
         raise InputError(
             f"tokenization mismatch in {where} of a {t.name!r} conversation: tokenized part by "
             f"part it has {len(tokens)} tokens, tokenized whole {len(whole)}; they first differ "
