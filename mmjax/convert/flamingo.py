@@ -10,8 +10,9 @@ reads that one; `perceiver_config.use_resampler` is ignored by the model).
 
 Decisions on keys accepted without a field:
   * `freeze_text_layers`, `freeze_text_module_exceptions`, `freeze_lm_head`,
-    `freeze_vision_layers`, `freeze_vision_module_exceptions`: training choices (which
-    params get gradients); mmjax decides that in its training config (`TRAINABLE`).
+    `freeze_vision_module_exceptions`: training choices (which params get gradients); mmjax
+    decides that in its training config (`optimizer.freeze`, `TRAINABLE`).
+    `freeze_vision_layers` becomes `freeze_vision` (the tower's output is stop-gradient'ed).
   * `perceiver_config.use_resampler`: see above.
   * `vision_config.initializer_factor`, `initializer_range`: initialisation only.
   * `image_token_index` does not exist in Idefics configs (the processor knows `<image>`'s
@@ -69,8 +70,6 @@ _TOP_KEYS = {
     "freeze_vision_layers", "freeze_vision_module_exceptions", "use_resampler", "vision_config",
     "max_position_embeddings", "perceiver_config", "rope_parameters", "rope_theta", "rope_scaling",
 }
-_TRAINING_KEYS = ("freeze_text_layers", "freeze_text_module_exceptions", "freeze_lm_head",
-                  "freeze_vision_layers", "freeze_vision_module_exceptions")
 # transformers IdeficsConfig / IdeficsVisionConfig / IdeficsPerceiverConfig class defaults
 _TOP_DEFAULTS = dict(vocab_size=32000, additional_vocab_size=0, hidden_size=4096,
                      intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -148,6 +147,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> FlamingoConfig:
         alpha_init=_ALPHA_INITS[alpha_init], alpha_init_range=float(kw["alphas_initializer_range"]),
         additional_vocab_size=additional,
         image_token_index=kw["vocab_size"] + additional - 1,
+        freeze_vision=check_bool(hf, "freeze_vision_layers", True),
         dropout=float(kw["dropout"])), what)
 
 
@@ -199,6 +199,7 @@ def config_to_hf(config: FlamingoConfig, model_type: str | None = None) -> dict[
         "bos_token_id": t.bos_token_id, "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
         "tie_word_embeddings": t.tie_embeddings, "cross_layer_interval": c.cross_interval,
         "qk_layer_norms": c.qk_layer_norms, "use_resampler": c.use_resampler,
+        "freeze_vision_layers": c.freeze_vision,
         "max_position_embeddings": t.max_len, "rope_parameters": text["rope_parameters"],
         "vision_config": {
             "model_type": "idefics_vision", "embed_dim": v.dim, "image_size": h,

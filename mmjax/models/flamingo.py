@@ -48,7 +48,10 @@ ids vocab_size .. vocab_size + additional - 1 read `additional_embed` and the lo
 `additional_head`; the base table and head stay the frozen LM's.
 
 Trainable in Flamingo training (`TRAINABLE`): the resampler, the gated blocks and the
-additional rows; the vision tower and the whole LM stay frozen.
+additional rows; the vision tower and the whole LM stay frozen. `freeze_vision` (default True)
+also stops the gradient at the tower's output, so no backward pass runs through the tower
+(the optimizer's freeze alone would still compute its gradients, then drop them); set it False
+for the fine-tuning option that trains the tower.
 
 Param tree: vision/... (`mmjax.models.vit.ViT`), resampler/... (`mmjax.nn.resampler.
 PerceiverResampler`, with use_resampler), language_model/... (`mmjax.models.llama.Llama`,
@@ -126,6 +129,7 @@ class FlamingoConfig(configs.Config):
     end_of_chunk_token_id: int | None = None  # `<|endofchunk|>` (data / evaluation)
     only_attend_immediate_media: bool = True
     max_images: int = 5  # media slots per row of a decoding cache (M3W: 5 per window)
+    freeze_vision: bool = True  # stop_gradient on the tower's features (no backward through it)
     dropout: float = 0.0  # residual dropout inside the gated blocks (training only)
 
     def __post_init__(self):
@@ -437,8 +441,10 @@ class Flamingo(nn.Module):
                             for j in range(c.num_cross_layers)]
         if c.additional_vocab_size:
             init = nn.initializers.normal(t.initializer_range)
-            self.additional_embed = Embed(c.additional_vocab_size, t.dim, dt, pdt, init)
-            self.additional_head = DenseGeneral(c.additional_vocab_size, ("embed", "vocab"),
+            # a few rows: never split over the mesh (logical axis "vocab_extra" has no rule)
+            self.additional_embed = Embed(c.additional_vocab_size, t.dim, dt, pdt, init,
+                                          axes=("vocab_extra", "embed"))
+            self.additional_head = DenseGeneral(c.additional_vocab_size, ("embed", "vocab_extra"),
                                                 dtype=dt, param_dtype=pdt, kernel_init=init)
 
     @nn.nowrap
@@ -474,6 +480,8 @@ class Flamingo(nn.Module):
             feats = out["last_hidden"]  # every token, before the tower's final LayerNorm
         else:
             feats = out["patch_tokens"]  # after the final LayerNorm, [CLS] dropped
+        if c.freeze_vision:  # Flamingo's frozen tower: no gradient flows into (or through) it
+            feats = jax.lax.stop_gradient(feats)
         feats = feats.reshape((b * n, f) + feats.shape[1:])
         if c.use_resampler:
             media = self.resampler(feats)
@@ -642,4 +650,4 @@ def flamingo_inputs(config: FlamingoConfig) -> tuple:
 
 FAMILIES = (Family("flamingo", FlamingoConfig, Flamingo, flamingo_inputs,
                    "Flamingo / Idefics: image tower + Perceiver Resampler + gated "
-                   "cross-attention into a frozen LLaMA decoder", tasks=()),)
+                   "cross-attention into a frozen LLaMA decoder", tasks=("flamingo",)),)

@@ -17,11 +17,12 @@ class Embed(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     embedding_init: Callable = nn.initializers.normal(0.02)
+    axes: tuple[str, str] = ("vocab", "embed")  # logical axis names of the table
 
     def setup(self):
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            nn.with_logical_partitioning(self.embedding_init, tuple(self.axes)),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )

@@ -34,6 +34,7 @@ TASKS: dict[str, str] = {
     "blip": "mmjax.tasks.blip:BlipTask",
     "blip2": "mmjax.tasks.blip2:Blip2Stage1Task",
     "ijepa": "mmjax.tasks.ijepa:IJepaTask",
+    "flamingo": "mmjax.tasks.flamingo:FlamingoTask",
 }
 
 
