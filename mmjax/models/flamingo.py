@@ -468,14 +468,19 @@ class Flamingo(nn.Module):
             check_media_tokens(tokens, images.shape[1], self.config, input_mask, image_valid)
 
     # --- pieces ---------------------------------------------------------------------------------
-    def encode_images(self, images: jax.Array, return_intermediates: bool = False):
+    def encode_images(self, images: jax.Array, return_intermediates: bool = False,
+                      interpolate_pos_encoding: bool = False):
         """images [B, N, H, W, C] or [B, N, F, H, W, C] -> media [B, N, tokens_per_image,
-        media_dim]; plus the tower's features [B, N, F, S, media_dim] when asked."""
+        media_dim]; plus the tower's features [B, N, F, S, media_dim] when asked.
+        interpolate_pos_encoding: images of another resolution (divisible by the patch size),
+        the tower's position embeddings resampled to their grid (Flamingo's fine-tuning at a
+        higher resolution; without a resampler the media length then changes too)."""
         c = self.config
         b, n, f = _image_shape(images, c)
         flat = images.reshape((b * n * f,) + images.shape[-3:])
-        check_images(flat, c.vision, who="Flamingo")
-        _, out = self.vision(flat, return_intermediates=True)
+        check_images(flat, c.vision, who="Flamingo", any_size=interpolate_pos_encoding)
+        _, out = self.vision(flat, return_intermediates=True,
+                             interpolate_pos_encoding=interpolate_pos_encoding)
         if c.layout == "idefics":
             feats = out["last_hidden"]  # every token, before the tower's final LayerNorm
         else:
@@ -513,7 +518,8 @@ class Flamingo(nn.Module):
                  image_valid: jax.Array | None = None, media: jax.Array | None = None,
                  media_mask: jax.Array | None = None, input_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: FlamingoCache | None = None,
-                 return_intermediates: bool = False, deterministic: bool = True):
+                 return_intermediates: bool = False, deterministic: bool = True,
+                 interpolate_pos_encoding: bool = False):
         """
         Args:
           tokens: [B, T] int ids, one `image_token_index` per image.
@@ -527,6 +533,7 @@ class Flamingo(nn.Module):
             the module docstring from the `<image>` tokens).
           input_mask, positions, deterministic: as `Llama` (causal attention).
           cache: a `FlamingoCache` (`init_cache`); the prefill's images are stored in it.
+          interpolate_pos_encoding: images of another resolution (`encode_images`).
           return_intermediates: also return `media` [B, N, R, media_dim] (None without
             images), `vision_features`, `media_mask`, `inputs_embeds`, the decoder's
             `hidden_states` (embeddings and each decoder layer's output) and `final_hidden`.
@@ -548,7 +555,8 @@ class Flamingo(nn.Module):
             if image_valid is not None and tuple(image_valid.shape) != tuple(images.shape[:2]):
                 raise InputError(f"Flamingo: image_valid must be [batch, images] = "
                                  f"{tuple(images.shape[:2])}, got {tuple(image_valid.shape)}")
-            media, feats = self.encode_images(images, return_intermediates=True)
+            media, feats = self.encode_images(images, return_intermediates=True,
+                                              interpolate_pos_encoding=interpolate_pos_encoding)
         elif media is not None:
             want = (b, c.tokens_per_image, c.media_dim)
             if media.ndim != 4 or (media.shape[0], media.shape[2], media.shape[3]) != want:
@@ -563,13 +571,18 @@ class Flamingo(nn.Module):
                 if n > c.max_images:
                     raise InputError(f"Flamingo: {n} images per row, the decoding cache holds "
                                      f"max_images={c.max_images}; raise max_images")
+                if media.shape[2] != c.tokens_per_image:
+                    raise InputError(f"Flamingo: {media.shape[2]} media tokens per image, the "
+                                     f"decoding cache holds {c.tokens_per_image} (another image "
+                                     "size without a resampler); decode at the trained size")
                 pad = c.max_images - n
                 valid = (jnp.ones((b, n), bool) if image_valid is None else image_valid.astype(bool))
                 cache = cache.replace(
                     media=jnp.pad(media, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
                         cache.media.shape).astype(cache.media.dtype),
                     media_valid=jnp.pad(valid, ((0, 0), (0, pad))))
-            flat_media = media.reshape(b, n * c.tokens_per_image, c.media_dim)
+            per_image = media.shape[2]  # tokens_per_image (more for a bigger image, no resampler)
+            flat_media = media.reshape(b, n * per_image, c.media_dim)
         elif cache is not None:  # decoding: the prompt's media
             n, flat_media, image_valid = c.max_images, cache.media, cache.media_valid
             start = cache.last_media
@@ -589,7 +602,7 @@ class Flamingo(nn.Module):
             mmask = jnp.zeros((b, t, 0), bool)
         has_media = mmask.any(-1)
         attn_mask = (None if flat_media is None
-                     else masks_lib.media_attention_mask(mmask, c.tokens_per_image))
+                     else masks_lib.media_attention_mask(mmask, flat_media.shape[1] // max(n, 1)))
         where = {p: j for j, p in enumerate(c.block_positions)}
 
         def hook(i, h):

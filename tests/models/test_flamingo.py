@@ -179,3 +179,13 @@ def test_family_record_and_block_positions():
     c = config.replace(text=config.text.replace(num_layers=6), cross_interval=2)
     assert c.block_positions == (0, 2, 4)  # Idefics: before layers 0, 2, 4
     assert c.replace(layout="openflamingo").block_positions == (2, 4, 6)  # after layers 1, 3, 5
+
+
+def test_higher_resolution_images_resample_the_position_embeddings(model):
+    m, params, images, apply, _ = model
+    opened = _open_gates(params)
+    big = jax.image.resize(images, (2, 3, 24, 24, 3), "bilinear")  # 16 -> 24 px: 9 patches, not 4
+    with pytest.raises(InputError, match="interpolate_pos_encoding"):
+        m.apply({"params": opened}, TOKENS, big, image_valid=VALID)
+    logits = m.apply({"params": opened}, TOKENS, big, image_valid=VALID, interpolate_pos_encoding=True)
+    assert logits.shape[:2] == TOKENS.shape and bool(jnp.isfinite(logits).all())

@@ -106,9 +106,20 @@ def test_greedy_generation_with_images_matches_transformers(saved):
                              image_attention_mask=torch.from_numpy(image_mask),
                              do_sample=False, max_new_tokens=new, pad_token_id=0)
     ref_new = ref[:, tokens.shape[1]:].numpy()
+    images = {"images": pixels.transpose(0, 1, 3, 4, 2), "image_valid": valid}
     out = generate(module, params, (tokens, mask), GenerationConfig(max_new_tokens=new, eos_token_id=()),
-                   prefill_inputs={"images": pixels.transpose(0, 1, 3, 4, 2), "image_valid": valid})
+                   prefill_inputs=images)
     np.testing.assert_array_equal(out.tokens, ref_new)
+    # beam search: each beam carries its row's media (FlamingoCache.map_rows)
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(tokens), pixel_values=torch.from_numpy(pixels),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                             image_attention_mask=torch.from_numpy(image_mask), do_sample=False,
+                             num_beams=3, max_new_tokens=new, pad_token_id=0, length_penalty=1.0,
+                             early_stopping=False)
+    out = generate(module, params, (tokens, mask),
+                   GenerationConfig(max_new_tokens=new, eos_token_id=(), num_beams=3), prefill_inputs=images)
+    np.testing.assert_array_equal(out.tokens, ref[:, tokens.shape[1]:].numpy())
 
 
 def test_round_trip_gives_identical_tensors_and_a_loadable_config(saved, tmp_path):
