@@ -6,6 +6,15 @@ import sys
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's LLVM backend at -O0 for every program the tests compile (subprocesses -- CLI runs, notebook
+# kernels, multi-host processes -- inherit it through XLA_FLAGS). The tests' programs are tiny, so
+# their run time is nothing beside their compile time, which -O0 about halves (a training test
+# 50 s -> 27 s; docs/testing.md). The HLO, i.e. what mmjax builds, is the same; results can
+# differ in the last bit from an -O3 build (float contraction/vectorisation), far inside every
+# tolerance. MMJAX_TEST_XLA_O0=0 (or an explicit level in XLA_FLAGS) keeps XLA's default.
+if (os.environ.get("MMJAX_TEST_XLA_O0", "1") != "0"
+        and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]):
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

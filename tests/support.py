@@ -6,6 +6,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLM_TEXT = os.path.join(ROOT, "experiments", "llm_text.py")
 
 
+def xla_flags(devices=None):
+    """XLA_FLAGS for a subprocess: the test run's flags (conftest's -O0 backend, docs/testing.md)
+    without its 8-device simulation, plus `devices` simulated CPU devices when given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def tiny_overrides(corpus, **extra):
     items = {
         "data.corpus": corpus, "data.vocab_size": 512, "data.seq_len": 32, "data.batch_size": 8,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from support import ROOT  # noqa: E402
+from support import ROOT, xla_flags  # noqa: E402
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -32,7 +32,7 @@ def test_notebook_runs_and_renders_its_figure(name, steps, overrides, expected, 
     monkeypatch.setenv("MMJAX_NOTEBOOK_OVERRIDES", json.dumps(overrides))
     monkeypatch.setenv("MMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "wd"))
     # the kernel is a fresh process: one CPU device is enough (no 8-device simulation)
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())
     nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": ROOT}})

@@ -12,9 +12,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
+from support import xla_flags  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-ENV.pop("XLA_FLAGS", None)  # one CPU device is enough for the CLI
+ENV["XLA_FLAGS"] = xla_flags()  # one CPU device is enough for the CLI
 
 
 def mmjax(*argv, timeout=240):

@@ -34,7 +34,7 @@ from mmjax.tasks.lm import lm_init_fn, lm_loss_fn
 from mmjax.train.step import make_eval_step, shard_batch
 from mmjax.train.task import Task
 
-from support import ROOT  # noqa: E402
+from support import ROOT, xla_flags  # noqa: E402
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -146,7 +146,7 @@ def _free_port() -> int:
 def run_two_processes(experiment: str, workdir: str, mesh: str, extra=(), timeout=240):
     """`mmjax train` as processes 0 and 1 of a 2-process job; returns both (code, out, err)."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices=4),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "mmjax", "train", experiment, "--workdir", workdir, "--mesh", mesh,
