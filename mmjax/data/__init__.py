@@ -11,6 +11,9 @@
   first-fit into LM batches, loss on assistant tokens only) and `make_sft_eval_rows`.
 * `mmjax.data.instructions`: `pydoc_instructions()`, question/answer conversations built
   offline from Python's documentation topics, split by topic.
+* `mmjax.data.interleaved`: Flamingo's interleaved image-text data (`InterleavedDataConfig`,
+  `make_interleaved_dataset`: M3W-like digit documents mixed with image-text pairs, resumable;
+  `render_document`, `encode_example`, `image_pool`).
 
 The names below are imported lazily, so ``import mmjax.data.tokenizer`` does not pay for grain.
 """
@@ -25,6 +28,8 @@ _EXPORTS = {
     "TextPipelineConfig": "mmjax.data.text",
     "make_eval_rows": "mmjax.data.text",
     "make_text_dataset": "mmjax.data.text",
+    "InterleavedDataConfig": "mmjax.data.interleaved",
+    "make_interleaved_dataset": "mmjax.data.interleaved",
 }
 
 __all__ = sorted(_EXPORTS)

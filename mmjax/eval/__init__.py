@@ -1,5 +1,7 @@
 """Evaluation: sliding-window perplexity and bits per byte; scaling-law fits; zero-shot classification, retrieval
-recall@K and linear probes for two-tower (CLIP / SigLIP) models."""
+recall@K and linear probes for two-tower (CLIP / SigLIP) models; few-shot in-context
+classification of interleaved models (`mmjax.eval.few_shot`: Flamingo; random or RICES
+demonstrations, episodic nonsense-word classes)."""
 
 from mmjax.eval.linear_probe import LinearProbe, fit_linear_probe, linear_probe_accuracy
 from mmjax.eval.perplexity import bits_per_byte, perplexity, window_plan
