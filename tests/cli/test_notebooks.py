@@ -19,6 +19,7 @@ CLIP_CI = [f"model.{t}.{k}={v}" for t in ("vision", "text") for k, v in TINY_TOW
     "model.projection_dim=16", "data.batch_size=64", "eval_at_start=False"]
 LLAVA_CI = ["model.vision.num_layers=1", "model.text.num_layers=1"]
 BLIP2_CI = ["model.vision.num_layers=1", "model.qformer.num_layers=1"]
+FLAMINGO_CI = ["model.vision.num_layers=1", "model.text.num_layers=1"]
 
 
 @pytest.mark.parametrize("name, steps, overrides, expected", [
@@ -26,6 +27,7 @@ BLIP2_CI = ["model.vision.num_layers=1", "model.qformer.num_layers=1"]
     pytest.param("llava_digits.ipynb", 30, LLAVA_CI, "ASSISTANT:", id="llava"),
     pytest.param("blip2_digits.ipynb", 20, BLIP2_CI, "ITC picks the right caption for", id="blip2"),
     pytest.param("minilm_retrieval.ipynb", 0, [], "Question: How do context managers work?", id="minilm"),
+    pytest.param("flamingo_digits.ipynb", 20, FLAMINGO_CI, "4-shot accuracy on these 6", id="flamingo"),
 ])
 def test_notebook_runs_and_renders_its_figure(name, steps, overrides, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("MMJAX_NOTEBOOK_STEPS", str(steps))
