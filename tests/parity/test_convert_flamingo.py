@@ -27,6 +27,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from mmjax import cli  # noqa: E402
 from mmjax.convert import from_hf, to_hf  # noqa: E402
+from mmjax.convert.compare import convert_dir, export_dir  # noqa: E402
 from mmjax.convert.flamingo import compare_idefics, idefics_inputs  # noqa: E402
 from mmjax.errors import UnsupportedModelError  # noqa: E402
 from mmjax.generate import GenerationConfig, generate  # noqa: E402
@@ -137,6 +138,12 @@ def test_round_trip_gives_identical_tensors_and_a_loadable_config(saved, tmp_pat
             assert getattr(reloaded.config, key) == getattr(model.config, key), key
         _, again = from_hf(out)
         jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+    # mmjax convert / export: HF dir -> mmjax model dir (Orbax + config) -> HF dir
+    _, path, _, _ = saved("resampler_qk")
+    convert_dir(path, str(tmp_path / "ckpt"))
+    export_dir(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (path, str(tmp_path / "back")))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def _edit_config(src, dst, fn):
