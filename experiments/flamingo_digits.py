@@ -17,13 +17,18 @@ gates start at 0, so step 0 is exactly the LM.
 Data (`mmjax.data.interleaved`): M3W-like documents of 1-5 training-split digits
 (`<image>Output:seven<|endofchunk|>` chunks or sentences naming the digit, with pydoc text
 between chunks) mixed 1.0 : 0.2 with image-text pairs (digits, scikit-image photos, LFW
-faces), 96-token windows, batch 16.
+faces), 96-token windows, batch 16, AdamW lr 2e-3, 2000 steps.
 
 Evaluation (`mmjax.eval.few_shot`, 200 held-out digits): `few_shot_accuracy` and
 `few_shot_accuracy_rices` at 0 / 4 / 8 shots, `episodic_accuracy` (nonsense class words, 0 shots
 = chance 0.1), rank classification over the ten digit names.
 
-Measured: see docs/flamingo.md (command, machine, numbers).
+Measured 2026-12-02 (2-core CI machine, AVX-512 kind, loaded: load average ~5, ~1.3 s/step):
+3,260 s in all, with 336 s of final few-shot evaluation. Train loss 6.89 -> 0.96, val_loss 7.05 -> 2.38.
+few_shot_accuracy {"0": 0.945, "4": 0.945, "8": 0.945} (goal: 8 shots >= 0.9, shots never hurt), and
+few_shot_accuracy_rices the same. episodic_accuracy {"0": 0.07, "4": 0.06, "8": 0.055} is at chance
+(0.1): the shots change nothing, because the model names the digit from the query image alone.
+The 3.4M-parameter LM shows no in-context learning. docs/flamingo.md has the details.
 """
 
 import os
