@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -48,9 +46,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE as TOKENIZER_FILE
 from mmjax.data.interleaved import InterleavedDataConfig
-from mmjax.errors import ConfigError, InputError
+from mmjax.errors import ConfigError
 from mmjax.train.task import Task
 
 FROZEN = (r"^vision/", r"^language_model/")
@@ -95,19 +92,6 @@ class FlamingoDataConfig(InterleavedDataConfig):
             raise ConfigError(f"data.eval_batches must be >= 0, got {self.eval_batches}")
 
 
-def _tokenizer_file(path: str) -> str:
-    if os.path.isdir(path):
-        candidate = os.path.join(path, TOKENIZER_FILE)
-        if not os.path.isfile(candidate):
-            raise InputError(f"data.tokenizer={path!r} is a directory without {TOKENIZER_FILE} "
-                             "(train that language model first, or name its .model file)")
-        return candidate
-    if not os.path.isfile(path):
-        raise InputError(f"data.tokenizer={path!r} does not exist (train the language model "
-                         "first, e.g. `mmjax train experiments/llm_text.py`)")
-    return path
-
-
 class FlamingoTask(Task):
     """Flamingo on interleaved data (see the module docstring)."""
 
@@ -145,6 +129,7 @@ class FlamingoTask(Task):
         self.units_per_step = d.batch_size
         self._eval_loss = None
         self._eval_rows = None
+        self._embed = None
         model, config = self.model, self.model_config
 
         def init_params(rng):
@@ -160,16 +145,11 @@ class FlamingoTask(Task):
         from mmjax.data.interleaved import filler_sentences
         from mmjax.data.tokenizer import Tokenizer
 
-        target = os.path.join(workdir, TOKENIZER_FILE)
-        if os.path.isfile(target):  # a resumed run keeps its tokenizer
-            return Tokenizer.load(target)
-        os.makedirs(workdir, exist_ok=True)
-        if cfg.data.tokenizer is not None:
-            source = _tokenizer_file(cfg.data.tokenizer)
-            if jax.process_index() == 0:
-                shutil.copyfile(source, target)
-            log(f"tokenizer: {source}")
-            return Tokenizer.load(source)
+        from mmjax.tasks.text_data import workdir_tokenizer
+
+        tok, target = workdir_tokenizer(workdir, cfg.data.tokenizer, log)
+        if tok is not None:
+            return tok
         from mmjax.data.digits import DIGIT_NAMES, TRAIN_TEMPLATES, caption
 
         texts = [caption(t, y) for t in TRAIN_TEMPLATES for y in range(10)]
@@ -252,7 +232,10 @@ class FlamingoTask(Task):
     def image_embeddings(self, params: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:
         """The frozen tower's pooled ([CLS], final-LayerNorm) features of `images` [N, H, W, C]:
         what RICES ranks demos by."""
-        fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=lambda m, x: m.vision(x)))
+        if self._embed is None:  # compiled once per task, not per evaluation
+            self._embed = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
+                                                                method=lambda m, x: m.vision(x)))
+        fn = self._embed
         return np.concatenate([np.asarray(fn(params, images[i:i + batch]))
                                for i in range(0, len(images), batch)])
 

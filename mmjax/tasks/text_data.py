@@ -30,7 +30,7 @@ from mmjax.data.text import EvalRows, TextPipelineConfig, make_eval_rows, make_t
 from mmjax.data.tokenizer import Tokenizer
 from mmjax import configs
 from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE as TOKENIZER_FILE  # one workdir layout
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, InputError
 from mmjax.train.errors import DataError
 
 
@@ -181,3 +181,38 @@ def build(cfg: TextDataConfig, workdir: str, log: Callable[[str], None] = print)
     rows = make_eval_rows(val_text, tokenizer, cfg.seq_len)
     return TextData(tokenizer, docs, rows, cfg, cfg.seed)
 
+
+
+def tokenizer_file(path: str) -> str:
+    """The sentencepiece `.model` a `data.tokenizer` setting names: the file itself, or the
+    tokenizer of a training workdir (InputError naming what is missing)."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, TOKENIZER_FILE)
+        if not os.path.isfile(candidate):
+            raise InputError(f"data.tokenizer={path!r} is a directory without {TOKENIZER_FILE} (train "
+                             "that language model first, or name its .model file)")
+        return candidate
+    if not os.path.isfile(path):
+        raise InputError(f"data.tokenizer={path!r} does not exist (train the language model "
+                         "first, e.g. `mmjax train experiments/llm_text.py`)")
+    return path
+
+
+def workdir_tokenizer(workdir: str, source: str | None, log: Callable[[str], None] = print
+                      ) -> tuple[Tokenizer | None, str]:
+    """(tokenizer, its path in the workdir): the workdir's own (a resumed run keeps it), else the
+    one `source` names, copied into the workdir (process 0); (None, path) when neither exists and
+    the caller is to train one at that path."""
+    import shutil
+
+    target = os.path.join(workdir, TOKENIZER_FILE)
+    if os.path.isfile(target):
+        return Tokenizer.load(target), target
+    os.makedirs(workdir, exist_ok=True)
+    if source is None:
+        return None, target
+    path = tokenizer_file(source)
+    if jax.process_index() == 0:
+        shutil.copyfile(path, target)
+    log(f"tokenizer: {path}")
+    return Tokenizer.load(path), target

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -47,7 +45,6 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax import configs
-from mmjax.checkpoint import WORKDIR_TOKENIZER_FILE as TOKENIZER_FILE
 from mmjax.errors import ConfigError, InputError
 from mmjax.train.task import Task
 
@@ -85,20 +82,6 @@ class VisualSFTDataConfig:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.eval_captions < 0:
             raise ConfigError(f"data.eval_captions must be >= 0, got {self.eval_captions}")
-
-
-def _tokenizer_file(path: str) -> str:
-    if os.path.isdir(path):
-        name = TOKENIZER_FILE
-        candidate = os.path.join(path, name)
-        if not os.path.isfile(candidate):
-            raise InputError(f"data.tokenizer={path!r} is a directory without {name} (train "
-                             "that language model first, or name its .model file)")
-        return candidate
-    if not os.path.isfile(path):
-        raise InputError(f"data.tokenizer={path!r} does not exist (train the language model "
-                         "first, e.g. `mmjax train experiments/llm_text.py`)")
-    return path
 
 
 def chat_template_has_system(template: str) -> bool:
@@ -179,16 +162,11 @@ class VisualSFTTask(Task):
         from mmjax.data import digits_vqa
         from mmjax.data.tokenizer import Tokenizer
 
-        target = os.path.join(workdir, TOKENIZER_FILE)
-        if os.path.isfile(target):  # a resumed run keeps its tokenizer
-            return Tokenizer.load(target)
-        os.makedirs(workdir, exist_ok=True)
-        if cfg.data.tokenizer is not None:
-            source = _tokenizer_file(cfg.data.tokenizer)
-            if jax.process_index() == 0:
-                shutil.copyfile(source, target)
-            log(f"tokenizer: {source}")
-            return Tokenizer.load(source)
+        from mmjax.tasks.text_data import workdir_tokenizer
+
+        tok, target = workdir_tokenizer(workdir, cfg.data.tokenizer, log)
+        if tok is not None:
+            return tok
         texts = []
         rng = np.random.default_rng(cfg.data.seed)
         for qtype in digits_vqa.QUESTION_TYPES:
