@@ -55,3 +55,29 @@ def image_inputs(config: Any) -> tuple:
 
     h, w = config.image_hw
     return (jnp.zeros((1, h, w, config.channels), jnp.float32),)
+
+
+class ReadsAsLanguageModel:
+    """Mixin of a vision-language config whose decoder is its `text` field: the language-model
+    attributes generation and tasks read (`vocab_size`, `max_len`, `eos_ids`, `dim`,
+    `pad_token_id`) are the decoder's."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def max_len(self) -> int:
+        return self.text.max_len
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.text.eos_ids
+
+    @property
+    def dim(self) -> int:
+        return self.text.dim
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.text.pad_token_id

@@ -79,7 +79,7 @@ from flax import struct
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
 from mmjax.models.clip import CLIP_VISION_LAYOUT
-from mmjax.models.family import Family
+from mmjax.models.family import Family, ReadsAsLanguageModel
 from mmjax.models.llama import Llama, LlamaConfig, check_token_ids
 from mmjax.models.vit import ViT, ViTConfig, check_images
 from mmjax.nn.attention import Attention
@@ -105,7 +105,7 @@ def _default_vision() -> ViTConfig:  # Idefics-9b's CLIP ViT-H/14 at 224 px
 
 
 @dataclasses.dataclass(frozen=True)
-class FlamingoConfig(configs.Config):
+class FlamingoConfig(ReadsAsLanguageModel, configs.Config):
     vision: ViTConfig = dataclasses.field(default_factory=_default_vision)
     text: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     layout: str = "idefics"  # "idefics" | "openflamingo" (see the module docstring)
@@ -247,26 +247,9 @@ class FlamingoConfig(configs.Config):
         v = self.vision
         return v.num_tokens if self.layout == "idefics" else v.num_patches
 
-    # what generation and tasks read from a language model's config
     @property
-    def vocab_size(self) -> int:
+    def vocab_size(self) -> int:  # the decoder's rows plus the additional ones
         return self.text.vocab_size + self.additional_vocab_size
-
-    @property
-    def max_len(self) -> int:
-        return self.text.max_len
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.text.eos_ids
-
-    @property
-    def dim(self) -> int:
-        return self.text.dim
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.text.pad_token_id
 
 
 def _tiny() -> dict[str, Any]:
@@ -500,15 +483,10 @@ class Flamingo(nn.Module):
         """Token ids [B, T] -> input embeddings [B, T, dim]: the frozen table for ids below
         text.vocab_size, `additional_embed` for the additional ids above it."""
         c = self.config
-        if getattr(tokens, "ndim", None) != 2:
-            raise InputError(f"Flamingo: tokens must be [batch, seq], got shape "
-                             f"{tuple(getattr(tokens, 'shape', ()))}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise InputError(f"Flamingo: tokens must be integer ids, got dtype {tokens.dtype}")
-        check_token_ids(tokens, c.vocab_size)
-        base = c.text.vocab_size
-        if not c.additional_vocab_size:
+        if not c.additional_vocab_size:  # the decoder's own checks (shape, dtype, range)
             return self.language_model.embed_tokens(tokens)
+        check_token_ids(tokens, c.vocab_size)  # the whole range, additional rows included;
+        base = c.text.vocab_size  # shape and dtype: the decoder's embed_tokens below
         extra = tokens >= base
         x = self.language_model.embed_tokens(jnp.where(extra, 0, tokens))
         y = self.additional_embed(jnp.where(extra, tokens - base, 0))

@@ -49,7 +49,7 @@ import numpy as np
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
 from mmjax.models.clip import CLIP_VISION_LAYOUT
-from mmjax.models.family import Family
+from mmjax.models.family import Family, ReadsAsLanguageModel
 from mmjax.models.llama import Llama, LlamaConfig
 from mmjax.models.vit import ViT, ViTConfig, check_images
 from mmjax.nn.cache import KVCache
@@ -67,7 +67,7 @@ def _default_vision() -> ViTConfig:  # LLaVA-1.5's CLIP ViT-L/14 at 336 px
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig(configs.Config):
+class LlavaConfig(ReadsAsLanguageModel, configs.Config):
     vision: ViTConfig = dataclasses.field(default_factory=_default_vision)
     text: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     image_token_index: int = 32000
@@ -163,26 +163,6 @@ class LlavaConfig(configs.Config):
         v = self.vision
         return v.num_tokens if self.vision_feature_select_strategy == "full" else v.num_patches
 
-    # what generation and tasks read from a language model's config
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def max_len(self) -> int:
-        return self.text.max_len
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.text.eos_ids
-
-    @property
-    def dim(self) -> int:
-        return self.text.dim
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.text.pad_token_id
 
 
 def _tiny() -> dict[str, Any]:
