@@ -22,8 +22,9 @@ included -- runs the adapted model:
 
 Which module is "the language model" (prompt and prefix tuning): the outermost module with
 `embed_tokens` and `init_cache` methods whose `__call__` takes the `Llama` convention
-(`tokens | embeddings=, positions=, input_mask=, mask_ar=, cache=`): `Llama` (tested), and by
-the same convention OPT and the LLM inside LLaVA. The method's params live in that module's own scope (the root of a plain LM's
+(`tokens | embeddings=, positions=, input_mask=, mask_ar=, cache=`): `Llama` and OPT (greedy
+decoding checked against the full forward for both), and by the same convention the LLM
+inside LLaVA (whose `init_cache` is the LLM's). The method's params live in that module's own scope (the root of a plain LM's
 tree). LLaMA-Adapter and adapter tuning act on the blocks of `mmjax.nn.transformer` (loop
 stacks `layers_{i}`; adapter tuning on every layer also runs under `scan_layers`).
 
