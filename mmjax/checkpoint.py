@@ -216,6 +216,64 @@ def _params_mismatch(manager: Any, step: int, target: Any) -> str | None:
             f"{got.get(k, 'absent')} vs the workdir's model {want.get(k, 'absent')})")
 
 
+def _saved_target(manager: Any, step: int) -> tuple[Any, str | None]:
+    """ShapeDtypeStructs of the params as `step` stored them (a PEFT run's own tree)."""
+    try:
+        saved = manager.item_metadata(step)["params"]
+    except Exception as e:  # noqa: BLE001
+        return None, f"its metadata cannot be read ({one_line(e)})"
+    saved = getattr(saved, "tree", saved)
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                                  saved), None
+
+
+def _tree_mismatch(params: Any, target: Any) -> str | None:
+    got = {jax.tree_util.keystr(p): tuple(x.shape)
+           for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    if got == want:
+        return None
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    return (f"its params, with the PEFT method folded in ({PEFT_FILE}), do not fit the workdir's "
+            f"model ({len(diff)} differ, e.g. {diff[0]}: {got.get(diff[0], 'absent')} vs "
+            f"{want.get(diff[0], 'absent')})")
+
+
+PEFT_FILE = "peft.json"  # a PEFT training run's method record (mmjax.train.peft)
+
+
+def read_peft_record(workdir: str) -> dict[str, Any] | None:
+    """The workdir's peft.json ({"method", "frozen_base_dtype", "lora": {...}}) or None."""
+    path = os.path.join(workdir, PEFT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is not valid JSON ({e})") from None
+
+
+def fold_peft(params: Any, record: Mapping[str, Any]) -> Any:
+    """A PEFT run's params (`record` = its peft.json) as the plain float32 model: int8 kernels
+    dequantized (`mmjax.nn.quant`), bfloat16 params back to float32, LoRA merged into its
+    kernels (`kernel += scale * A.B`, `mmjax.nn.lora.merge`)."""
+    import jax.numpy as jnp
+
+    from mmjax.nn import lora, quant
+
+    params = quant.dequantize_kernels(params)
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, jnp.float32) if x.dtype == jnp.bfloat16 else x, params)
+    method = record.get("method")
+    if method == "lora":
+        params = lora.merge(params, lora.LoraConfig(**record["lora"]))
+    elif method is not None:
+        raise InputError(f"{PEFT_FILE}: unknown PEFT method {method!r} (this mmjax folds: lora)")
+    return params
+
+
 def is_workdir(path: str) -> bool:
     """Whether `path` is a training workdir (it has `mmjax_model.json`)."""
     return os.path.isfile(os.path.join(path, WORKDIR_MODEL_FILE))
@@ -233,8 +291,12 @@ def read_workdir_info(workdir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
+def load_workdir(workdir: str, fold: bool = True) -> tuple[Any, Any, Any]:
     """(module, config, params) of a training workdir's latest checkpoint.
+
+    A PEFT run's workdir (`peft.json`, `mmjax.train.peft`) gives the plain float32 model with
+    the method folded in (`fold_peft`: LoRA merged, int8 / bfloat16 frozen params back to
+    float32); `fold=False` gives its params as trained (LoRA leaves, int8 kernels + scales).
 
     The module is rebuilt for use outside the training mesh: an `implementation` that cannot
     decode or init there (ring) becomes the platform default (`decoding_implementation`); the
@@ -268,6 +330,7 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
                        "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
     target = abstract_params(family, module, config)
+    peft = read_peft_record(workdir)
     bad: list[str] = []
     params = None
     try:
@@ -275,14 +338,22 @@ def load_workdir(workdir: str) -> tuple[Any, Any, Any]:
         # (it holds no lock: a training run may own the workdir)
         for step in steps:
             reason = check_step_files(os.path.join(ckpt_dir, str(step)))
+            step_target = target
+            if reason is None and peft is not None:  # LoRA leaves, int8 / bf16 frozen params
+                step_target, reason = _saved_target(manager, step)
             if reason is None:
-                reason = _params_mismatch(manager, step, target)
+                reason = _params_mismatch(manager, step, step_target)
             if reason is None:
                 try:
-                    args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+                    args = ocp.args.Composite(params=ocp.args.StandardRestore(step_target))
                     params = manager.restore(step, args=args)["params"]
                 except Exception as e:  # noqa: BLE001 - any storage/format failure
                     reason = f"its params cannot be read ({one_line(e)})"
+            if reason is None and peft is not None and fold:
+                params = fold_peft(params, peft)
+                reason = _tree_mismatch(params, target)
+                if reason is not None:
+                    params = None
             if reason is None:
                 break
             bad.append(f"step {step}: {reason}")

@@ -25,6 +25,8 @@ class DenseGeneral(nn.Module):
     kernel_axes=("heads", "head_dim", "embed").
 
     Params are stored in `param_dtype`; the matmul runs in `dtype` (e.g. fp32 params, bf16 compute).
+    A frozen kernel quantized to int8 (`mmjax.nn.quant`) comes with a `kernel_scale` param beside
+    it (one scale per output channel) and is dequantized on the fly: `q.astype(dtype) * scale`.
     """
 
     features: int | Sequence[int]
@@ -54,7 +56,11 @@ class DenseGeneral(nn.Module):
             self.param_dtype,
         )
         x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
+        if self.has_variable("params", "kernel_scale"):  # int8 weight-only (mmjax.nn.quant)
+            scale = self.get_variable("params", "kernel_scale").astype(self.dtype)
+            kernel = kernel.astype(self.dtype) * scale.reshape((1,) * len(in_shape) + scale.shape)
+        else:
+            kernel = kernel.astype(self.dtype)
         contract = (axis, tuple(range(len(axis))))
         # output: x's free dims in order, then the feature dims
         y = lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)

@@ -16,7 +16,9 @@ The two params live in that module's own scope beside `kernel`:
     lora_b: (r,) + features    (e.g. [r, heads, head_dim] for a query projection)
 
 so the param tree is the model's own tree plus two leaves per target: checkpoints, sharding
-rules and freezing regexes (`.*/lora_[ab]$`) work unchanged. Merged, the model is the base
+rules and freezing regexes (`.*/lora_[ab]$`) work unchanged. Created under `module.init`, they
+carry logical axis names (A the kernel's input names + an unsharded rank, B an unsharded rank +
+the kernel's output names), so a mesh lays them out like their kernel. Merged, the model is the base
 model with new kernels: zero added latency.
 
 Which modules are targets: while params are being created (`init_lora`, or `module.init`
@@ -68,7 +70,7 @@ class LoraConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
-    dtype: Any = jnp.float32
+    dtype: Any = "float32"  # a dtype name (stored as one: the config is JSON-able)
 
     def __post_init__(self):
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -84,6 +86,10 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.r must be a positive int, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        except TypeError:
+            raise ConfigError(f"LoraConfig.dtype {self.dtype!r} is not a dtype") from None
         if self.init not in INITS:
             raise ConfigError(f"LoraConfig.init {self.init!r}: one of {', '.join(INITS)}")
 
@@ -129,8 +135,13 @@ def _interceptor(cfg: LoraConfig, deterministic: bool, trace: _Trace):
         in_shape = tuple(x.shape[a] for a in axis)
         features = _as_tuple(module.features)
         fan_in = int(np.prod(in_shape))
-        a = module.param(LORA_A, _a_init(cfg, fan_in), in_shape + (cfg.r,), cfg.dtype)
-        b = module.param(LORA_B, nn.initializers.zeros_init(), (cfg.r,) + features, cfg.dtype)
+        # logical names: A keeps the kernel's input names, B its output names, rank unsharded
+        names = tuple(module.kernel_axes)
+        a = module.param(LORA_A, nn.with_logical_partitioning(
+            _a_init(cfg, fan_in), names[:len(axis)] + (None,)), in_shape + (cfg.r,), cfg.dtype)
+        b = module.param(LORA_B, nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), (None,) + names[len(axis):]), (cfg.r,) + features,
+            cfg.dtype)
         h = x.astype(module.dtype)
         if cfg.dropout > 0.0 and not deterministic:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.dropout, h.shape)

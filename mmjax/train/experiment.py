@@ -71,6 +71,33 @@ def init_sources(init_from: Any, prefix: str = "") -> tuple[InitSource, ...]:
     return tuple(out)
 
 
+FROZEN_DTYPES = ("bfloat16", "int8")  # ExperimentConfig.frozen_base_dtype (mmjax.train.peft)
+
+
+def method_name(peft: Any) -> str:
+    """The PEFT method of a method config instance ("lora"); ConfigError for anything else."""
+    from mmjax.nn.lora import LoraConfig
+
+    if isinstance(peft, LoraConfig):
+        return "lora"
+    raise ConfigError(f"peft={type(peft).__name__}(...) is not a PEFT method config; use "
+                      "mmjax.nn.lora.LoraConfig(targets=..., r=..., alpha=...)")
+
+
+def validate_peft(peft: Any, frozen_base_dtype: str | None, freeze: Sequence[str]) -> None:
+    """ConfigError for an unknown method or frozen dtype, or a frozen dtype with nothing frozen."""
+    if peft is not None:
+        method_name(peft)
+    if frozen_base_dtype is not None:
+        if frozen_base_dtype not in FROZEN_DTYPES:
+            raise ConfigError(f"frozen_base_dtype={frozen_base_dtype!r}; one of "
+                              f"{', '.join(FROZEN_DTYPES)} or None")
+        if peft is None and not freeze:
+            raise ConfigError(f"frozen_base_dtype={frozen_base_dtype!r} stores the frozen params "
+                              "compactly, but nothing is frozen: set peft=LoraConfig(...) or "
+                              "optimizer.freeze")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW + linear warmup + cosine decay, global-norm clipping, accumulation, masks."""
@@ -138,9 +165,15 @@ class ExperimentConfig:
     # how `--mesh` is used: a preset of mmjax.parallel.presets (data, zero1, fsdp, fsdp_tp,
     # tp_sp, expert, flamingo); without --mesh training runs on one device
     parallelism: str = "fsdp_tp"
+    # parameter-efficient fine-tuning (mmjax.train.peft): a method config (mmjax.nn.lora.
+    # LoraConfig) trains only its own params, the rest frozen; frozen_base_dtype stores the
+    # frozen params as "bfloat16" or "int8" (QLoRA-style), None = float32
+    peft: Any = None
+    frozen_base_dtype: str | None = None
 
     def __post_init__(self):
         from mmjax.parallel.presets import get_preset
+        validate_peft(self.peft, self.frozen_base_dtype, self.optimizer.freeze)
 
         get_preset(self.parallelism)  # ConfigError naming the closest preset
         sources = init_sources(self.init_from, self.init_from_prefix)  # ConfigError if malformed

@@ -45,6 +45,7 @@ from mmjax.train.errors import CheckpointError, DataError, NonFiniteLossError
 from mmjax.train.experiment import ExperimentConfig
 from mmjax.train.metrics import MetricsWriter, Progress, read_metrics
 from mmjax.train.optimizer import make_optimizer
+from mmjax.train.peft import run_for as peft_run_for
 from mmjax.train import pretrained
 from mmjax.train.budget import BudgetTimer, load_plan, save_plan
 from mmjax.train.plots import plot_loss_curve
@@ -205,11 +206,16 @@ def _train(
 
     tokenizer_existed = os.path.isfile(os.path.join(workdir, TOKENIZER_FILE))
     task = build_task(cfg, workdir, log)
+    peft = peft_run_for(cfg)  # LoRA / a compact frozen base: the task runs with it active
+    if peft is not None:
+        peft.wrap(task)
     tokenizer_sha = _tokenizer_sha(workdir)
     if is_main:
         _write_json(os.path.join(workdir, MODEL_FILE),
                     {"family": task.family, "config": task.model_config.to_dict()})
         _write_json(os.path.join(workdir, "experiment.json"), cfg.to_dict())
+        if peft is not None:
+            peft.write(workdir)
 
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=cfg.keep_checkpoints,
                         best_metric=cfg.keep_best_metric, best_mode=cfg.keep_best_mode)
@@ -219,7 +225,9 @@ def _train(
         log(f"resuming the plan in {workdir}/plan.json: {plan.describe()}")
         cfg = cfg.replace(steps=plan.steps)
     abstract_params = abstract_boxed_params(task.init_params)  # the tree the optimizer needs
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
+    trainable = peft.trainable if peft is not None else None
+    trainable_mask = peft.trainable_mask(abstract_params) if peft is not None else None
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params, trainable)
     rules, opt_rules = preset.rules, preset.opt_rules
     init_task_state = _task_state_fn(task, abstract_params)
     shardings = (state_shardings(task.init_params, tx, mesh, rules, opt_rules, init_task_state)
@@ -257,12 +265,15 @@ def _train(
     log(f"model: {count_params(state.params) / 1e6:.2f}M params ({describe}); {cfg.steps} steps"
         + (f" on mesh {describe_mesh(mesh)}, parallelism {preset.name}" if mesh is not None
            else ""))
+    if peft is not None:
+        log(peft.describe(state.params))
 
     def build_train_step(tx, schedule):
         return make_train_step(task.loss, tx, schedule,
                                grad_accum_steps=cfg.optimizer.grad_accum_steps,
                                mesh=mesh, shardings=shardings, rules=rules,
-                               state_loss_fn=task.state_loss if init_task_state else None)
+                               state_loss_fn=task.state_loss if init_task_state else None,
+                               trainable=trainable_mask)
 
     train_step = build_train_step(tx, schedule)
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -351,7 +362,8 @@ def _train(
                     if plan.steps != cfg.steps:
                         cfg = cfg.replace(steps=plan.steps)
                         # the optimizer state's structure does not depend on the schedule
-                        tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
+                        tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params,
+                                                      trainable)
                         train_step = build_train_step(tx, schedule)
                         progress.set_total(cfg.steps)
                 steps_since_log += 1

@@ -70,11 +70,13 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(
-    cfg: OptimizerConfig, total_steps: int, params: Any
+    cfg: OptimizerConfig, total_steps: int, params: Any, trainable: Sequence[str] | None = None,
 ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
     """(transform, schedule) for `params` (concrete, abstract or boxed; only the tree structure is used).
 
-    Raises ConfigError when a freeze regex matches nothing (a typo would silently train all).
+    `trainable` (regexes; PEFT runs, `mmjax.train.peft`): only the params matching one of them
+    train, the others are frozen like `cfg.freeze`'s. Raises ConfigError when a freeze or
+    trainable regex matches nothing (a typo would silently train all, or nothing).
     """
     params = nn.meta.unbox(params)
     schedule = make_schedule(cfg, total_steps)
@@ -88,6 +90,22 @@ def make_optimizer(
         )
     )
     tx = optax.chain(*inner)
+    frozen = frozen_mask(cfg, params, trainable)
+    if frozen is not None:
+        labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def frozen_mask(cfg: OptimizerConfig, params: Any, trainable: Sequence[str] | None = None
+                ) -> Any | None:
+    """Bool tree, True where a param is frozen (`cfg.freeze` matches, or `trainable` is given
+    and none of it matches); None when every param trains. ConfigError for a regex that
+    matches nothing, and when nothing would train."""
+    params = nn.meta.unbox(params)
+    if not cfg.freeze and trainable is None:
+        return None
+    frozen = jax.tree_util.tree_map(lambda _: False, params)
     if cfg.freeze:
         frozen = regex_mask(params, cfg.freeze)
         if not any(jax.tree_util.tree_leaves(frozen)):
@@ -95,6 +113,13 @@ def make_optimizer(
                 f"optimizer.freeze={list(cfg.freeze)} matches no parameter; paths look like "
                 f"{', '.join(param_paths(params)[:4])}, ..."
             )
-        labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen)
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, schedule
+    if trainable is not None:
+        train = regex_mask(params, trainable)
+        if not any(jax.tree_util.tree_leaves(train)):
+            raise ConfigError(f"trainable params {list(trainable)} match no parameter; paths "
+                              f"look like {', '.join(param_paths(params)[:4])}, ...")
+        frozen = jax.tree_util.tree_map(lambda f, t: f or not t, frozen, train)
+    if all(jax.tree_util.tree_leaves(frozen)):
+        raise ConfigError("every parameter is frozen (optimizer.freeze / peft): nothing would "
+                          "train")
+    return frozen

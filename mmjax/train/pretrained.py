@@ -80,6 +80,7 @@ def overlay(target: Any, source: Any, prefix: str = "") -> tuple[Any, dict[str, 
     src = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     report: dict[str, list[str]] = {"copied": [], "kept": []}
     clashes = []
+    src.update(_quantized_sources(target, src))  # int8 frozen kernels (frozen_base_dtype="int8")
 
     def pick(path, leaf):
         name = path_str(path)
@@ -100,6 +101,29 @@ def overlay(target: Any, source: Any, prefix: str = "") -> tuple[Any, dict[str, 
         raise InputError(f"init_from: no param of the model was found in the source under prefix "
                          f"{prefix!r}; source paths look like {sorted(src)[:4]}")
     return out, report
+
+
+def _quantized_sources(target: Any, src: dict[str, Any]) -> dict[str, Any]:
+    """For each int8 kernel of `target` with a `kernel_scale` beside it (`mmjax.nn.quant`) whose
+    float kernel the source holds: the source kernel quantized, and its scale."""
+    from mmjax.nn import quant
+
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    out = {}
+    for name, scale in flat.items():
+        if not name.endswith("/" + quant.SCALE):
+            continue
+        kname = name[: -len(quant.SCALE)] + "kernel"
+        kernel, value = flat.get(kname), src.get(kname)
+        if kernel is None or value is None or kernel.dtype != np.int8:
+            continue
+        if tuple(np.shape(value)) != tuple(kernel.shape):
+            continue  # reported as a shape clash by overlay
+        n_lead = quant.lead_dims(kernel.shape, scale.shape)
+        q, s = quant.quantize(np.asarray(value, np.float32), n_lead,
+                               kernel.ndim - len(scale.shape))
+        out[kname], out[name] = np.asarray(q), np.asarray(s)
+    return out
 
 
 def overlay_sources(target: Any, sources: tuple[InitSource, ...], load=None

@@ -49,7 +49,7 @@ BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch's rows under DEF
 def make_train_step(
     loss_fn: LossFn, tx: optax.GradientTransformation, schedule: Callable, *,
     grad_accum_steps: int = 1, mesh: Mesh | None = None, shardings: TrainState | None = None,
-    rules=DEFAULT_RULES, state_loss_fn: StateLossFn | None = None,
+    rules=DEFAULT_RULES, state_loss_fn: StateLossFn | None = None, trainable: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated;
     `step.lower(state, batch)` lowers it ahead of time (ShapeDtypeStructs are enough).
@@ -59,6 +59,10 @@ def make_train_step(
     metrics: loss (total / count), grad_norm, learning_rate, count, and the loss's aux metrics.
     `state_loss_fn` (a task with state): used instead of `loss_fn`, the state's `task_state`
     passed in and replaced by what it returns (see the module docstring).
+    `trainable` (a bool tree like the params, e.g. `optimizer.frozen_mask` negated; None = all):
+    only those leaves are differentiated, the others (a frozen base) get no gradient buffers;
+    their gradient is a zero the optimizer's freezing ignores, and grad_norm counts only the
+    trainable ones.
     """
     if state_loss_fn is not None and grad_accum_steps != 1:
         raise ConfigError(f"optimizer.grad_accum_steps={grad_accum_steps}: a task with its own "
@@ -71,15 +75,47 @@ def make_train_step(
             return total, (count, aux, new_task_state)
 
         (total, (count, aux, new_ts)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return total, count, aux, grads, jax.lax.stop_gradient(new_ts)
+        # compact like value_and_grad's (the frozen gradients are dead code XLA drops)
+        return total, count, aux, trainable_part(grads), jax.lax.stop_gradient(new_ts)
 
     def value_and_grad(params, batch, rng):
         def f(p):
             total, count, aux = loss_fn(p, batch, rng)
             return total, (count, aux)
 
-        (total, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return total, count, aux, grads
+        if trainable is None:
+            (total, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return total, count, aux, grads
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        pick = [i for i, t in enumerate(jax.tree_util.tree_leaves(trainable)) if t]
+
+        def g(train_leaves):
+            full = list(leaves)
+            for i, leaf in zip(pick, train_leaves):
+                full[i] = leaf
+            return f(jax.tree_util.tree_unflatten(treedef, full))
+
+        (total, (count, aux)), train_grads = jax.value_and_grad(g, has_aux=True)(
+            [leaves[i] for i in pick])
+        return total, count, aux, train_grads  # compact: the trainable leaves only
+
+    def trainable_part(params):
+        """What value_and_grad differentiates: the whole tree, or its trainable leaves."""
+        if trainable is None:
+            return params
+        leaves = jax.tree_util.tree_leaves(params)
+        return [x for x, t in zip(leaves, jax.tree_util.tree_leaves(trainable)) if t]
+
+    def full_grads(grads, params):
+        """Compact gradients -> the params' tree (zeros where frozen: the optimizer's
+        set_to_zero ignores them, so XLA never materialises them)."""
+        if trainable is None:
+            return grads
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        it = iter(grads)
+        out = [next(it) if t else jnp.zeros_like(x)
+               for x, t in zip(leaves, jax.tree_util.tree_leaves(trainable))]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def grads_of(params, batch, rng):
         if grad_accum_steps == 1:
@@ -103,7 +139,7 @@ def make_train_step(
                     jax.tree_util.tree_map(jnp.add, aux_acc, aux),
                     jax.tree_util.tree_map(jnp.add, g_acc, g)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable_part(params))
         aux0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
         (total, count, aux, grads), _ = jax.lax.scan(
             body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0, zeros),
@@ -125,12 +161,14 @@ def make_train_step(
             total, count, aux, grads = grads_of(state.params, batch, loss_rng)
         denom = jnp.maximum(count, 1e-9)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.tree.norm(grads)  # compact: the trainable gradients only
+        updates, opt_state = tx.update(full_grads(grads, state.params), state.opt_state,
+                                       state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             **aux,
             "loss": total / denom,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "count": count,
         }
