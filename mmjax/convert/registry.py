@@ -49,14 +49,19 @@ def _discovered() -> tuple[tuple[Converter, ...], dict[str, Converter], dict[str
             if not isinstance(record, Converter):
                 raise TypeError(f"{module.__name__}: CONVERTER(S) holds {record!r}, not a Converter")
             records.append((module.__name__, record))
-    by_type: dict[str, Converter] = {}
-    owner: dict[str, str] = {}
+    # model_type -> its records in module order (the first is the model_type's default); two
+    # records may share a model_type when their architectures differ (LlamaForCausalLM and
+    # LlamaForSequenceClassification are both "llama")
+    by_type: dict[str, list[Converter]] = {}
+    owner: dict[tuple[str, str], str] = {}
     for module_name, record in records:
         for model_type in record.model_types:
-            if model_type in by_type:
-                raise ValueError(f"model_type {model_type!r} is claimed by {owner[model_type]} and "
-                                 f"{module_name}")
-            by_type[model_type], owner[model_type] = record, module_name
+            for arch in record.architectures or ("",):
+                if (model_type, arch) in owner:
+                    raise ValueError(f"model_type {model_type!r}{f' / {arch}' if arch else ''} is "
+                                     f"claimed by {owner[model_type, arch]} and {module_name}")
+                owner[model_type, arch] = module_name
+            by_type.setdefault(model_type, []).append(record)
     for family in dict.fromkeys(r.family for _, r in records):
         defaults = [m for m, r in records if r.family == family and r.export_when is None]
         if len(defaults) != 1:
@@ -88,7 +93,7 @@ def for_model_type(model_type: Any) -> Converter:
             f"unsupported model_type {model_type!r}{hint}; supported: {', '.join(supported_model_types())}"
             + _broken_note()
         )
-    return by_type[model_type]
+    return by_type[model_type][0]
 
 
 def for_hf_config(hf_config: Mapping[str, Any]) -> Converter:
@@ -101,11 +106,16 @@ def for_hf_config(hf_config: Mapping[str, Any]) -> Converter:
     archs = hf_config.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
-    bad = [a for a in archs if a not in converter.architectures]
+    candidates = _discovered()[1][hf_config["model_type"]]
+    for candidate in candidates:  # the record whose architectures hold the config's
+        if archs and all(a in candidate.architectures for a in archs):
+            return candidate
+    bad = [a for a in archs if not any(a in c.architectures for c in candidates)] or archs
     if bad:
+        supported = [a for c in candidates for a in c.architectures]
         raise UnsupportedModelError(
             f"unsupported architecture {', '.join(map(repr, bad))} for model_type "
-            f"{hf_config['model_type']!r}; supported: {', '.join(converter.architectures)}"
+            f"{hf_config['model_type']!r}; supported: {', '.join(supported)}"
         )
     return converter
 

@@ -21,12 +21,9 @@ Config keys beyond LLaMA's:
     decoder's `pad_token_id`.
 A head with a bias (`head_bias=True`) or an MoE / sliding-window decoder does not export.
 
-Registry: `model_types` is empty. A `LlamaForSequenceClassification` config.json says
-`model_type: "llama"`, which `mmjax.convert.llama` claims, and `mmjax.convert.registry` picks a
-converter by model_type alone (then refuses the architecture), so `from_hf` / `mmjax compare`
-/ `mmjax convert` do not reach this record until the registry also dispatches on
-`architectures`. Until then, call this module's functions (`read_hf_dir`, `CONVERTER.*`)
-directly; `to_hf(config, params, dir)` already exports through it (family "reward").
+Registry: this record shares model_type "llama" with `mmjax.convert.llama`; the registry picks
+it by `architectures` (LlamaForSequenceClassification), so `from_hf`, `mmjax compare`,
+`mmjax convert` and `to_hf(..., model_type="llama")` reach it.
 
 `mmjax compare` runner (`compare_reward_model`): every hidden state, the per-token head output
 (transformers' `score` applied to the last hidden state, what trl's `get_reward` reads) on real
@@ -195,7 +192,7 @@ def compare_reward_model(hf_dir, module, config, np_params, batch, seq_len, seed
 
 CONVERTER = Converter(
     family="reward",
-    model_types=(),  # "llama" is mmjax.convert.llama's; see the module docstring
+    model_types=("llama",),
     architectures=(ARCHITECTURE,),
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,

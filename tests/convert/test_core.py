@@ -186,14 +186,14 @@ def test_config_helpers():
 def test_the_registry_is_the_union_of_the_converter_records():
     records = registry.converters()
     assert all(isinstance(c, Converter) for c in records)
-    assert registry.supported_model_types() == sorted(t for c in records for t in c.model_types)
+    assert registry.supported_model_types() == sorted({t for c in records for t in c.model_types})
     assert set(registry.supported_model_types()) >= {
         "llama", "mistral", "mixtral", "vit", "clip", "clip_vision_model", "clip_text_model",
         "siglip", "siglip_vision_model"}
     for c in records:
         assert c.compare is not None, c.model_types  # every converted class has a compare runner
         for t in c.model_types:
-            assert registry.for_model_type(t) is c
+            assert registry.for_hf_config({"model_type": t, "architectures": [c.architectures[0]]}) is c
     for family in {c.family for c in records}:
         assert registry.for_family(family).export_when is None
 
@@ -202,8 +202,9 @@ def test_registry_errors_list_what_is_supported():
     with pytest.raises(UnsupportedModelError, match=r"unsupported model_type 'lama' \(did you mean "
                                                     r"'llama'\?\); supported: ([\w-]+, )*clip, .*llama"):
         registry.for_model_type("lama")
-    with pytest.raises(UnsupportedModelError, match="LlamaForSequenceClassification.*LlamaForCausalLM"):
-        registry.for_hf_config({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})
+    with pytest.raises(UnsupportedModelError, match="LlamaForTokenClassification.*LlamaForCausalLM.*"
+                                                    "LlamaForSequenceClassification"):
+        registry.for_hf_config({"model_type": "llama", "architectures": ["LlamaForTokenClassification"]})
     with pytest.raises(UnsupportedModelError, match="no Hugging Face exporter for mmjax family 'gpt'"):
         registry.for_family("gpt")
 
