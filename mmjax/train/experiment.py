@@ -84,6 +84,27 @@ def method_name(peft: Any) -> str:
                       "mmjax.nn.lora.LoraConfig(targets=..., r=..., alpha=...)")
 
 
+def peft_from_dict(d: dict[str, Any]) -> Any:
+    """A PEFT method config from its dict form (`--set "peft={'method': 'lora', 'targets':
+    ['attn/query$'], 'r': 8}"`; "method" defaults to "lora"); ConfigError for unknown keys."""
+    import dataclasses as dc
+
+    from mmjax.nn.lora import LoraConfig
+
+    d = dict(d)
+    method = d.pop("method", "lora")
+    if method != "lora":
+        raise ConfigError(f"peft method {method!r}: known: lora")
+    fields = {f.name for f in dc.fields(LoraConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"peft: unknown LoRA key(s) {unknown}; LoraConfig has "
+                          f"{', '.join(sorted(fields))}")
+    if "targets" in d and isinstance(d["targets"], list):
+        d["targets"] = tuple(d["targets"])
+    return LoraConfig(**d)
+
+
 def validate_peft(peft: Any, frozen_base_dtype: str | None, freeze: Sequence[str]) -> None:
     """ConfigError for an unknown method or frozen dtype, or a frozen dtype with nothing frozen."""
     if peft is not None:
@@ -173,6 +194,8 @@ class ExperimentConfig:
 
     def __post_init__(self):
         from mmjax.parallel.presets import get_preset
+        if isinstance(self.peft, dict):
+            object.__setattr__(self, "peft", peft_from_dict(self.peft))
         validate_peft(self.peft, self.frozen_base_dtype, self.optimizer.freeze)
 
         get_preset(self.parallelism)  # ConfigError naming the closest preset

@@ -31,6 +31,7 @@ TASKS: dict[str, str] = {
     "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
     "visual_sft": "mmjax.tasks.visual_sft:VisualSFTTask",
     "sft": "mmjax.tasks.sft:SFTTask",
+    "dpo": "mmjax.tasks.dpo:DPOTask",
     "blip": "mmjax.tasks.blip:BlipTask",
     "blip2": "mmjax.tasks.blip2:Blip2Stage1Task",
     "ijepa": "mmjax.tasks.ijepa:IJepaTask",
