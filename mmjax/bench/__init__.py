@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "clip": "mmjax.bench.clip:run",
     "attention": "mmjax.bench.attention:run",
     "memory": "mmjax.bench.memory:run",
+    "peft_memory": "mmjax.bench.peft_memory:run",
     "compile": "mmjax.bench.compile:run",
     "speculative": "mmjax.bench.speculative:run",
 }

@@ -20,6 +20,7 @@ CLIP_CI = [f"model.{t}.{k}={v}" for t in ("vision", "text") for k, v in TINY_TOW
 LLAVA_CI = ["model.vision.num_layers=1", "model.text.num_layers=1"]
 BLIP2_CI = ["model.vision.num_layers=1", "model.qformer.num_layers=1"]
 FLAMINGO_CI = ["model.vision.num_layers=1", "model.text.num_layers=1"]
+LORA_CI = ["model.num_layers=1", "model.dim=32", "model.mlp_dim=64"]
 
 
 @pytest.mark.parametrize("name, steps, overrides, expected", [
@@ -28,6 +29,7 @@ FLAMINGO_CI = ["model.vision.num_layers=1", "model.text.num_layers=1"]
     pytest.param("blip2_digits.ipynb", 20, BLIP2_CI, "ITC picks the right caption for", id="blip2"),
     pytest.param("minilm_retrieval.ipynb", 0, [], "Question: How do context managers work?", id="minilm"),
     pytest.param("flamingo_digits.ipynb", 20, FLAMINGO_CI, "4-shot accuracy on these 6", id="flamingo"),
+    pytest.param("lora_pydoc.ipynb", 10, LORA_CI, "A (merged LoRA model):", id="lora"),
 ])
 def test_notebook_runs_and_renders_its_figure(name, steps, overrides, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("MMJAX_NOTEBOOK_STEPS", str(steps))
