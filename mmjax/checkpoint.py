@@ -270,7 +270,10 @@ def fold_peft(params: Any, record: Mapping[str, Any]) -> Any:
     if method == "lora":
         params = lora.merge(params, lora.LoraConfig(**record["lora"]))
     elif method is not None:
-        raise InputError(f"{PEFT_FILE}: unknown PEFT method {method!r} (this mmjax folds: lora)")
+        raise InputError(f"{PEFT_FILE}: the {method} method's params cannot be folded into the "
+                         "plain model (only LoRA merges); load them with load_workdir(workdir, "
+                         "fold=False) and run the model inside mmjax.nn.peft_methods."
+                         "peft_method(cfg) with the config recorded in peft.json")
     return params
 
 

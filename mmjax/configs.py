@@ -44,7 +44,26 @@ def from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
 
 
 def to_dict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+    """`dataclasses.asdict`, with dtype objects (jnp.float32, np.dtype) as their names, so the
+    dict is JSON-able (configs store dtypes as names; a field given a dtype object still is)."""
+    return _dtype_names(dataclasses.asdict(obj))
+
+
+def _dtype_names(value):
+    if isinstance(value, dict):
+        return {k: _dtype_names(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_dtype_names(v) for v in value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    import numpy as np
+
+    if isinstance(value, np.dtype) or (isinstance(value, type) and hasattr(value, "dtype")):
+        try:
+            return np.dtype(value).name
+        except TypeError:
+            return value
+    return value
 
 
 def _dataclass_in(tp) -> type | None:

@@ -416,8 +416,8 @@ def init_prompt_tuning(module: nn.Module, params: Mapping[str, Any], cfg: Prompt
             if vocab is None:
                 raise ConfigError("PromptTuningConfig(init='sampled_vocab') needs the model's "
                                   "config.vocab_size")
-            ids = np.asarray(jax.random.randint(rng, (n,), 0, vocab), np.int32)
-        if vocab is not None and ids.max() >= vocab:
+            ids = jax.random.randint(rng, (n,), 0, vocab)  # traceable (inside a jitted init)
+        if cfg.init == "text" and vocab is not None and ids.max() >= vocab:
             raise ConfigError(f"PromptTuningConfig.init_token_ids: id {int(ids.max())} is outside "
                               f"the vocabulary [0, {vocab})")
         prompt = module.apply({"params": params}, jnp.asarray(ids)[None], method="embed_tokens")[0]

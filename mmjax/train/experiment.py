@@ -74,14 +74,24 @@ def init_sources(init_from: Any, prefix: str = "") -> tuple[InitSource, ...]:
 FROZEN_DTYPES = ("bfloat16", "int8")  # ExperimentConfig.frozen_base_dtype (mmjax.train.peft)
 
 
-def method_name(peft: Any) -> str:
-    """The PEFT method of a method config instance ("lora"); ConfigError for anything else."""
+def peft_methods() -> dict[str, type]:
+    """PEFT method name -> its config class (`ExperimentConfig.peft`)."""
+    from mmjax.nn import peft_methods as P
     from mmjax.nn.lora import LoraConfig
 
-    if isinstance(peft, LoraConfig):
-        return "lora"
-    raise ConfigError(f"peft={type(peft).__name__}(...) is not a PEFT method config; use "
-                      "mmjax.nn.lora.LoraConfig(targets=..., r=..., alpha=...)")
+    return {"lora": LoraConfig, "prompt_tuning": P.PromptTuningConfig,
+            "prefix_tuning": P.PrefixTuningConfig, "llama_adapter": P.LlamaAdapterConfig,
+            "adapter_tuning": P.AdapterTuningConfig}
+
+
+def method_name(peft: Any) -> str:
+    """The PEFT method of a method config instance ("lora", "prompt_tuning", ...)."""
+    for name, cls in peft_methods().items():
+        if isinstance(peft, cls):
+            return name
+    raise ConfigError(f"peft={type(peft).__name__}(...) is not a PEFT method config; use one of "
+                      f"{', '.join(c.__name__ for c in peft_methods().values())} "
+                      "(mmjax.nn.lora, mmjax.nn.peft_methods)")
 
 
 def peft_from_dict(d: dict[str, Any]) -> Any:
@@ -89,20 +99,23 @@ def peft_from_dict(d: dict[str, Any]) -> Any:
     ['attn/query$'], 'r': 8}"`; "method" defaults to "lora"); ConfigError for unknown keys."""
     import dataclasses as dc
 
-    from mmjax.nn.lora import LoraConfig
-
     d = dict(d)
     method = d.pop("method", "lora")
-    if method != "lora":
-        raise ConfigError(f"peft method {method!r}: known: lora")
-    fields = {f.name for f in dc.fields(LoraConfig)}
+    methods = peft_methods()
+    if method not in methods:
+        raise ConfigError(f"peft method {method!r}{configs.closest_name(str(method), methods)}; "
+                          f"known: {', '.join(methods)}")
+    cls = methods[method]
+    fields = {f.name for f in dc.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"peft: unknown LoRA key(s) {unknown}; LoraConfig has "
+        raise ConfigError(f"peft: unknown {method} key(s) {unknown}; {cls.__name__} has "
                           f"{', '.join(sorted(fields))}")
-    if "targets" in d and isinstance(d["targets"], list):
-        d["targets"] = tuple(d["targets"])
-    return LoraConfig(**d)
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    try:
+        return cls(**d)
+    except TypeError as e:  # a required field missing
+        raise ConfigError(f"peft={{'method': {method!r}, ...}}: {e}") from None
 
 
 def validate_peft(peft: Any, frozen_base_dtype: str | None, freeze: Sequence[str]) -> None:

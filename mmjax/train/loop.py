@@ -348,7 +348,11 @@ def _train(
               if cfg.time_budget_s is not None and step == 0 else None)  # times the steps only
     try:
         with _StopSignal() as stop:
+            refresh = getattr(task, "refresh", None)  # e.g. PPO's rollouts from the policy
             while step < cfg.steps:
+                if refresh is not None:
+                    with activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
+                        refresh(state.params, step)
                 batch = next(train_iter)
                 state, metrics = train_step(state, shard_batch(batch, mesh, rules))
                 resolve()  # the previous step's loss, read while this one runs

@@ -55,15 +55,22 @@ _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def _active(cfg: L.LoraConfig, deterministic: bool):
-    """`lora(cfg)` unless an enclosing call already made it active (an evaluation's loss
-    inside the evaluation): nested interceptors would add the LoRA path twice."""
+def _active(cfg: Any, deterministic: bool):
+    """The method's context (`lora(cfg)`, `peft_method(cfg)`) unless an enclosing call already
+    made it active (an evaluation's loss inside the evaluation): nested interceptors would
+    apply the method twice."""
     if getattr(_ACTIVE, "on", False):
         yield
         return
     _ACTIVE.on = True
     try:
-        with L.lora(cfg, deterministic=deterministic):
+        if isinstance(cfg, L.LoraConfig):
+            ctx = L.lora(cfg, deterministic=deterministic)
+        else:
+            from mmjax.nn.peft_methods import peft_method
+
+            ctx = peft_method(cfg)
+        with ctx:
             yield
     finally:
         _ACTIVE.on = False
@@ -81,7 +88,9 @@ class PeftRun:
         self.method = method_name(peft) if peft is not None else None
         self.frozen_base_dtype = frozen_base_dtype
         self.freeze = tuple(freeze)
-        self.trainable: tuple[str, ...] | None = TRAINABLE[self.method] if self.method else None
+        self.trainable: tuple[str, ...] | None = (
+            None if self.method is None else TRAINABLE[self.method] if self.method in TRAINABLE
+            else (peft.trainable,))
 
     # --- which params are frozen ---------------------------------------------------------
     def is_frozen(self, path: str) -> bool:
@@ -93,7 +102,7 @@ class PeftRun:
 
     # --- the wrapped task ----------------------------------------------------------------
     def context(self, deterministic: bool = True):
-        if self.method == "lora":
+        if self.method is not None:
             return _active(self.peft, deterministic)
         return contextlib.nullcontext()
 
@@ -108,8 +117,11 @@ class PeftRun:
                 layout = quant.dense_layout(task.model, *example)
 
         def init_params(rng):
-            with self.context():
-                boxed = base_init(rng)
+            if self.method in (None, "lora"):  # LoRA creates its leaves during init
+                with self.context():
+                    boxed = base_init(rng)
+            else:  # the other methods: their init_* function on the base params
+                boxed = self._with_method_params(task, base_init, rng)
             return self.store_frozen(boxed, layout)
 
         if self.method == "lora":  # every target pattern must select some DenseGeneral
@@ -121,8 +133,31 @@ class PeftRun:
             fn = getattr(task, name, None)
             if fn is not None:
                 setattr(task, name, self._in_context(fn, train_arg=-1))
-        for name in ("evaluate", "sample"):
-            setattr(task, name, self._in_context(getattr(task, name)))
+        for name in ("evaluate", "sample", "refresh"):
+            if getattr(task, name, None) is not None:
+                setattr(task, name, self._in_context(getattr(task, name)))
+
+    def _with_method_params(self, task, base_init, rng):
+        """The base's boxed init tree plus the method's new leaves (`init_peft_method`)."""
+        from mmjax.models import family_record
+        from mmjax.nn.peft_methods import init_peft_method
+
+        base_rng, method_rng = jax.random.split(rng)
+        boxed = base_init(base_rng)
+        plain = nn.meta.unbox(boxed)
+        example = family_record(task.family).example_inputs(task.model_config)
+        full = init_peft_method(task.model, plain, self.peft, method_rng, *example)
+
+        def add(node, base):
+            out = dict(base)
+            for k, v in node.items():
+                if k not in base:
+                    out[k] = v
+                elif isinstance(v, dict) and isinstance(base[k], dict):
+                    out[k] = add(v, base[k])
+            return out
+
+        return add(full, boxed)
 
     def _in_context(self, fn: Callable, train_arg: int | None = None) -> Callable:
         """`fn` with the method active; with `train_arg` the argument at that index is the
@@ -169,13 +204,13 @@ class PeftRun:
     # --- the workdir record ----------------------------------------------------------------
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "frozen_base_dtype": self.frozen_base_dtype}
-        if self.method == "lora":
-            out["lora"] = dataclasses.asdict(self.peft)
+        if self.method is not None:
+            out[self.method] = dataclasses.asdict(self.peft)
         return out
 
     def write(self, workdir: str) -> None:
         with open(os.path.join(workdir, PEFT_FILE), "w") as f:
-            json.dump(self.record(), f, indent=1)
+            json.dump(self.record(), f, indent=1, default=str)
 
     def describe(self, params: Any) -> str:
         mask = self.trainable_mask(params)
@@ -185,6 +220,8 @@ class PeftRun:
                                                  jax.tree_util.tree_leaves(mask)) if m)
         nbytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
         what = self.method or "frozen params"
+        if self.method not in (None, "lora"):
+            what = f"{type(self.peft).__name__}"
         if self.method == "lora":
             what = f"LoRA r={self.peft.r} alpha={self.peft.alpha} (scale {self.peft.scale:g})"
         return (f"{what}: {train / 1e6:.3f}M of {total / 1e6:.2f}M params train "

@@ -32,6 +32,8 @@ TASKS: dict[str, str] = {
     "visual_sft": "mmjax.tasks.visual_sft:VisualSFTTask",
     "sft": "mmjax.tasks.sft:SFTTask",
     "dpo": "mmjax.tasks.dpo:DPOTask",
+    "ppo": "mmjax.tasks.ppo:PPOTask",
+    "reward": "mmjax.tasks.reward:RewardTask",
     "blip": "mmjax.tasks.blip:BlipTask",
     "blip2": "mmjax.tasks.blip2:Blip2Stage1Task",
     "ijepa": "mmjax.tasks.ijepa:IJepaTask",
@@ -128,6 +130,9 @@ class Task:
     def sample(self, params: Any, step: int) -> str | None:
         """Something a person can judge (generated text, predicted captions), or None."""
         return None
+
+    # refresh(params, step) -> None, optional: called by the loop before each step with the
+    # current params (PPO generates its rollouts from the policy being trained there)
 
     def shard_example_batch(self) -> dict[str, Any] | None:
         """One host batch for ahead-of-time compilation (memory analysis); None = skip."""

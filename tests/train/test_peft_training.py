@@ -116,4 +116,32 @@ def test_bad_peft_configs(base, tmp_path):
     with pytest.raises(ConfigError, match="nothing is frozen"):
         lora_cfg(base).replace(peft=None, frozen_base_dtype="bfloat16")
     with pytest.raises(ConfigError, match="not a PEFT method config"):
+        lora_cfg(base).replace(peft=8)
+    with pytest.raises(ConfigError, match="missing 1 required positional argument: 'targets'"):
         lora_cfg(base).replace(peft={"r": 8})
+    with pytest.raises(ConfigError, match="unknown lora key"):
+        lora_cfg(base).replace(peft={"targets": ["query$"], "rank": 8})
+
+
+def test_llama_adapter_and_prompt_tuning_through_the_stack(base, tmp_path):
+    from mmjax.nn import peft_methods as P
+
+    _, base_out, _, base_params = base
+    cfg = lora_cfg(base).replace(peft={"method": "llama_adapter", "adapter_len": 4,
+                                       "adapter_layers": 1})
+    assert isinstance(cfg.peft, P.LlamaAdapterConfig)
+    out = train(cfg, str(tmp_path / "adapter"))
+    # the zero-initialised gate: the first evaluation is the base model's
+    assert out["start_val_loss"] == pytest.approx(base_out["val_loss"], abs=1e-6)
+    assert out["val_loss"] < out["start_val_loss"]
+    raw = flat(checkpoint.load_workdir(str(tmp_path / "adapter"), fold=False)[2])
+    assert np.abs(raw["layers_1/attn/adaption_gate"]).max() > 0  # the gate trained
+    assert "layers_0/attn/adaption_gate" not in raw  # only the top layer
+    for p, v in base_params.items():
+        np.testing.assert_array_equal(raw[p], v, err_msg=p)
+    with pytest.raises(InputError, match="cannot be folded"):
+        checkpoint.load_workdir(str(tmp_path / "adapter"))
+    # prompt tuning refuses packed rows (the lm task's segment ids) with a clear error
+    with pytest.raises(InputError, match="segment_ids is not supported"):
+        train(lora_cfg(base).replace(peft={"method": "prompt_tuning", "num_virtual_tokens": 4,
+                                           "init": "sampled_vocab"}), str(tmp_path / "prompt"))
