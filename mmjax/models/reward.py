@@ -137,6 +137,6 @@ class RewardModel(nn.Module):
 
 FAMILIES = (Family("reward", RewardConfig, RewardModel, token_inputs,
                    "reward / value model: a LLaMA decoder with a scalar head (LlamaForSequenceClassification)",
-                   tasks=()),)
+                   tasks=("reward",)),)
 
 __all__ = ["RewardConfig", "RewardModel", "last_real_index", "VARIANTS", "FAMILIES"]

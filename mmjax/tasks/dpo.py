@@ -52,6 +52,54 @@ from mmjax.train.step import make_eval_step, shard_batch
 SIDES = ("chosen", "rejected")
 
 
+def pair_rows(pairs: list[dict], tokenizer: Any, template: Any, seq_len: int,
+              system_prompt: str | None = None, *, shift: bool = True) -> dict[str, np.ndarray]:
+    """Each preference pair rendered twice with the chat template (prompt + chosen answer,
+    prompt + rejected answer; `system_prompt`, unless None, prepended as a system turn, as
+    `SFTTask` does with `data.system_prompt`), right-padded with the tokenizer's pad id to
+    `seq_len`: {side}_inputs [N, seq_len] int32, {side}_targets int32, {side}_mask bool (the assistant's
+    tokens and the end-of-turn token closing them, as in SFT), {side}_input_mask bool (real
+    tokens) for side in `SIDES`.
+
+    shift=True (DPO): next-token rows, inputs = tokens[:-1] and targets = tokens[1:] (the
+    target mask on the completion). shift=False (a reward model): inputs = the whole rendered
+    conversation, ending with the end-of-turn token where the reward is read; targets = the
+    inputs, mask = the assistant's positions. DataError when a rendering needs more than
+    `seq_len` positions."""
+    from mmjax.data import chat
+
+    def render(pair: dict, side: str) -> tuple[np.ndarray, np.ndarray]:
+        conv = list(pair["prompt"]) + [{"role": "assistant", "content": pair[side]}]
+        if system_prompt is not None:
+            conv = [{"role": "system", "content": system_prompt}] + conv
+        r = chat.render(conv, tokenizer, template, train=True)
+        n = len(r) - 1 if shift else len(r)
+        if n > seq_len:
+            raise DataError(f"a preference pair's {side} answer needs {n} positions, more than "
+                            f"data.seq_len={seq_len}; raise data.seq_len")
+        if shift:
+            return r.tokens[:-1], r.labels[1:]
+        return r.tokens, r.labels
+
+    pad = tokenizer.pad_id
+    out: dict[str, np.ndarray] = {}
+    for side in SIDES:
+        inputs = np.full((len(pairs), seq_len), pad, np.int32)
+        targets = np.zeros((len(pairs), seq_len), np.int32)
+        mask = np.zeros((len(pairs), seq_len), bool)
+        real = np.zeros((len(pairs), seq_len), bool)
+        for i, pair in enumerate(pairs):
+            x, y = render(pair, side)
+            inputs[i, :len(x)] = x
+            real[i, :len(x)] = True
+            keep = y != chat.IGNORE
+            targets[i, :len(y)] = np.where(keep, y, 0)
+            mask[i, :len(y)] = keep
+        out[f"{side}_inputs"], out[f"{side}_targets"] = inputs, targets
+        out[f"{side}_mask"], out[f"{side}_input_mask"] = mask, real
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class DPODataConfig(SFTDataConfig):
     """Preference pairs, their rendering and the DPO objective's settings."""
@@ -179,37 +227,9 @@ class DPOTask(SFTTask):
                             "needs both to share one vocabulary (init_from the SFT workdir)")
         return params
 
-    def _render(self, pair: dict, side: str) -> tuple[np.ndarray, np.ndarray]:
-        from mmjax.data import chat
-
-        conv = self._with_system(list(pair["prompt"]) + [
-            {"role": "assistant", "content": pair[side]}])
-        r = chat.render(conv, self.tokenizer, self.template, train=True)
-        n = len(r) - 1
-        if n > self.cfg.data.seq_len:
-            raise DataError(f"a preference pair's {side} answer needs {n} positions, more than "
-                            f"data.seq_len={self.cfg.data.seq_len}; raise data.seq_len")
-        return r.tokens[:-1], r.labels[1:]
-
     def _rows(self, pairs: list[dict], reference: Any) -> dict[str, np.ndarray]:
-        from mmjax.data.chat import IGNORE
-
-        seq, pad = self.cfg.data.seq_len, self.tokenizer.pad_id
-        out: dict[str, np.ndarray] = {}
-        for side in SIDES:
-            inputs = np.full((len(pairs), seq), pad, np.int32)
-            targets = np.zeros((len(pairs), seq), np.int32)
-            mask = np.zeros((len(pairs), seq), bool)
-            real = np.zeros((len(pairs), seq), bool)
-            for i, pair in enumerate(pairs):
-                x, y = self._render(pair, side)
-                inputs[i, :len(x)] = x
-                real[i, :len(x)] = True
-                keep = y != IGNORE
-                targets[i, :len(y)] = np.where(keep, y, 0)
-                mask[i, :len(y)] = keep
-            out[f"{side}_inputs"], out[f"{side}_targets"] = inputs, targets
-            out[f"{side}_mask"], out[f"{side}_input_mask"] = mask, real
+        d = self.cfg.data
+        out = pair_rows(pairs, self.tokenizer, self.template, d.seq_len, d.system_prompt)
         logps = self._logps_in_batches(reference, out)
         out["ref_chosen_logps"], out["ref_rejected_logps"] = logps
         return out
