@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Initializer = Callable[..., jax.Array]
@@ -14,6 +16,35 @@ Initializer = Callable[..., jax.Array]
 
 def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def _dequantize(q, scale, dtype):
+    n_in = q.ndim - scale.ndim
+    return q.astype(dtype) * scale.astype(dtype).reshape((1,) * n_in + scale.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _int8_dot(x, q, scale, contract, dtype, precision, x_shape):
+    """x . (q * scale) for a FROZEN int8 kernel: the backward pass dequantizes the kernel again
+    instead of keeping the float kernel as a residual (it saves only q and the scales), and
+    gives no gradient to q or the scales."""
+    return lax.dot_general(x, _dequantize(q, scale, dtype), (contract, ((), ())),
+                           precision=precision)
+
+
+def _int8_dot_fwd(x, q, scale, contract, dtype, precision, x_shape):
+    return _int8_dot(x, q, scale, contract, dtype, precision, x_shape), (q, scale)
+
+
+def _int8_dot_bwd(contract, dtype, precision, x_shape, residuals, g):
+    q, scale = residuals
+    kernel = _dequantize(q, scale, dtype)
+    dot = lambda x: lax.dot_general(x, kernel, (contract, ((), ())), precision=precision)  # noqa: E731
+    (dx,) = jax.linear_transpose(dot, jax.ShapeDtypeStruct(x_shape, dtype))(g.astype(dtype))
+    return dx, np.zeros(q.shape, jax.dtypes.float0), jnp.zeros_like(scale)
+
+
+_int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
 
 
 class DenseGeneral(nn.Module):
@@ -56,14 +87,15 @@ class DenseGeneral(nn.Module):
             self.param_dtype,
         )
         x = x.astype(self.dtype)
+        contract = (axis, tuple(range(len(axis))))
         if self.has_variable("params", "kernel_scale"):  # int8 weight-only (mmjax.nn.quant)
-            scale = self.get_variable("params", "kernel_scale").astype(self.dtype)
-            kernel = kernel.astype(self.dtype) * scale.reshape((1,) * len(in_shape) + scale.shape)
+            scale = self.get_variable("params", "kernel_scale")
+            y = _int8_dot(x, kernel, scale, contract, jnp.dtype(self.dtype), self.precision,
+                          tuple(x.shape))
         else:
             kernel = kernel.astype(self.dtype)
-        contract = (axis, tuple(range(len(axis))))
-        # output: x's free dims in order, then the feature dims
-        y = lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+            # output: x's free dims in order, then the feature dims
+            y = lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
         if self.use_bias:
             bias = self.param(
                 "bias",

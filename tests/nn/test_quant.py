@@ -36,3 +36,15 @@ def test_stacked_kernels_keep_a_scale_per_layer():
     np.testing.assert_allclose(s, np.abs(np.asarray(kernel)).max(axis=1) / 127.0, rtol=1e-6)
     assert quant.lead_dims(q.shape, s.shape) == 1
     np.testing.assert_allclose(quant.dequantize(q, s), kernel, atol=float(s.max()) / 2 + 1e-6)
+
+
+def test_int8_dense_gradient_wrt_its_input():
+    """The custom backward pass (dequantize again, no float kernel kept) gives jax.grad of the
+    dequantized dense."""
+    layer = DenseGeneral(features=8, kernel_axes=("embed", "mlp"))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
+    params = __import__("flax").linen.meta.unbox(layer.init(jax.random.PRNGKey(0), x)["params"])
+    q = quant.quantize_kernels(params, {"": (1, 1)})
+    deq = {"kernel": quant.dequantize(q["kernel"], q[quant.SCALE])}
+    f = lambda p: lambda x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(f(q))(x), jax.grad(f(deq))(x), rtol=1e-5, atol=1e-6)
