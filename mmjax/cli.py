@@ -59,8 +59,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mmjax.convert.compare import export_dir
+    from mmjax.convert.compare import export_adapter_dir, export_dir
 
+    if args.adapter:
+        export_adapter_dir(args.ckpt_dir, args.hf_out_dir)
+        print(f"wrote peft LoRA adapter to {args.hf_out_dir}")
+        return 0
     export_dir(args.ckpt_dir, args.hf_out_dir)
     print(f"wrote Hugging Face checkpoint to {args.hf_out_dir}")
     return 0
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="mmjax checkpoint or training workdir -> Hugging Face directory")
     p.add_argument("ckpt_dir")
     p.add_argument("hf_out_dir")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA training workdir: write its adapter as a peft directory "
+                        "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="run an experiment config (resumes from the workdir)")

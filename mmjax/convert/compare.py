@@ -159,3 +159,26 @@ def export_dir(ckpt_dir: str, hf_out_dir: str) -> None:
     to_hf(config, params, hf_out_dir, family=family, model_type=model_type)
     if tokenizer_file and os.path.isfile(tokenizer_file):
         shutil.copyfile(tokenizer_file, os.path.join(hf_out_dir, "tokenizer.model"))
+
+
+def export_adapter_dir(workdir: str, out_dir: str) -> dict[str, Any]:
+    """A LoRA training workdir (`peft.json`, `mmjax.train.peft`) -> a peft adapter directory
+    that `PeftModel.from_pretrained(base, out_dir)` loads onto the exported base model. An
+    adapter trained on a bfloat16 / int8 frozen base is written as trained, for the float32
+    base (as QLoRA adapters are used). Returns the adapter_config dict."""
+    from mmjax import checkpoint
+    from mmjax.convert import peft as peft_io
+    from mmjax.nn.lora import LoraConfig
+
+    if not checkpoint.is_workdir(workdir):
+        raise InputError(f"--adapter: {workdir!r} is not a training workdir (mmjax_model.json)")
+    record = checkpoint.read_peft_record(workdir)
+    if record is None or record.get("method") != "lora":
+        raise InputError(f"--adapter: {workdir!r} is not a LoRA run (its {checkpoint.PEFT_FILE} "
+                         f"says {None if record is None else record.get('method')!r}); export the "
+                         "model without --adapter")
+    _, config, params = checkpoint.load_workdir(workdir, fold=False)
+    from mmjax.nn import quant
+
+    params = quant.dequantize_kernels(params)
+    return peft_io.export_adapter(params, LoraConfig(**record["lora"]), config, out_dir)

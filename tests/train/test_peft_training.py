@@ -44,14 +44,21 @@ def lora_cfg(base, **kw):
     return cfg.replace(init_from=workdir, peft=peft, steps=6, optimizer=opt, **kw)
 
 
-def test_lora_run_starts_at_the_base_trains_only_lora_and_loads_merged(base, tmp_path):
-    _, base_out, _, base_params = base
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory):
+    """A LoRA run (r=4 on the 7 projections) from the base: (workdir, its config, metrics)."""
+    wd = str(tmp_path_factory.mktemp("peft") / "lora")
     cfg = lora_cfg(base)
-    out = train(cfg, str(tmp_path / "lora"))
+    return wd, cfg, train(cfg, wd)
+
+
+def test_lora_run_starts_at_the_base_trains_only_lora_and_loads_merged(base, lora_run):
+    _, base_out, _, base_params = base
+    wd, cfg, out = lora_run
     # B = 0 at init: the first evaluation is the base model's, exactly
     assert out["start_val_loss"] == pytest.approx(base_out["val_loss"], abs=1e-6)
     assert out["val_loss"] < out["start_val_loss"] - 1e-3  # and LoRA learned something
-    _, _, raw = checkpoint.load_workdir(str(tmp_path / "lora"), fold=False)
+    _, _, raw = checkpoint.load_workdir(wd, fold=False)
     raw = flat(raw)
     lora_paths = [p for p in raw if p.endswith(("/lora_a", "/lora_b"))]
     assert len(lora_paths) == 2 * 7 * 2  # 7 targets x 2 layers, A and B
@@ -59,7 +66,7 @@ def test_lora_run_starts_at_the_base_trains_only_lora_and_loads_merged(base, tmp
     for p, v in base_params.items():  # the frozen base is bit-identical after training
         np.testing.assert_array_equal(raw[p], v, err_msg=p)
     # the workdir loads as the plain model with LoRA merged: kernel + scale * A.B
-    _, _, merged = checkpoint.load_workdir(str(tmp_path / "lora"))
+    _, _, merged = checkpoint.load_workdir(wd)
     merged = flat(merged)
     assert set(merged) == set(base_params)
     k = "layers_0/attn/query/kernel"
@@ -145,3 +152,28 @@ def test_llama_adapter_and_prompt_tuning_through_the_stack(base, tmp_path):
     with pytest.raises(InputError, match="segment_ids is not supported"):
         train(lora_cfg(base).replace(peft={"method": "prompt_tuning", "num_virtual_tokens": 4,
                                            "init": "sampled_vocab"}), str(tmp_path / "prompt"))
+
+
+def test_a_trained_lora_exports_to_peft(base, lora_run, tmp_path):
+    """`mmjax export WORKDIR OUT --adapter`: the trained LoRA as a peft directory; PeftModel on
+    the exported base model gives the mmjax merged model's logits."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from mmjax import cli
+
+    base_wd, wd = base[0], lora_run[0]
+    assert cli.main(["export", base_wd, str(tmp_path / "hf_base")]) == 0
+    assert cli.main(["export", wd, str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert cli.main(["export", base_wd, str(tmp_path / "x"), "--adapter"]) == 2  # not a LoRA run
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_base"))
+    model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 12))
+    with torch.no_grad():
+        want = model(torch.as_tensor(tokens)).logits.numpy()
+    module, _, merged = checkpoint.load_workdir(wd)
+    got = np.asarray(module.apply({"params": merged}, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got - np.asarray(module.apply({"params": checkpoint.load_workdir(base_wd)[2]},
+                                                jnp.asarray(tokens, jnp.int32)))).max() > 1e-4
