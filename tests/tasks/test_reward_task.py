@@ -35,7 +35,8 @@ COMMON = {"data.seq_len": 192, "data.batch_size": 8, "data.max_answer_chars": 12
           "eval_every": 0, "checkpoint_every": 0}
 SFT = {**{f"model.{k}": v for k, v in MODEL.items()}, **COMMON, "sample.num_questions": 0,
        "optimizer.learning_rate": 3e-3}
-REWARD = {**{f"model.text.{k}": v for k, v in MODEL.items()}, **COMMON}
+# the whole tiny model trains (the experiment freezes the lower layers of its 4-layer LLaMA)
+REWARD = {**{f"model.text.{k}": v for k, v in MODEL.items()}, **COMMON, "optimizer.freeze": ()}
 
 
 def overrides(values, init_from, **extra):
