@@ -21,7 +21,24 @@ Metrics (held-out questions, topics the LM and SFT never saw): `mean_reward` of 
 (reward-model score), `keyword_score` (fraction naming the topic), `kl_to_reference` (trl's
 estimate on sampled answers), before (`start_*`) and after.
 
-Measured: see the bottom of this docstring (filled in from the run).
+Measured 2026-12-02 on the 2-core CI machine (AVX-512 kind), loaded by a test run beside it,
+from workdirs/sft_pydoc and the workdirs/reward_pydoc of experiments/reward_pydoc.py (held-out
+reward_accuracy 0.57: a weak reward model): 320 steps (20 rollouts) in 1161 s.
+
+  held-out, greedy      start   step 80   step 160   step 240   step 320
+  mean_reward (RM)      1.059   1.542     1.954      2.058      2.058
+  kl_to_reference       0       2.61      4.87       6.45       9.80
+  keyword_score         0.071   0.071     0         0          0
+  response_length       29.2    28.4      10         10         10
+
+Rollout means (training questions, sampled; 4 logs each): reward 0.58 (steps 16-64) -> 0.92 ->
+1.28 -> 1.36 -> 1.68 (272-320), KL 0.74 -> 8.27, length 37.9 -> 20.5 tokens. The reward rises,
+and this is reward hacking, plainly: by step 160 every held-out answer is the same short
+sentence ("The `try` statement is executed."), which the weak reward model scores high, the
+programmatic preference falls to 0, and the KL to the reference keeps growing at kl_coef 0.05.
+With `--set data.kl_coef=0.3 --set steps=160` (752 s): greedy mean_reward 1.059 -> 1.259 (step
+80) -> 1.046 (160), KL bounded at 1.60 / 1.49, sampled answers' reward 0.19 -> 0.77 -> 0.70.
+The keyword variant (`--set data.reward=keyword`, critic from the SFT LM): docs/finetuning.md.
 """
 
 import os

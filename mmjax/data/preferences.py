@@ -107,3 +107,21 @@ def load_preferences(name: str, **kwargs) -> tuple[list[dict], list[dict]]:
     if name == "pydoc_preferences":
         return pydoc_preferences(**kwargs)
     raise InputError(f"unknown preference dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def load_pair_splits(name: str, *, seed: int = 0, rejected_per_held_out: int = 4,
+                     max_answer_chars: int = 240, max_train_pairs: int | None = None
+                     ) -> tuple[list[dict], list[dict]]:
+    """(train, held_out) pairs of a named dataset, the training split cut to `max_train_pairs`,
+    both checked (`check_pairs`) and non-empty (InputError naming the split otherwise): what the
+    preference tasks (`reward`, `dpo`) train and evaluate on."""
+    train, held = load_preferences(name, seed=seed, rejected_per_held_out=rejected_per_held_out,
+                                   max_answer_chars=max_answer_chars)
+    if max_train_pairs is not None:
+        train = train[:max_train_pairs]
+    if not train or not held:
+        raise InputError(f"preference dataset {name!r}: {len(train)} training and {len(held)} "
+                         "held-out pairs; both splits need some")
+    check_pairs(train, "train pairs")
+    check_pairs(held, "held-out pairs")
+    return train, held

@@ -184,14 +184,9 @@ class DPOTask(SFTTask):
         from mmjax.data import preferences
 
         d = cfg.data
-        train, held = preferences.load_preferences(
+        train, held = preferences.load_pair_splits(  # InputError: empty split, bad pair
             d.preferences, seed=d.seed, rejected_per_held_out=d.rejected_per_held_out,
-            max_answer_chars=d.max_answer_chars)
-        if d.max_train_pairs is not None:
-            train = train[: d.max_train_pairs]
-        if not train or not held:
-            raise DataError(f"data.preferences={d.preferences!r}: {len(train)} training and "
-                            f"{len(held)} held-out pairs; both splits need some")
+            max_answer_chars=d.max_answer_chars, max_train_pairs=d.max_train_pairs)
         self.train_pairs, self.held_pairs = train, held
         self.loss = self._dpo_loss
         reference = self._reference_params()

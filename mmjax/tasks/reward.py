@@ -137,16 +137,9 @@ class RewardTask(Task):
         self.tokenizer = self._tokenizer()
         self._check_vocabulary()
         self.stop_ids = chat.stop_ids(self.template, self.tokenizer)  # ConfigError if missing
-        train, held = preferences.load_preferences(
+        train, held = preferences.load_pair_splits(  # InputError: empty split, bad pair
             d.preferences, seed=d.seed, rejected_per_held_out=d.rejected_per_held_out,
-            max_answer_chars=d.max_answer_chars)
-        if d.max_train_pairs is not None:
-            train = train[: d.max_train_pairs]
-        if not train or not held:
-            raise DataError(f"data.preferences={d.preferences!r}: {len(train)} training and "
-                            f"{len(held)} held-out pairs; both splits need some")
-        preferences.check_pairs(train, "train pairs")  # InputError: identical / empty answers
-        preferences.check_pairs(held, "held-out pairs")
+            max_answer_chars=d.max_answer_chars, max_train_pairs=d.max_train_pairs)
         self.train_pairs, self.held_pairs = train, held
         self.train_rows = self._rows(train)
         self.held_rows = self._rows(held)
