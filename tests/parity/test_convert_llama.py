@@ -229,8 +229,8 @@ def test_unsupported_activation_and_quantization_are_named(editable):
 
 
 def test_unsupported_architecture_lists_supported(editable):
-    edit_config(editable, architectures=["LlamaForSequenceClassification"])
-    with pytest.raises(UnsupportedModelError, match="LlamaForSequenceClassification.*LlamaForCausalLM"):
+    edit_config(editable, architectures=["LlamaForTokenClassification"])
+    with pytest.raises(UnsupportedModelError, match="LlamaForTokenClassification.*LlamaForCausalLM"):
         from_hf(str(editable))
     edit_config(editable, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(UnsupportedModelError, match="'gpt2'.*llama"):
