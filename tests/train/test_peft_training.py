@@ -91,7 +91,23 @@ def test_the_optimizer_holds_moments_only_for_lora(base):
     assert len(sized) == 2 * n_lora  # Adam mu and nu of each LoRA leaf, nothing for the base
 
 
-@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.02), ("int8", 0.02)])
+def test_bfloat16_storage_keeps_norms_and_trainable_params_float32():
+    """frozen_base_dtype='bfloat16' on a boxed init tree (no training run: the int8 run below
+    covers the loop; this is the cast's rule): frozen 2+-D params bf16, 1-D and LoRA float32."""
+    from mmjax.train.peft import PeftRun
+
+    run = PeftRun(L.LoraConfig(targets=TARGETS), "bfloat16")
+    tree = {"embed": {"embedding": jnp.ones((8, 4))}, "final_norm": {"scale": jnp.ones(4)},
+            "layers_0": {"attn": {"query": {"kernel": jnp.ones((4, 2, 2)),
+                                            "lora_a": jnp.ones((4, 2))}}}}
+    out = flat(run.store_frozen(tree, None))
+    assert out["embed/embedding"].dtype == jnp.bfloat16
+    assert out["layers_0/attn/query/kernel"].dtype == jnp.bfloat16
+    assert out["final_norm/scale"].dtype == np.float32
+    assert out["layers_0/attn/query/lora_a"].dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype,tol", [("int8", 0.02)])
 def test_compact_frozen_base(base, tmp_path, dtype, tol):
     _, base_out, _, base_params = base
     cfg = lora_cfg(base, frozen_base_dtype=dtype)
