@@ -440,23 +440,39 @@ def _shift_outputs(out, n: int, return_intermediates: bool):
     return tuple(out)
 
 
+_ADAPT = object()  # _lm_gate's answer for the one call a prompt / prefix method adapts
+
+
+def _lm_gate(n: int, leaf: str, nesting: _Nesting, next_fun, args, kwargs, context):
+    """What prompt and prefix tuning do with an intercepted call: a call that is not the outer
+    LM's `__call__` runs unchanged, `init_cache` gets n extra slots, a decoding step (a cache
+    that already holds the prompt / prefix) and the base model's own init run unchanged;
+    `_ADAPT` for the call to adapt."""
+    module = context.module
+    if not _is_lm(module) or nesting.depth:
+        return next_fun(*args, **kwargs)
+    if context.method_name == "init_cache":
+        return _init_cache_call(n, next_fun, args, dict(kwargs), module)
+    if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    cache = _split_call(args, kwargs)[1].get("cache")
+    if cache is not None and not isinstance(cache, PendingCache):
+        return next_fun(*args, **kwargs)
+    if module.is_initializing() and not module.has_variable("params", leaf):
+        return next_fun(*args, **kwargs)
+    return _ADAPT
+
+
 def _prompt_interceptor(cfg: PromptTuningConfig, nesting: _Nesting):
     n = cfg.num_virtual_tokens
 
     def intercept(next_fun, args, kwargs, context):
+        out = _lm_gate(n, PROMPT_TUNING, nesting, next_fun, args, kwargs, context)
+        if out is not _ADAPT:
+            return out
         module = context.module
-        if not _is_lm(module) or nesting.depth:
-            return next_fun(*args, **kwargs)
-        if context.method_name == "init_cache":
-            return _init_cache_call(n, next_fun, args, dict(kwargs), module)
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
         tokens, kw = _split_call(args, kwargs)
         cache = kw.get("cache")
-        if cache is not None and not isinstance(cache, PendingCache):
-            return next_fun(*args, **kwargs)  # a decoding step: the prompt is in the cache
-        if module.is_initializing() and not module.has_variable("params", PROMPT_TUNING):
-            return next_fun(*args, **kwargs)  # the base model's own init
         prompt = _method_leaf(module, PROMPT_TUNING, "init_prompt_tuning")["embedding"]
         for name in ("segment_ids", "attention_mask"):
             if kw.get(name) is not None:
@@ -567,19 +583,12 @@ def _prefix_interceptor(cfg: PrefixTuningConfig, nesting: _Nesting):
     n = cfg.num_virtual_tokens
 
     def intercept(next_fun, args, kwargs, context):
+        out = _lm_gate(n, PREFIX_TUNING, nesting, next_fun, args, kwargs, context)
+        if out is not _ADAPT:
+            return out
         module = context.module
-        if not _is_lm(module) or nesting.depth:
-            return next_fun(*args, **kwargs)
-        if context.method_name == "init_cache":
-            return _init_cache_call(n, next_fun, args, dict(kwargs), module)
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
         tokens, kw = _split_call(args, kwargs)
         cache = kw.get("cache")
-        if cache is not None and not isinstance(cache, PendingCache):
-            return next_fun(*args, **kwargs)  # a decoding step: the prefix is in the cache
-        if module.is_initializing() and not module.has_variable("params", PREFIX_TUNING):
-            return next_fun(*args, **kwargs)
         prefix = _method_leaf(module, PREFIX_TUNING, "init_prefix_tuning")
         x = tokens if tokens is not None else kw["embeddings"]
         b, t = x.shape[:2]
