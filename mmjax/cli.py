@@ -38,7 +38,7 @@ def cmd_compare(args) -> int:
     from mmjax.convert.compare import compare
 
     report = compare(args.hf_dir, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
-                     adapter=args.adapter)
+                     adapter=args.adapter, download=args.download)
     if args.json:
         _print_json(report)
     else:
@@ -53,7 +53,7 @@ def cmd_compare(args) -> int:
 def cmd_convert(args) -> int:
     from mmjax.convert.compare import convert_dir
 
-    convert_dir(args.hf_dir, args.out_dir)
+    convert_dir(args.hf_dir, args.out_dir, download=args.download)
     print(f"wrote mmjax checkpoint to {args.out_dir}")
     return 0
 
@@ -143,6 +143,10 @@ def cmd_bench(args) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
+_DOWNLOAD_HELP = ("a Hub id missing from the huggingface_hub cache is downloaded (configs, safetensors, "
+                  "tokenizer files); without it nothing touches the network")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmjax", description="Multimodal large models in JAX/Flax, checked against PyTorch."
@@ -151,18 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("compare", help="compare a Hugging Face checkpoint with its mmjax conversion")
-    p.add_argument("hf_dir", help="directory written by save_pretrained (config.json + *.safetensors)")
+    p.add_argument("hf_dir", help="directory written by save_pretrained (config.json + *.safetensors), "
+                   "or a Hub id org/name[@revision] from the huggingface_hub cache")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapter", metavar="PEFT_DIR", default=None,
-                   help="a peft LoRA adapter directory: compare against PeftModel.from_pretrained(base, PEFT_DIR)")
+                   help="a peft LoRA adapter directory (or Hub id): compare against PeftModel.from_pretrained(base, PEFT_DIR)")
+    p.add_argument("--download", action="store_true", help=_DOWNLOAD_HELP)
     p.add_argument("--json", action="store_true", help="last stdout line is a JSON report")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("convert", help="Hugging Face directory -> mmjax checkpoint (Orbax + config)")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="save_pretrained directory or Hub id org/name[@revision]")
     p.add_argument("out_dir")
+    p.add_argument("--download", action="store_true", help=_DOWNLOAD_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="mmjax checkpoint or training workdir -> Hugging Face directory")

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints <-> mmjax models.
 
     module, params = from_hf("path/to/hf_dir")          # LLaMA / Mistral save_pretrained dir
+    module, params = from_hf("org/name")                # a Hub id, from huggingface_hub's cache
     logits = module.apply({"params": params}, tokens)
     to_hf(module, params, "path/to/out_dir")              # config.json + model.safetensors
 
@@ -22,8 +23,10 @@ import jax.numpy as jnp
 from mmjax.convert import hf_io, registry
 
 
-def read_hf(path: str):
-    """(converter, hf_config dict, mmjax config, params as numpy) for an HF directory."""
+def read_hf(path: str, *, download: bool = False):
+    """(converter, hf_config dict, mmjax config, params as numpy) for an HF directory or Hub id
+    (`hf_io.resolve`)."""
+    path = hf_io.resolve(path, download=download)
     hf_config = hf_io.read_config(path)
     converter = registry.for_hf_config(hf_config)
     config = converter.config_from_hf(hf_config)
@@ -32,11 +35,13 @@ def read_hf(path: str):
     return converter, hf_config, config, params
 
 
-def from_hf(path: str) -> tuple[Any, dict[str, Any]]:
-    """(mmjax module, params) for the Hugging Face checkpoint directory `path`."""
+def from_hf(path: str, *, download: bool = False) -> tuple[Any, dict[str, Any]]:
+    """(mmjax module, params) for the Hugging Face checkpoint directory `path`, or a Hub id
+    `org/name[@revision]` found in huggingface_hub's cache (`download=True`: fetched when
+    missing, unless HF_HUB_OFFLINE=1)."""
     from mmjax.models import build_model
 
-    converter, _, config, np_params = read_hf(path)
+    converter, _, config, np_params = read_hf(path, download=download)
     module, _ = build_model(converter.family, config)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), np_params)
     return module, params

@@ -35,8 +35,11 @@ TOLERANCE = 1e-4
 
 
 def compare(hf_dir: str, batch: int = 2, seq_len: int = 16, seed: int = 0,
-            adapter: str | None = None) -> dict[str, Any]:
+            adapter: str | None = None, download: bool = False) -> dict[str, Any]:
     """Run the HF reference and the converted mmjax model on the same random inputs.
+
+    hf_dir, adapter: directories, or Hub ids `org/name[@revision]` from huggingface_hub's cache
+    (`download=True` fetches missing ones; `mmjax.convert.hf_io.resolve`).
 
     Returns {"model_type", "architecture", "max_abs_diff", "tolerance", "passed", "diffs"
     (output name -> max |diff|), "reference" ("transformers <version>"), "inputs" (what was
@@ -47,13 +50,16 @@ def compare(hf_dir: str, batch: int = 2, seq_len: int = 16, seed: int = 0,
     adapter's LoRA leaves under `mmjax.nn.lora.lora` (unmerged); the report gains "adapter"
     (path, r, alpha, scale, use_rslora, modules) and "reference" names peft too.
     """
-    from mmjax.convert import read_hf
+    from mmjax.convert import hf_io, read_hf
     from mmjax.models import build_model
 
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     if seq_len < 1:
         raise InputError(f"--seq-len must be >= 1, got {seq_len}")
+    hf_dir = hf_io.resolve(hf_dir, download=download)
+    if adapter is not None:
+        adapter = hf_io.resolve(adapter, download=download)
     converter, hf_config, config, np_params = read_hf(hf_dir)
     module, config = build_model(converter.family, config)
     if converter.compare is None:
@@ -114,15 +120,16 @@ def _import_reference():
     return torch, transformers
 
 
-def convert_dir(hf_dir: str, out_dir: str) -> None:
-    """Hugging Face directory -> mmjax model directory (Orbax params + model.json)."""
+def convert_dir(hf_dir: str, out_dir: str, download: bool = False) -> None:
+    """Hugging Face directory (or Hub id, `hf_io.resolve`) -> mmjax model directory (Orbax
+    params + model.json)."""
     import jax
     import jax.numpy as jnp
 
     from mmjax.checkpoint import save_model_dir
     from mmjax.convert import read_hf
 
-    converter, hf_config, config, np_params = read_hf(hf_dir)
+    converter, hf_config, config, np_params = read_hf(hf_dir, download=download)
     params = jax.tree_util.tree_map(jnp.asarray, np_params)
     metadata = {"hf_model_type": hf_config["model_type"],
                 "hf_architectures": list(hf_config.get("architectures") or [])}

@@ -5,12 +5,18 @@ A directory written by `save_pretrained` holds `config.json` and the weights, ei
 with `safetensors.numpy` and returned as float32 numpy arrays; bfloat16 tensors (which numpy
 cannot name) are decoded from the file's raw bytes with `ml_dtypes` (exact: every bfloat16
 value is a float32 value). `pytorch_model.bin` (pickle) checkpoints are not read.
+
+Where a directory is expected, a Hugging Face Hub id (`org/name`, optionally `org/name@revision`)
+is accepted too (`resolve`): it is looked up in `huggingface_hub`'s cache (`HF_HOME` /
+`HF_HUB_CACHE`), and downloaded only when the caller asks (`download=True`, the CLI's
+`--download`) and `HF_HUB_OFFLINE` is not set.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Any, Mapping
 
@@ -23,12 +29,76 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
+# what a model directory needs from a Hub repo: configs, safetensors weights, tokenizer files
+# (not pytorch_model.bin / tf_model.h5 / flax_model.msgpack, which mmjax does not read)
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
 # safetensors dtype names -> numpy dtypes (BF16 is handled separately)
 _NUMPY_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+def parse_hub_id(path_or_id: str) -> tuple[str, str | None] | None:
+    """(repo_id, revision or None) when `path_or_id` is shaped like a Hub id and is no existing
+    path; None otherwise (a local path, or nothing Hub-like)."""
+    if os.path.exists(path_or_id):
+        return None
+    m = _HUB_ID.match(path_or_id)
+    return (m["repo"], m["revision"]) if m else None
+
+
+def resolve(path_or_id: str, *, download: bool = False) -> str:
+    """The local directory for a model directory or a Hub id (`org/name[@revision]`).
+
+    An existing path, or a string that is not Hub-shaped, comes back unchanged (the readers then
+    say what is wrong with it). A Hub id is found in the huggingface_hub cache without any
+    network call; with `download=True` a model missing from the cache is fetched (configs,
+    safetensors and tokenizer files only), unless `HF_HUB_OFFLINE=1`. Anything else is one
+    InputError naming the id, the cache and what to do.
+    """
+    parsed = parse_hub_id(path_or_id)
+    if parsed is None:
+        return path_or_id
+    repo_id, revision = parsed
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, errors
+    except ImportError:
+        raise InputError(f"{path_or_id!r} is not a directory; reading it as a Hugging Face Hub id "
+                         "needs the huggingface_hub package (pip install huggingface_hub)") from None
+    cache = constants.HF_HUB_CACHE
+    try:
+        return huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                                 allow_patterns=list(HUB_FILES))
+    except errors.LocalEntryNotFoundError:
+        pass
+    where = f"{path_or_id!r} is not a local directory and not in the Hugging Face cache ({cache})"
+    if not download:
+        raise InputError(f"{where}; to fetch it from the Hub pass download=True "
+                         "(CLI: --download), or give the directory it was saved to")
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{where}, and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
+                         "unset HF_HUB_OFFLINE to fetch it")
+    try:
+        return huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                 allow_patterns=list(HUB_FILES))
+    except Exception as e:  # network errors (httpx, OSError), HfHubHTTPError and its kinds
+        cause = e
+        while cause is not None and not isinstance(
+                cause, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, errors.RevisionNotFoundError):
+            raise InputError(f"{repo_id!r} has no revision {revision!r} on the Hub") from None
+        if isinstance(cause, errors.RepositoryNotFoundError):
+            raise InputError(f"{repo_id!r}: no such model on the Hub ({constants.ENDPOINT}), or "
+                             "it is private/gated and no token is set (hf auth login)") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{where}, and downloading it failed: {type(e).__name__}: "
+                         f"{first_line}") from None
 
 
 def read_config(hf_dir: str) -> dict[str, Any]:
