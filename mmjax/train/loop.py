@@ -15,7 +15,9 @@ model, the data, the loss and the evaluation. Workdir layout: `checkpoints/` (Or
 Task state: a task whose `init_task_state(params)` returns a pytree (None = none) trains with
 `task.state_loss(params, task_state, batch, rng)` (see `mmjax.train.step`); the state is
 created with the params, sharded like them, checkpointed in the "train" item and restored on
-resume (`mmjax.train.state`, docs/training.md).
+resume (`mmjax.train.state`, docs/training.md). A task may also define
+`params_from_state(params, task_state) -> params` for params no gradient learns (VQ's EMA
+codebook): the step applies it after the optimizer update.
 """
 
 from __future__ import annotations
@@ -273,7 +275,9 @@ def _train(
                                grad_accum_steps=cfg.optimizer.grad_accum_steps,
                                mesh=mesh, shardings=shardings, rules=rules,
                                state_loss_fn=task.state_loss if init_task_state else None,
-                               trainable=trainable_mask)
+                               trainable=trainable_mask,
+                               state_params_fn=getattr(task, "params_from_state", None)
+                               if init_task_state else None)
 
     train_step = build_train_step(tx, schedule)
     writer = MetricsWriter(workdir, enabled=is_main)

@@ -50,6 +50,7 @@ def make_train_step(
     loss_fn: LossFn, tx: optax.GradientTransformation, schedule: Callable, *,
     grad_accum_steps: int = 1, mesh: Mesh | None = None, shardings: TrainState | None = None,
     rules=DEFAULT_RULES, state_loss_fn: StateLossFn | None = None, trainable: Any = None,
+    state_params_fn: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated;
     `step.lower(state, batch)` lowers it ahead of time (ShapeDtypeStructs are enough).
@@ -59,6 +60,8 @@ def make_train_step(
     metrics: loss (total / count), grad_norm, learning_rate, count, and the loss's aux metrics.
     `state_loss_fn` (a task with state): used instead of `loss_fn`, the state's `task_state`
     passed in and replaced by what it returns (see the module docstring).
+    `state_params_fn(params, new_task_state) -> params` (with `state_loss_fn`): the params
+    after the optimizer update rewritten from the new task state (non-gradient updates).
     `trainable` (a bool tree like the params, e.g. `optimizer.frozen_mask` negated; None = all):
     only those leaves are differentiated, the others (a frozen base) get no gradient buffers;
     their gradient is a zero the optimizer's freezing ignores, and grad_norm counts only the
@@ -165,6 +168,8 @@ def make_train_step(
         updates, opt_state = tx.update(full_grads(grads, state.params), state.opt_state,
                                        state.params)
         params = optax.apply_updates(state.params, updates)
+        if state_params_fn is not None and state_loss_fn is not None:
+            params = state_params_fn(params, task_state)
         metrics = {
             **aux,
             "loss": total / denom,

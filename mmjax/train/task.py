@@ -38,6 +38,7 @@ TASKS: dict[str, str] = {
     "blip2": "mmjax.tasks.blip2:Blip2Stage1Task",
     "ijepa": "mmjax.tasks.ijepa:IJepaTask",
     "flamingo": "mmjax.tasks.flamingo:FlamingoTask",
+    "vq": "mmjax.tasks.vq:VQTask",
 }
 
 
