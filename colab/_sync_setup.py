@@ -49,8 +49,8 @@ def synced(nb: dict, name: str) -> dict:
             setup = CPU_LINE.sub(own.group(0), setup, count=1)
         cells[code[0]]["source"] = lines(setup)
     else:
-        cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                "source": lines(setup)}
+        cell = {"cell_type": "code", "execution_count": None, "id": "mmjax-setup", "metadata": {},
+                "outputs": [], "source": lines(setup)}
         cells.insert(code[0] if code else len(cells), cell)
     title = cells[0]
     kept = [line for line in "".join(title["source"]).split("\n")

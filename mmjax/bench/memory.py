@@ -46,12 +46,14 @@ MOE_PRESETS = ("data", "expert")
 def run(
     presets: Sequence[str] = DEFAULT_PRESETS, moe_presets: Sequence[str] = MOE_PRESETS,
     model: dict[str, Any] | None = None, moe: dict[str, Any] | None = None,
-    batch: int = 16, seq_len: int = 512, devices: int = 8,
+    batch: int = 16, seq_len: int = 512, devices: int = 8, meshes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Memory figures per preset (see the module docstring). `model` / `moe` override the dense
-    config / the MoE overrides; `moe_presets=()` skips the MoE cases."""
+    config / the MoE overrides; `moe_presets=()` skips the MoE cases; `meshes` maps a preset to
+    its mesh over `devices` (default: the preset's 8-device `example_mesh`), e.g.
+    {"fsdp": "fsdp=4"} on a 4-device machine."""
     args = dict(presets=list(presets), moe_presets=list(moe_presets), model=model, moe=moe,
-                batch=batch, seq_len=seq_len, devices=devices)
+                batch=batch, seq_len=seq_len, devices=devices, meshes=dict(meshes or {}))
     import jax
 
     if jax.device_count() >= devices:
@@ -73,7 +75,7 @@ def _in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run(presets, moe_presets, model, moe, batch, seq_len, devices) -> dict[str, Any]:
+def _run(presets, moe_presets, model, moe, batch, seq_len, devices, meshes=None) -> dict[str, Any]:
     import jax
 
     from mmjax.models.llama import LlamaConfig
@@ -81,8 +83,11 @@ def _run(presets, moe_presets, model, moe, batch, seq_len, devices) -> dict[str,
     dense = LlamaConfig(**{**DEFAULT_MODEL, **(model or {})})
     moe_cfg = dense.replace(**{**MOE_OVERRIDES, **(moe or {})})
     devs = jax.devices()[:devices]
-    cases = [dict(model="dense", **_measure(dense, p, batch, seq_len, devs)) for p in presets]
-    cases += [dict(model="moe", **_measure(moe_cfg, p, batch, seq_len, devs)) for p in moe_presets]
+    meshes = meshes or {}
+    cases = [dict(model="dense", **_measure(dense, p, batch, seq_len, devs, meshes.get(p)))
+             for p in presets]
+    cases += [dict(model="moe", **_measure(moe_cfg, p, batch, seq_len, devs, meshes.get(p)))
+              for p in moe_presets]
     for c in cases:
         ref = next((r for r in cases if r["model"] == c["model"] and r["preset"] == "data"), None)
         if ref is not None:
@@ -105,7 +110,8 @@ def _run(presets, moe_presets, model, moe, batch, seq_len, devices) -> dict[str,
     }
 
 
-def _measure(cfg, preset_name: str, batch: int, seq_len: int, devices) -> dict[str, Any]:
+def _measure(cfg, preset_name: str, batch: int, seq_len: int, devices,
+             mesh_spec: str | None = None) -> dict[str, Any]:
     """Per-device bytes of one preset's compiled train step (abstract shapes only)."""
     import jax
     import numpy as np
@@ -121,7 +127,8 @@ def _measure(cfg, preset_name: str, batch: int, seq_len: int, devices) -> dict[s
 
     preset = get_preset(preset_name)
     cfg = preset.configure_model(cfg)
-    mesh = make_mesh(preset.example_mesh, devices=devices)
+    mesh_spec = mesh_spec or preset.example_mesh
+    mesh = make_mesh(mesh_spec, devices=devices)
     model = Llama(cfg)
     init = lm_init_fn(model, seq_len)
     tx, schedule = make_optimizer(OptimizerConfig(), 1000, abstract_boxed_params(init))
@@ -149,7 +156,7 @@ def _measure(cfg, preset_name: str, batch: int, seq_len: int, devices) -> dict[s
     args_b, out_b = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias_b, temp_b = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     return {
-        "preset": preset.name, "mesh": preset.example_mesh,
+        "preset": preset.name, "mesh": mesh_spec,
         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
         "params_bytes": params_b, "opt_state_bytes": opt_b, "state_bytes": params_b + opt_b,
         "temp_bytes": temp_b, "argument_bytes": args_b, "output_bytes": out_b,
