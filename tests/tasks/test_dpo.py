@@ -15,9 +15,8 @@ from mmjax.errors import ConfigError, InputError
 from mmjax.train import run
 from mmjax.train.metrics import read_metrics
 
-from support import LLM_TEXT, ROOT, tiny_overrides  # noqa: E402
+from support import ROOT  # noqa: E402
 
-SFT_PYDOC = os.path.join(ROOT, "experiments", "sft_pydoc.py")
 DPO_PYDOC = os.path.join(ROOT, "experiments", "dpo_pydoc.py")
 TINY = {"model.dim": 32, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
         "model.mlp_dim": 64, "model.dtype": "float32", "model.max_len": 256,
@@ -32,14 +31,9 @@ def overrides(init_from, **extra):
 
 
 @pytest.fixture(scope="module")
-def sft(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    lm = str(root / "lm")
-    run(LLM_TEXT, workdir=lm, steps=2, overrides=tiny_overrides(corpus, eval_at_start=False))
-    wd = str(root / "sft")
-    run(SFT_PYDOC, workdir=wd, steps=10, overrides=overrides(
-        lm, **{"optimizer.learning_rate": 3e-3}))
-    return root, wd
+def sft(tiny_sft, tmp_path_factory):
+    """(this file's directory, the shared tiny SFT workdir: tests/tasks/conftest.py)."""
+    return tmp_path_factory.mktemp("dpo"), tiny_sft
 
 
 def test_dpo_starts_at_ln2_and_learns_the_preference(sft):

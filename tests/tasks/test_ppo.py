@@ -11,21 +11,16 @@ from mmjax.models.actor_critic import ActorCriticConfig
 from mmjax.models.reward import RewardConfig
 from mmjax.tasks.ppo import PPODataConfig
 from mmjax.tasks.sft import SFTSampleConfig
-from mmjax.train import run
-from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig, load_experiment
+from mmjax.train.experiment import ExperimentConfig, InitSource, OptimizerConfig
 from mmjax.train.loop import train
 from mmjax.train.metrics import read_metrics
 
-from support import LLM_TEXT, tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def lm(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
-    wd = str(root / "lm")
-    over = tiny_overrides(corpus, eval_at_start=False) + ["model.max_len=256"]
-    run(LLM_TEXT, workdir=wd, steps=2, overrides=over)
-    return root, wd, load_experiment(LLM_TEXT, over).model
+def lm(tiny_lm, tmp_path_factory):
+    """(this file's directory, the shared tiny LM workdir and its config: tests/tasks/conftest.py)."""
+    return tmp_path_factory.mktemp("ppo"), tiny_lm[0], tiny_lm[1]
 
 
 def ppo_config(lm, **data):

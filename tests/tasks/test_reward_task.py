@@ -24,17 +24,14 @@ from mmjax.train.experiment import load_experiment
 from mmjax.train.metrics import read_metrics
 from mmjax.train.task import build_task
 
-from support import LLM_TEXT, ROOT, tiny_overrides  # noqa: E402
+from support import ROOT  # noqa: E402
 
-SFT_PYDOC = os.path.join(ROOT, "experiments", "sft_pydoc.py")
 REWARD_PYDOC = os.path.join(ROOT, "experiments", "reward_pydoc.py")
 MODEL = {"dim": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 64,
          "dtype": "float32", "max_len": 256, "dropout": 0.0}
 COMMON = {"data.seq_len": 192, "data.batch_size": 8, "data.max_answer_chars": 120,
           "data.system_prompt": "", "optimizer.warmup_steps": 2, "log_every": 2,
           "eval_every": 0, "checkpoint_every": 0}
-SFT = {**{f"model.{k}": v for k, v in MODEL.items()}, **COMMON, "sample.num_questions": 0,
-       "optimizer.learning_rate": 3e-3}
 # the whole tiny model trains (the experiment freezes the lower layers of its 4-layer LLaMA)
 REWARD = {**{f"model.text.{k}": v for k, v in MODEL.items()}, **COMMON, "optimizer.freeze": ()}
 
@@ -48,13 +45,9 @@ def decoder(path):
 
 
 @pytest.fixture(scope="module")
-def sft(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reward")
-    lm = str(root / "lm")
-    run(LLM_TEXT, workdir=lm, steps=2, overrides=tiny_overrides(corpus, eval_at_start=False))
-    wd = str(root / "sft")
-    run(SFT_PYDOC, workdir=wd, steps=10, overrides=overrides(SFT, lm))
-    return root, wd
+def sft(tiny_sft, tmp_path_factory):
+    """(this file's directory, the shared tiny SFT workdir: tests/tasks/conftest.py)."""
+    return tmp_path_factory.mktemp("reward"), tiny_sft
 
 
 def test_reward_model_learns_the_training_pairs(sft):
