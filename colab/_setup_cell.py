@@ -42,13 +42,19 @@ def mmjax_setup(cpu_devices=1):
     """Install when needed, size the CPU platform, import JAX; returns (mode, accelerator)."""
     if os.path.basename(os.getcwd()) == "colab" and in_checkout(".."):
         os.chdir("..")  # the notebooks run from the repository root (they read experiments/)
+    if not in_checkout() and in_checkout("mmjax"):
+        os.chdir("mmjax")  # Colab after a restart: the clone of the first run
     try:
         import mmjax.kernels  # noqa: F401  (an installed mmjax, not a bare source tree)
+        installed = True
     except ImportError:
-        if not in_checkout():
-            if not in_checkout("mmjax"):
-                subprocess.check_call(["git", "clone", "-q", "--depth", "1", MMJAX_GIT, "mmjax"])
-            os.chdir("mmjax")
+        installed = False
+        for name in [m for m in sys.modules if m == "mmjax" or m.startswith("mmjax.")]:
+            del sys.modules[name]  # a bare source tree's half-import must not shadow the install
+    if not in_checkout():  # a fresh runtime: the notebooks need the repository's experiments/
+        subprocess.check_call(["git", "clone", "-q", "--depth", "1", MMJAX_GIT, "mmjax"])
+        os.chdir("mmjax")
+    if not installed:
         requirement = mmjax_requirement(os.getcwd(), accelerator_extra())
         print("pip install", requirement)
         subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", requirement])
