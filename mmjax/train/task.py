@@ -39,6 +39,7 @@ TASKS: dict[str, str] = {
     "ijepa": "mmjax.tasks.ijepa:IJepaTask",
     "flamingo": "mmjax.tasks.flamingo:FlamingoTask",
     "vq": "mmjax.tasks.vq:VQTask",
+    "aim": "mmjax.tasks.aim:AIMTask",
 }
 
 
