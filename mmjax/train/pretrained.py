@@ -38,7 +38,13 @@ from mmjax.train.optimizer import path_str
 
 
 def load_source_params(path: str) -> Any:
-    """The param tree stored at `path` (training workdir, mmjax model dir or HF dir)."""
+    """The param tree stored at `path` (training workdir, mmjax model dir or HF dir), or at a
+    Hub id `org/name[@revision]` in huggingface_hub's cache (a run never downloads: fetch it
+    first with `mmjax convert ID OUT --download` or `from_hf(ID, download=True)`)."""
+    from mmjax.convert.hf_io import parse_hub_id, resolve
+
+    if parse_hub_id(path) is not None:
+        path = resolve(path)  # InputError naming the id and the cache when it is not there
     if not os.path.isdir(path):
         raise InputError(f"init_from={path!r} is not a directory (train or convert that model "
                          "first, or --set init_from=None to start from scratch)")

@@ -154,6 +154,15 @@ def test_from_hf_by_hub_id_reads_the_cache_offline(offline, llama_dir):
         np.testing.assert_array_equal(a, c)
 
 
+def test_init_from_a_hub_id(offline, llama_dir):
+    from mmjax.train.pretrained import load_source_params
+
+    for a, b in zip(jax.tree.leaves(load_source_params(REPO)), jax.tree.leaves(from_hf(llama_dir)[1])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="'tiny-org/absent' is not a local directory"):
+        load_source_params("tiny-org/absent")
+
+
 def test_compare_by_hub_id(offline):
     report = compare(REPO, batch=1, seq_len=5)
     assert report["passed"] and report["model_type"] == "llama"
