@@ -40,6 +40,7 @@ TASKS: dict[str, str] = {
     "flamingo": "mmjax.tasks.flamingo:FlamingoTask",
     "vq": "mmjax.tasks.vq:VQTask",
     "aim": "mmjax.tasks.aim:AIMTask",
+    "lvm": "mmjax.tasks.lvm:LVMTask",
 }
 
 
