@@ -5,7 +5,8 @@ Command (the VQ tokenizer, experiments/vq_digits.py, is trained first when workd
 holds no finished run):
 
     mmjax train experiments/lvm_digits.py --json | tail -1
-    mmjax train experiments/lvm_digits.py --workdir workdirs/lvm_digits_flip --set "data.kind='flip'" --set data.images_per_sentence=4
+    mmjax train experiments/lvm_digits.py --workdir workdirs/lvm_digits_flip --set "data.kind='flip'" \
+        --set data.images_per_sentence=4 --set model.max_len=80
 
 Data: each held-out and training digit scan (scikit-learn's digits, the VQ run's 80/20 split)
 is 16 codes of the 64-code VQ tokenizer; a "successor" sentence is BOS, a scan of digit d, a scan

@@ -85,7 +85,7 @@ def test_bad_settings(vq, tmp_path):
 
 
 def test_flip_sentences_end_with_the_mirrored_codes(vq, tmp_path):
-    cfg = load_experiment(LVM_DIGITS, lvm_overrides(vq, **{"data.kind": "flip", "data.images_per_sentence": 4}))
+    cfg = load_experiment(LVM_DIGITS, lvm_overrides(vq, **{"data.kind": "flip", "data.images_per_sentence": 4, "model.max_len": 80}))
     task = build_task(cfg, str(tmp_path / "f"))
     tokens, picks, mirrored = task.eval_sentences
     t = task.image_tokens
