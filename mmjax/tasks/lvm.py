@@ -245,9 +245,9 @@ class LVMTask(Task):
             prompt_imgs = [self.decode(tokens[:n, 1 + j * t: 1 + (j + 1) * t])
                            for j in range(self.cfg.data.images_per_sentence - 1)]
             save_visual_prompts(prompt_imgs, predicted[:n], truth[:n], os.path.join(self.workdir, "visual_prompts.png"),
-                                f"LVM '{self.cfg.data.kind}': prompt images | prediction | truth "
-                                f"(digit accuracy {out['next_image_digit_accuracy']:.2f}, "
-                                f"PSNR {out['next_image_psnr']:.1f} dB)")
+                                f"LVM '{self.cfg.data.kind}', held-out scans\n"
+                                f"digit accuracy {out['next_image_digit_accuracy']:.2f}, "
+                                f"PSNR {out['next_image_psnr']:.1f} dB")
         return out
 
 
