@@ -140,7 +140,8 @@ def check_prefix_len(prefix_len: Any, batch: int, num_patches: int) -> None:
         raise InputError(f"AIM: prefix_len must be [batch={batch}] integers (prefix length per image), got "
                          f"shape {shape} dtype {dtype}")
     if not isinstance(prefix_len, jax.core.Tracer):
-        lo, hi = int(np.min(prefix_len)), int(np.max(prefix_len))
+        values = np.asarray(prefix_len)  # on the host: a jnp op here would be staged (a tracer)
+        lo, hi = int(values.min()), int(values.max())  # inside jax.eval_shape
         if lo < 0 or hi > num_patches - 1:
             raise InputError(f"AIM: prefix_len {lo if lo < 0 else hi} is outside [0, {num_patches - 1}] "
                              f"(num_patches={num_patches}: at least one patch must follow the prefix)")

@@ -42,6 +42,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
@@ -121,8 +122,9 @@ def _check_indices(name: str, idx: jax.Array, ndim: int, batch: int, num_patches
                          f"got shape {tuple(idx.shape)} dtype {idx.dtype}")
     if idx.shape[ndim - 2] != batch:
         raise InputError(f"{name} has batch {idx.shape[ndim - 2]}, the images {batch}")
-    if not isinstance(idx, jax.core.Tracer):
-        lo, hi = int(jnp.min(idx)), int(jnp.max(idx))
+    if not isinstance(idx, jax.core.Tracer):  # concrete: checked on the host (numpy, so that it
+        # also works inside jax.eval_shape, where jnp ops on a constant return tracers)
+        lo, hi = int(np.min(np.asarray(idx))), int(np.max(np.asarray(idx)))
         if lo < 0 or hi >= num_patches:
             raise InputError(f"{name} holds patch index {lo if lo < 0 else hi}, outside [0, {num_patches})")
 

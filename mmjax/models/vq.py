@@ -39,6 +39,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax import configs
 from mmjax.errors import ConfigError, InputError
@@ -237,7 +238,8 @@ class VQModel(nn.Module):
             raise InputError(f"VQModel.decode_ids: ids must be [batch, h, w] integers, got shape "
                              f"{tuple(ids.shape)} dtype {ids.dtype}")
         if not isinstance(ids, jax.core.Tracer) and ids.size:
-            lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+            values = np.asarray(ids)  # on the host (a jnp op would be staged inside eval_shape)
+            lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= k:
                 raise InputError(f"VQModel.decode_ids: token id {lo if lo < 0 else hi} is outside the codebook "
                                  f"[0, {k}) (codebook_size={k})")

@@ -26,11 +26,13 @@ NOTEBOOKS = [
     pytest.param("flamingo_digits.ipynb", "4-shot accuracy on these 6", 1, id="flamingo"),
     pytest.param("lora_pydoc.ipynb", "A (merged LoRA model):", 1, id="lora"),
     pytest.param("sharded_training.ipynb", "the two presets' losses agree", 8, id="sharded"),
+    pytest.param("ijepa_digits.ipynb", "I-JEPA features on 359 held-out canvases", 1, id="ijepa"),
 ]
 # which experiment each notebook's SIZES configure
 EXPERIMENTS = {"clip_digits.ipynb": "clip_digits.py", "llava_digits.ipynb": "llava_digits.py",
                "blip2_digits.ipynb": "blip2_digits_stage1.py", "flamingo_digits.ipynb": "flamingo_digits.py",
-               "lora_pydoc.ipynb": "sft_pydoc.py", "sharded_training.ipynb": "llm_text.py"}
+               "lora_pydoc.ipynb": "sft_pydoc.py", "sharded_training.ipynb": "llm_text.py",
+               "ijepa_digits.ipynb": "ijepa_digits.py"}
 
 
 @pytest.mark.parametrize("name, expected, devices", NOTEBOOKS)
