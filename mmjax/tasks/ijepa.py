@@ -219,10 +219,20 @@ class IJepaTask(Task):
                 "pixel_probe_accuracy": self._probe(tr.reshape(len(tr), -1), te.reshape(len(te), -1))}
         return self._baselines
 
-    def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
+    evaluates_task_state = True  # the loop passes the EMA target encoder to `evaluate`
+
+    def evaluate(self, params, mesh, *, final: bool = False, task_state: Any = None) -> dict[str, float]:
+        """Probes of the online context encoder (`linear_probe_accuracy`) and, given the task
+        state, of the EMA target encoder (`target_linear_probe_accuracy`: what the paper
+        evaluates and `mmjax export` writes as the released encoder), beside the baselines."""
         tr = self.features(params, self.data.train.images[self.probe_rows])
         te = self.features(params, self.data.test.images)
         out = {"linear_probe_accuracy": self._probe(tr, te), **self.baselines()}
+        if task_state is not None:
+            target = {**params, "encoder": task_state["target"]}
+            out["target_linear_probe_accuracy"] = self._probe(
+                self.features(target, self.data.train.images[self.probe_rows]),
+                self.features(target, self.data.test.images))
         centred = te - te.mean(0)
         s = np.linalg.svd(centred, compute_uv=False)
         p = s / max(s.sum(), 1e-12)

@@ -287,7 +287,11 @@ def _train(
     def run_eval(tag: str) -> dict[str, float]:
         t0 = time.perf_counter()
         with activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
-            m = task.evaluate(state.params, mesh, final=(tag == "end"))
+            # a task with state may evaluate it too (I-JEPA: the EMA target encoder, which the
+            # paper evaluates); it says so with `evaluates_task_state = True`
+            extra = ({"task_state": state.task_state}
+                     if getattr(task, "evaluates_task_state", False) and state.task_state is not None else {})
+            m = task.evaluate(state.params, mesh, final=(tag == "end"), **extra)
         evals_at[step] = m
         writer.write(step, m)
         log(f"[{tag}] step {step}: {format_metrics(m)} ({time.perf_counter() - t0:.1f}s)")

@@ -27,6 +27,9 @@ def test_ijepa_task_trains_and_reports_probes(tmp_path):
     for key in ("linear_probe_accuracy", "random_init_probe_accuracy", "pixel_probe_accuracy"):
         assert 0.0 <= m[key] <= 1.0, key
     assert m["random_init_probe_accuracy"] == m["start_linear_probe_accuracy"]  # step 0 is the init
+    # the EMA target encoder is probed too: a copy of the online one at step 0, its own after
+    assert m["start_target_linear_probe_accuracy"] == m["start_linear_probe_accuracy"]
+    assert 0.0 <= m["target_linear_probe_accuracy"] <= 1.0
     assert m["val_loss"] < m["start_val_loss"] and m["effective_rank"] > 1.0
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     train = [r for r in rows if "ema_momentum" in r]
