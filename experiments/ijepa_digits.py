@@ -22,7 +22,11 @@ sin-cos positions, no [CLS]), predictor 64 x 3; masks: 4 target blocks (scale 0.
 Measured 2026-12-01 (2-core AVX-512 CI machine, loaded; docs/ijepa.md has the table): at step 500
 of this 1000-step schedule (stopped there, ~2.5 s/step under load) linear_probe_accuracy 0.145,
 random_init_probe_accuracy 0.114, pixel_probe_accuracy 0.106; the effective rank of the features
-fell 15.4 -> 9.9. The goal (>= 5 points over random init) is not met.
+fell 15.4 -> 9.9. 2026-12-02, same machine, quiet (1.29 steps/s, `--stop-at 500 --set eval_every=125`):
+the EMA target encoder's probe (target_linear_probe_accuracy, what the paper evaluates) read
+0.139 / 0.156 / 0.162 / 0.145 at steps 125 / 250 / 375 / 500 against 0.114 at random init (the
+online encoder's 0.145-0.148); the standard error on 359 canvases is ~1.9 points. The goal
+(>= 5 points over random init) is not met.
 """
 
 from mmjax.models.ijepa import IJepaConfig, ijepa_encoder
