@@ -231,14 +231,9 @@ class AIMTask(Task):
     # --- evaluation -------------------------------------------------------------------------
     def tokens(self, params, images: np.ndarray) -> np.ndarray:
         """[n, N, dim] bidirectional trunk tokens, in padded fixed-size chunks (one compile)."""
-        bs = self.cfg.data.eval_batch_size
-        out = []
-        for i in range(0, len(images), bs):
-            chunk = images[i:i + bs]
-            pad = bs - len(chunk)
-            x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-            out.append(np.asarray(self._features(params, x))[: len(chunk)])
-        return np.concatenate(out)
+        from mmjax.eval.batched import in_fixed_batches
+
+        return in_fixed_batches(lambda x: self._features(params, x), images, self.cfg.data.eval_batch_size)
 
     def _probes(self, train_tokens: np.ndarray, test_tokens: np.ndarray) -> tuple[float, float]:
         """(attentive, linear) probe accuracies of token features [n, N, D]."""

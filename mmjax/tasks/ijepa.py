@@ -191,14 +191,9 @@ class IJepaTask(Task):
 
     # --- evaluation -------------------------------------------------------------------------
     def features(self, params, images: np.ndarray) -> np.ndarray:
-        bs = self.cfg.data.eval_batch_size
-        out = []
-        for i in range(0, len(images), bs):
-            chunk = images[i:i + bs]
-            pad = bs - len(chunk)
-            x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-            out.append(np.asarray(self._features(params, x))[: len(chunk)])
-        return np.concatenate(out)
+        from mmjax.eval.batched import in_fixed_batches
+
+        return in_fixed_batches(lambda x: self._features(params, x), images, self.cfg.data.eval_batch_size)
 
     def _probe(self, train_x: np.ndarray, test_x: np.ndarray) -> float:
         from mmjax.eval.linear_probe import linear_probe_accuracy

@@ -73,8 +73,8 @@ def load_digits_split(image_size: int, test_fraction: float, seed: int):
     from mmjax.tasks.vq import load_digit_images
 
     train, test = load_digit_images(image_size, test_fraction, seed)
-    train_idx, test_idx = stratified_split(load_digits().target, test_fraction, seed)
     target = load_digits().target
+    train_idx, test_idx = stratified_split(target, test_fraction, seed)
     return train, target[train_idx], test, target[test_idx]
 
 
@@ -128,6 +128,7 @@ class LVMTask(Task):
         self.loss = lm_loss_fn(self.model)
         self.units_per_step = d.batch_size * (self.seq_len - 1)
         self._eval_loss = None
+        self._probe = None  # the pixel digit classifier, fitted at the first evaluation
         self.eval_sentences = self._sentences(self.test_codes, self.test_mirror, self.test_labels,
                                               range(d.eval_sentences), d.seed + 1)
 
@@ -225,7 +226,7 @@ class LVMTask(Task):
         predicted = self.decode(pred)
         tokenized = self.decode(true)
         previous = self.decode(tokens[:, -2 * t - 1:-t - 1])
-        if not hasattr(self, "_probe"):
+        if self._probe is None:
             n = len(self.train_images)
             self._probe = fit_linear_probe(self.train_images.reshape(n, -1), self.train_labels, vs.NUM_CLASSES)
         labels = self.test_labels[last]

@@ -242,17 +242,9 @@ class VQTask(Task):
     def reconstruct(self, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reconstructions on the model's [-1, 1] scale, ids, per-image ||z - z_q||^2 means) of
         `images` [N, S, S, 1] in [0, 1], in fixed-size batches (one compiled shape)."""
-        bs = self.cfg.data.eval_batch_size
-        recons, ids, dists = [], [], []
-        for i in range(0, len(images), bs):
-            chunk = images[i:i + bs]
-            pad = bs - len(chunk)
-            x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-            r, t, dist = self._eval_fn(params, x)
-            recons.append(np.asarray(r)[: len(chunk)])
-            ids.append(np.asarray(t)[: len(chunk)])
-            dists.append(np.asarray(dist)[: len(chunk)])
-        return np.concatenate(recons), np.concatenate(ids), np.concatenate(dists)
+        from mmjax.eval.batched import in_fixed_batches
+
+        return in_fixed_batches(lambda x: self._eval_fn(params, x), images, self.cfg.data.eval_batch_size)
 
     def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
         k = self.model_config.codebook_size
