@@ -16,7 +16,9 @@ Param tree: embed/embedding, layers_{i}/{attn_norm, attn/{query,key,value,out},
 mlp_norm, mlp/{gate,up,down}}, final_norm, lm_head (absent when tied). With
 `num_experts > 0` every layer's MLP is a sparse MoE (`mmjax.nn.moe.MoE`):
 layers_{i}/moe/{router, gate, up, down}; its auxiliary losses are sown into the "losses"
-collection (`model.apply(..., mutable=["losses"])`).
+collection (`model.apply(..., mutable=["losses"])`). With `mod_capacity` (Mixture-of-Depths,
+`mmjax.nn.mod`) every `mod_every`-th layer is routed: layers_{i}/{router, block/{attn_norm, ...}};
+its router BCE is sown into "losses" as `mod_router_bce`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mmjax.models.family import Family, token_inputs
 from mmjax.nn.cache import KVCache
 from mmjax.nn.embeddings import Embed
 from mmjax.nn.linear import DenseGeneral
+from mmjax.nn.mod import make_mod_layers, run_mod_layers
 from mmjax.nn.moe import DISPATCH_MODES
 from mmjax.nn.norms import RMSNorm
 from mmjax.nn.partitioning import BATCH_LEN_EMBED, constrain
@@ -82,6 +85,11 @@ class LlamaConfig(configs.Config):
     router_renormalize: bool = True  # top-k weights sum to 1 (Mixtral); False: Switch's probs
     aux_loss_weight: float = 0.01  # load-balancing loss (Switch / Mixtral form)
     router_z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+    # Mixture-of-Depths (mmjax.nn.mod): a fraction of each sequence's tokens goes through
+    # every `mod_every`-th block (layers mod_every-1, 2*mod_every-1, ...), the rest skip it
+    mod_capacity: float | None = None  # None = dense; e.g. 0.125 = top 12.5% of tokens
+    mod_every: int = 2  # 2 = every other block is routed
+    mod_aux_weight: float = 0.01  # BCE of the router logits vs the top-k choice (causal decoding)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
@@ -123,6 +131,23 @@ class LlamaConfig(configs.Config):
             for name in ("aux_loss_weight", "router_z_loss_weight"):
                 if getattr(self, name) < 0:
                     raise ConfigError(f"LlamaConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mod_capacity is not None:
+            if not 0.0 < self.mod_capacity <= 1.0:
+                raise ConfigError(f"LlamaConfig.mod_capacity must be in (0, 1] (the fraction of "
+                                  f"tokens a routed block processes), got {self.mod_capacity}")
+            if not 1 <= self.mod_every <= self.num_layers:
+                raise ConfigError(f"LlamaConfig.mod_every must be in [1, num_layers="
+                                  f"{self.num_layers}] (2 = every other block), got "
+                                  f"{self.mod_every}")
+            if self.mod_aux_weight < 0:
+                raise ConfigError(f"LlamaConfig.mod_aux_weight must be >= 0, got "
+                                  f"{self.mod_aux_weight}")
+            if self.num_experts:
+                raise ConfigError("LlamaConfig: mod_capacity (Mixture-of-Depths) cannot be "
+                                  "combined with num_experts > 0; set one of them")
+            if self.scan_layers:
+                raise ConfigError("LlamaConfig: mod_capacity (Mixture-of-Depths) needs "
+                                  "scan_layers=False (routed and dense blocks differ)")
         check_remat_policy("LlamaConfig", self.remat_policy)
         if self.head_size % 2:
             raise ConfigError(f"LlamaConfig: RoPE needs an even head_dim, got {self.head_size}")
@@ -255,8 +280,14 @@ class Llama(nn.Module):
         init = nn.initializers.normal(c.initializer_range)
         self.embed = Embed(c.vocab_size, c.dim, dtype, pdtype, init, name="embed")
         self.embed_dropout = nn.Dropout(c.dropout)
-        self.layers = make_layers(block_spec(c), c.num_layers, scan=c.scan_layers,
-                                  remat=c.remat_policy if c.remat else "none")
+        remat = c.remat_policy if c.remat else "none"
+        if c.mod_capacity is not None:
+            self.layers = make_mod_layers(block_spec(c), c.num_layers, capacity=c.mod_capacity,
+                                          every=c.mod_every, aux_weight=c.mod_aux_weight,
+                                          remat=remat)
+        else:
+            self.layers = make_layers(block_spec(c), c.num_layers, scan=c.scan_layers,
+                                      remat=remat)
         self.final_norm = RMSNorm(c.norm_eps, dtype, pdtype, name="final_norm")
         if not c.tie_embeddings:
             self.lm_head = DenseGeneral(c.vocab_size, ("embed", "vocab"), dtype=dtype,
@@ -269,6 +300,7 @@ class Llama(nn.Module):
         return KVCache.create(
             c.num_layers, batch, max_len or c.max_len, c.kv_heads, c.head_size,
             jnp.dtype(dtype or c.dtype), stacked=c.scan_layers,
+            routed=c.mod_capacity is not None,
         )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -297,6 +329,7 @@ class Llama(nn.Module):
         return_intermediates: bool = False,
         deterministic: bool = True,
         layer_hook: Any = None,
+        mod_routing: str | None = None,
     ):
         """
         Args:
@@ -320,6 +353,9 @@ class Llama(nn.Module):
           layer_hook: `hook(i, x) -> x` run before layer i and after the last (i = num_layers):
             a model that inserts its own blocks between this frozen stack's layers (Flamingo)
             passes them here (`mmjax.nn.transformer.run_layers`; not with scan_layers).
+          mod_routing: Mixture-of-Depths only: "topk" (training; the default without a cache)
+            or "predictor" (causal per-token decisions; the default, and required, with a
+            cache). See `mmjax.nn.mod`.
         Returns:
           logits [batch, seq, vocab] float32; then the new cache if `cache` was given; then the
           intermediates dict if asked: `hidden_states` (embeddings and each layer's output,
@@ -389,11 +425,30 @@ class Llama(nn.Module):
         mask = masks_lib.and_masks(mask, attention_mask)
 
         embedded = x
-        x, hidden, new_kv = run_layers(
-            self.layers, x, mask=mask, segment_ids=segment_ids, positions=positions,
-            cache_kv=None if cache is None else (cache.k, cache.v), cache_index=cache_index,
-            causal=causal, deterministic=deterministic, keep_hidden=return_intermediates,
-            layer_hook=layer_hook)
+        if c.mod_capacity is not None:
+            if input_mask is not None:
+                valid = input_mask.astype(bool)
+            elif segment_ids is not None:
+                valid = segment_ids != 0
+            else:
+                valid = jnp.ones((b, t), bool)
+            if cache is not None and cache.routed is None:
+                raise InputError("Llama: a Mixture-of-Depths model needs a cache from its own "
+                                 "init_cache (with per-layer routing slots)")
+            x, hidden, new_kv, new_routed = run_mod_layers(
+                self.layers, x, valid=valid, mask=mask, segment_ids=segment_ids,
+                positions=positions, cache_kv=None if cache is None else (cache.k, cache.v),
+                cache_index=cache_index, routed_cache=None if cache is None else cache.routed,
+                causal=causal, deterministic=deterministic, layer_hook=layer_hook,
+                routing=mod_routing or ("topk" if cache is None else "predictor"))
+            if cache is not None:
+                cache = cache.replace(routed=new_routed)
+        else:
+            x, hidden, new_kv = run_layers(
+                self.layers, x, mask=mask, segment_ids=segment_ids, positions=positions,
+                cache_kv=None if cache is None else (cache.k, cache.v), cache_index=cache_index,
+                causal=causal, deterministic=deterministic, keep_hidden=return_intermediates,
+                layer_hook=layer_hook)
         h = self.final_norm(x)
         logits = self.embed.attend(h) if c.tie_embeddings else self.lm_head(h)
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))

@@ -29,11 +29,14 @@ class KVCache:
     valid: jax.Array  # bool [batch, max_len]
     positions: jax.Array  # int32 [batch, max_len] position id of each slot
     lengths: jax.Array  # int32 [batch] real tokens seen per row (= next position id)
+    # Mixture-of-Depths (`mmjax.nn.mod`): per layer [batch, max_len] bool, whether the layer's
+    # K/V in that slot are real (the token went through the block); None without MoD
+    routed: Any = None
 
     @classmethod
     def create(
         cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-        dtype: Any = jnp.float32, stacked: bool = False,
+        dtype: Any = jnp.float32, stacked: bool = False, routed: bool = False,
     ) -> "KVCache":
         shape = (batch, max_len, num_kv_heads, head_dim)
         if stacked:
@@ -49,6 +52,8 @@ class KVCache:
             valid=jnp.zeros((batch, max_len), bool),
             positions=jnp.zeros((batch, max_len), jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
+            routed=(tuple(jnp.zeros((batch, max_len), bool) for _ in range(num_layers))
+                    if routed else None),
         )
 
     @property
@@ -73,7 +78,9 @@ class KVCache:
         kv = lambda x: fn(x, kv_axis)  # noqa: E731
         return self.replace(k=jax.tree_util.tree_map(kv, self.k), v=jax.tree_util.tree_map(kv, self.v),
                             valid=fn(self.valid, 0), positions=fn(self.positions, 0),
-                            lengths=fn(self.lengths, 0))
+                            lengths=fn(self.lengths, 0),
+                            routed=None if self.routed is None else tuple(
+                                fn(r, 0) for r in self.routed))
 
     def advance(self, input_mask: jax.Array) -> tuple["KVCache", jax.Array, jax.Array]:
         """Book-keeping for T new tokens (input_mask [batch, T]).
