@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.configs import closest_name
 from mmjax.errors import ConfigError, InputError
 from mmjax.generate.common import is_eos
 from mmjax.generate.loop import GenerationConfig, GenerationOutput, prepare_prompts
@@ -58,17 +59,27 @@ from mmjax.generate.processors import process_logits
 
 # Incremented each time the speculative program is traced (tests check it stays put).
 TRACE_COUNT = {"speculative": 0}
+SCHEDULES = ("constant", "heuristic")
 
 
 @dataclasses.dataclass
 class SpeculativeOutput(GenerationOutput):
     """`GenerationOutput` plus how the draft did: per row, the draft tokens `proposed`
-    (k per round while the row was live) and `accepted` (before truncation at EOS /
-    max_new_tokens); `rounds`: draft + verify rounds run (one target pass each)."""
+    (the round's k while the row was live, fewer where the confidence stop cut drafting) and
+    `accepted` (before truncation at EOS / max_new_tokens); `rounds`: draft + verify rounds run
+    (one target pass each); `draft_k`: the schedule's k per round; `draft_calls`: draft passes."""
 
     accepted: np.ndarray = None  # int32 [batch]
     proposed: np.ndarray = None  # int32 [batch]
     rounds: int = 0
+    draft_k: np.ndarray = None  # int32 [rounds]: the schedule's k in each round
+    draft_calls: int = 0  # draft forward calls made in the rounds (prefill not counted)
+
+    @property
+    def mean_draft_tokens(self) -> float:
+        """The schedule's k averaged over the rounds (k itself for `"constant"`)."""
+        return float(np.mean(self.draft_k)) if self.draft_k is not None and len(self.draft_k) \
+            else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -78,14 +89,19 @@ class SpeculativeOutput(GenerationOutput):
 
 def speculative_generate(
     target, target_params: Any, draft, draft_params: Any, prompts, config: GenerationConfig,
-    rng: jax.Array | None = None, *, num_draft_tokens: int = 4, cache_slack: int | None = None,
+    rng: jax.Array | None = None, *, num_draft_tokens: int = 4, draft_schedule: str = "constant",
+    draft_confidence: float | None = None, cache_slack: int | None = None,
 ) -> SpeculativeOutput:
     """Decode `prompts` with `target`, `draft` proposing `num_draft_tokens` (k) tokens a round.
 
     target / draft: modules with the `Llama` calling convention (`generate`'s contract) and the
     same vocabulary. prompts: as for `generate` (ragged lists, or left-padded (tokens, mask)).
     config: greedy or sampling (`temperature`, `top_k`, `top_p`), `max_new_tokens`, EOS, pad;
-    beam search and `no_repeat_ngram_size` are refused. cache_slack: extra cache slots for the
+    beam search and `no_repeat_ngram_size` are refused. num_draft_tokens: k, or with an
+    adaptive schedule the first round's k and its cap k_max. draft_schedule: `"constant"` or
+    `"heuristic"` (k + 2 after a round whose drafts were all accepted, else k - 1; within
+    [1, k_max]). draft_confidence: None, or a threshold in (0, 1): a row stops drafting after a
+    token the draft gave less than this probability. cache_slack: extra cache slots for the
     masked holes of batched rows (None: 0 for one row, max_new_tokens for a batch).
     Returns a `SpeculativeOutput` (tokens / lengths / scores as `generate`, plus acceptance).
     """
@@ -93,6 +109,17 @@ def speculative_generate(
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
     k = int(k)
+    if draft_schedule not in SCHEDULES:
+        raise ConfigError(f"unknown draft_schedule {draft_schedule!r}"
+                          f"{closest_name(draft_schedule, SCHEDULES)}; use one of "
+                          f"{', '.join(SCHEDULES)}")
+    if draft_confidence is not None:
+        if isinstance(draft_confidence, bool) or not isinstance(
+                draft_confidence, (int, float, np.floating, np.integer)) \
+                or not 0.0 < float(draft_confidence) < 1.0:
+            raise ConfigError("draft_confidence must be None or a probability in (0, 1) "
+                              f"(exclusive), got {draft_confidence!r}")
+        draft_confidence = float(draft_confidence)
     if config.num_beams > 1:
         raise ConfigError("speculative decoding is greedy or sampling: use num_beams=1 "
                           f"(got num_beams={config.num_beams})")
@@ -124,30 +151,39 @@ def speculative_generate(
         eos = target.config.eos_ids
     eos = (int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos)
     rng = jax.random.key(0) if rng is None else rng
-    fn = _speculative_fn(target, draft, config, eos, k, int(cache_slack))
-    out, n_out, scores, accepted, proposed, rounds = fn(
+    fn = _speculative_fn(target, draft, config, eos, k, int(cache_slack), draft_schedule,
+                         draft_confidence)
+    out, n_out, scores, accepted, proposed, rounds, k_hist, calls = fn(
         target_params, draft_params, jnp.asarray(tokens), jnp.asarray(mask), rng)
+    rounds = int(rounds)
     return SpeculativeOutput(np.asarray(out), np.asarray(n_out), np.asarray(scores),
                              accepted=np.asarray(accepted), proposed=np.asarray(proposed),
-                             rounds=int(rounds))
+                             rounds=rounds, draft_k=np.asarray(k_hist)[:rounds],
+                             draft_calls=int(calls))
 
 
-def speculative_accept(p: jax.Array, q: jax.Array, drafts: jax.Array, rng: jax.Array):
+def speculative_accept(p: jax.Array, q: jax.Array, drafts: jax.Array, rng: jax.Array,
+                       num: jax.Array | None = None):
     """The sampling rule on one round: (accepted count n [B], emitted tokens y [B, k+1]).
 
     p: [B, k+1, V] target probabilities (the last row for the bonus token); q: [B, k, V] draft
     probabilities; drafts: [B, k] tokens drawn from q. d_j is accepted with probability
     min(1, p_j(d_j) / q_j(d_j)); n counts the leading accepted ones; y_j = d_j for j < n and
     y_n ~ norm(max(0, p_n - q_n)) (p_{k+1} when n = k). Rows of y past n are meaningless.
+    num: None, or [B] how many of the k drafts each row really proposed (m <= k): the others are
+    never accepted, and y_m ~ p_{m+1} (the bonus token after m accepted drafts).
     """
     b, k = drafts.shape
+    num = jnp.full((b,), k, jnp.int32) if num is None else num
+    proposed = jnp.arange(k)[None] < num[:, None]  # [B, k]
     r_acc, r_res = jax.random.split(rng)
     pd = jnp.take_along_axis(p[:, :k], drafts[..., None], -1)[..., 0]
     qd = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
     u = jax.random.uniform(r_acc, (b, k))
-    accept = u * qd < pd  # u < p/q without dividing (q(d) > 0: d was drawn from q)
+    accept = (u * qd < pd) & proposed  # u < p/q without dividing (q(d) > 0: drawn from q)
     n = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
-    resid = jnp.concatenate([jnp.maximum(p[:, :k] - q, 0.0), p[:, k:]], axis=1)
+    resid = jnp.where(proposed[..., None], jnp.maximum(p[:, :k] - q, 0.0), p[:, :k])
+    resid = jnp.concatenate([resid, p[:, k:]], axis=1)
     # p == q leaves no residual mass; then the position is never rejected, but keep it finite
     resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p)
     z = jax.random.categorical(r_res, jnp.log(resid), axis=-1).astype(jnp.int32)  # [B, k+1]
@@ -156,11 +192,12 @@ def speculative_accept(p: jax.Array, q: jax.Array, drafts: jax.Array, rng: jax.A
     return n, jnp.where(j[None] < n[:, None], d_ext, z)
 
 
-def _window_keep(cache, keep: jax.Array):
-    """AND the cache's `valid` over the slots the last call wrote ([index - T, index)) with
-    keep [B, T]; returns the cache with its index moved back to the start of that window."""
+def _window_keep(cache, keep: jax.Array, start: jax.Array | None = None):
+    """AND the cache's `valid` over the window [start, start + T) with keep [B, T] (start None:
+    the slots the last call wrote, [index - T, index)); returns the cache with its index moved
+    back to `start`. Slots of the window past the index were never written: already invalid."""
     t = keep.shape[1]
-    start = cache.index - t
+    start = cache.index - t if start is None else start
     old = jax.lax.dynamic_slice(cache.valid, (0, start), (cache.batch, t))
     valid = jax.lax.dynamic_update_slice(cache.valid, old & keep, (0, start))
     return cache.replace(valid=valid, index=start)
@@ -168,11 +205,14 @@ def _window_keep(cache, keep: jax.Array):
 
 @functools.lru_cache(maxsize=32)
 def _speculative_fn(target, draft, config: GenerationConfig, eos: tuple[int, ...], k: int,
-                    slack: int):
+                    slack: int, schedule: str = "constant", threshold: float | None = None):
     n_new = config.max_new_tokens
     pad = config.pad_token_id
     greedy = config.temperature == 0.0
     f32 = jnp.float32
+    vocab = target.config.vocab_size
+    # a run-time number of draft calls a round (a while_loop); constant k: a fixed scan
+    variable = schedule != "constant" or threshold is not None
 
     def processed(logits):  # [..., V] -> processed probabilities
         shape = logits.shape
@@ -185,6 +225,13 @@ def _speculative_fn(target, draft, config: GenerationConfig, eos: tuple[int, ...
             return jnp.argmax(logits, -1).astype(jnp.int32), None
         probs = processed(logits)
         return jax.random.categorical(key, jnp.log(probs), -1).astype(jnp.int32), probs
+
+    def unsure(logits, tok, probs):  # [B]: the draft gave its token less than `threshold`
+        if threshold is None:
+            return jnp.zeros(tok.shape, bool)
+        if probs is None:  # greedy: the draft's max probability
+            probs = jax.nn.softmax(logits, -1)
+        return jnp.take_along_axis(probs, tok[:, None], -1)[:, 0] < threshold
 
     def run(tparams, dparams, tokens, mask, rng):
         TRACE_COUNT["speculative"] += 1
@@ -204,19 +251,20 @@ def _speculative_fn(target, draft, config: GenerationConfig, eos: tuple[int, ...
         done = is_eos(tok0, eos) | (n_new <= 1)
         zeros = jnp.zeros((b,), jnp.int32)
         carry = (rng, tcache, dcache, tok0, zeros, jnp.zeros((b,), bool), out, emitted, done,
-                 scores, zeros, zeros, jnp.int32(0))
+                 scores, zeros, zeros, jnp.int32(0), jnp.int32(k),
+                 jnp.zeros((max(n_new, 1),), jnp.int32), jnp.int32(0))
 
         def cond(c):
             return ~jnp.all(c[8]) & (c[12] < n_new)
 
         def body(c):
             (rng, tcache, dcache, cur, pending, has_pending, out, emitted, done, scores,
-             accepted, proposed, rounds) = c
+             accepted, proposed, rounds, kk, k_hist, calls) = c
             live = ~done
             rng, r_draft, r_acc = jax.random.split(rng, 3)
             dkeys = jax.random.split(r_draft, k)
-            # --- draft: k tokens; the first call also feeds the token left pending last round
-            d_len0 = dcache.lengths
+            # --- draft: kk <= k tokens; the first call also feeds the token left pending
+            d_len0, d_index0 = dcache.lengths, dcache.index
             two = jnp.stack([pending, cur], 1)
             two_mask = jnp.stack([has_pending, jnp.ones((b,), bool)], 1)
             dlog, dcache = draft.apply({"params": dparams}, two, input_mask=two_mask, cache=dcache)
@@ -228,24 +276,50 @@ def _speculative_fn(target, draft, config: GenerationConfig, eos: tuple[int, ...
                 d, q = pick(lg[:, -1].astype(f32), key)
                 return (dcache, d), (d, q)
 
-            if k > 1:
+            if variable:
+                # draft m <= kk tokens: a row stops after a token its draft was unsure of; the
+                # calls stop when every live row has stopped. drafts / q past m: never accepted
+                def more(s):
+                    return (s[0] < kk) & jnp.any(live & ~s[5])
+
+                def draft_more(s):
+                    i, dcache, prev, drafts, q, stop, m_row = s
+                    lg, dcache = draft.apply({"params": dparams}, prev[:, None], cache=dcache)
+                    lg = lg[:, -1].astype(f32)
+                    d, qi = pick(lg, dkeys[i])
+                    drafts = drafts.at[:, i].set(d)
+                    q = None if greedy else q.at[:, i].set(qi)
+                    m_row = jnp.where(stop, m_row, i + 1)
+                    return (i + 1, dcache, d, drafts, q, stop | unsure(lg, d, qi), m_row)
+
+                drafts = jnp.zeros((b, k), jnp.int32).at[:, 0].set(d0)
+                q = None if greedy else jnp.zeros((b, k, vocab), f32).at[:, 0].set(q0)
+                stop0 = unsure(dlog[:, -1].astype(f32), d0, q0)
+                m, dcache, _, drafts, q, _, m_row = jax.lax.while_loop(
+                    more, draft_more, (jnp.int32(1), dcache, d0, drafts, q, stop0,
+                                       jnp.ones((b,), jnp.int32)))
+            elif k > 1:
                 (dcache, _), (ds, qs) = jax.lax.scan(draft_step, (dcache, d0), dkeys[1:])
                 drafts = jnp.concatenate([d0[:, None], ds.T], axis=1)  # [B, k]
                 q = None if greedy else jnp.concatenate([q0[:, None], qs.transpose(1, 0, 2)], 1)
+                m, m_row = jnp.int32(k), jnp.full((b,), k, jnp.int32)
             else:
                 drafts, q = d0[:, None], (None if greedy else q0[:, None])
-            # --- target: one pass over [cur, d_1 .. d_k]
+                m, m_row = jnp.int32(k), jnp.full((b,), k, jnp.int32)
+            # --- target: one pass over [cur, d_1 .. d_k] (always k + 1 tokens: one shape)
             t_len0 = tcache.lengths
             vin = jnp.concatenate([cur[:, None], drafts], axis=1)
             tlog, tcache = target.apply({"params": tparams}, vin, cache=tcache)
             tlog = tlog.astype(f32)  # [B, k+1, V]
             if greedy:
                 best = jnp.argmax(tlog, -1).astype(jnp.int32)
-                match = (drafts == best[:, :k]).astype(jnp.int32)
+                match = ((drafts == best[:, :k]) & (jnp.arange(k)[None] < m_row[:, None]))
+                match = match.astype(jnp.int32)
                 n = jnp.sum(jnp.cumprod(match, axis=1), axis=1)
                 y = best  # accepted drafts equal the target's argmax
             else:
-                n, y = speculative_accept(processed(tlog), q, drafts, r_acc)
+                n, y = speculative_accept(processed(tlog), q, drafts, r_acc,
+                                          m_row if variable else None)
             # --- how many tokens each row keeps this round (c <= n + 1)
             want = n + 1
             a_star = jnp.max(jnp.where(live, want, 1))
@@ -271,26 +345,32 @@ def _speculative_fn(target, draft, config: GenerationConfig, eos: tuple[int, ...
             emitted = emitted + jnp.sum(keep, axis=1, dtype=jnp.int32)
             done = done | (live & (jnp.any(keep & eos_y, axis=1) | (emitted >= n_new)))
             accepted = accepted + jnp.where(live, n, 0)
-            proposed = proposed + jnp.where(live, k, 0)
+            proposed = proposed + jnp.where(live, m_row, 0)
             # --- roll both caches back to the kept tokens
             # target slots: [cur, d_1 .. d_k]; keep cur and d_1 .. d_{c-1}
             tcache = _window_keep(tcache, j[None] < c_keep[:, None])
             tcache = tcache.replace(index=tcache.index + a, lengths=t_len0 + c_keep)
-            # draft slots: [pending, cur, d_1 .. d_{k-1}]; keep pending (if it was real), cur,
-            # d_1 .. d_{c-1}; with all k kept (c = k+1) d_k is missing: pending next round
+            # draft slots: [pending, cur, d_1 .. d_{m-1}] (m draft calls); keep pending (if it
+            # was real), cur, d_1 .. d_{c-1}; with c = m+1 (all m kept) d_m is missing: pending
+            # next round. The k+1-slot window from the round's start covers the m+1 written
+            # slots; those past them are unwritten (invalid) and stay so.
             dkeep = (j[None] == 0) | (j[None] <= c_keep[:, None])
-            dcache = _window_keep(dcache, dkeep)
+            dcache = _window_keep(dcache, dkeep, d_index0)
             dcache = dcache.replace(
-                index=dcache.index + jnp.minimum(a, k) + 1,
-                lengths=d_len0 + has_pending.astype(jnp.int32) + jnp.minimum(c_keep, k))
+                index=d_index0 + jnp.minimum(a, m) + 1,
+                lengths=d_len0 + has_pending.astype(jnp.int32) + jnp.minimum(c_keep, m))
             new_cur = jnp.take_along_axis(y, (c_keep - 1)[:, None], 1)[:, 0]
-            has_pending = c_keep == k + 1
-            pending = drafts[:, k - 1]
+            has_pending = c_keep == m + 1
+            pending = jnp.take(drafts, m - 1, axis=1)
+            k_hist = k_hist.at[rounds].set(kk)
+            if schedule == "heuristic":  # transformers' rule, capped at k
+                all_kept = jnp.all(jnp.where(live, n == m_row, True))
+                kk = jnp.where(all_kept, jnp.minimum(kk + 2, k), jnp.maximum(kk - 1, 1))
             return (rng, tcache, dcache, new_cur, pending, has_pending, out, emitted, done,
-                    scores, accepted, proposed, rounds + 1)
+                    scores, accepted, proposed, rounds + 1, kk, k_hist, calls + m)
 
         c = jax.lax.while_loop(cond, body, carry)
         out, emitted, scores, accepted, proposed, rounds = c[6], c[7], c[9], c[10], c[11], c[12]
-        return out, emitted, scores, accepted, proposed, rounds
+        return out, emitted, scores, accepted, proposed, rounds, c[14], c[15]
 
     return jax.jit(run)

@@ -3,7 +3,9 @@
 Greedy must reproduce plain greedy decoding of the target token for token (batch 1 and a
 left-padded batch of 3 whose rows accept different counts, with EOS); the sampling rule must
 produce the target's distribution (one step with fixed p and q, and whole short sequences
-enumerated on a 5-token vocabulary); one compiled program; clear errors.
+enumerated on a 5-token vocabulary); one compiled program; clear errors. The same for the
+adaptive k (`draft_schedule="heuristic"`, `draft_confidence`): k moves at run time inside the one
+program, both ways.
 """
 
 import itertools
@@ -135,9 +137,12 @@ def test_accept_rule_gives_target_distribution():
     assert np.abs(np.asarray(q[0]) - np.asarray(p[0])).max() > 0.1
 
 
-def test_sampled_sequences_follow_target_distribution():
+@pytest.mark.parametrize("adaptive", [
+    {}, {"num_draft_tokens": 3, "draft_schedule": "heuristic", "draft_confidence": 0.4}])
+def test_sampled_sequences_follow_target_distribution(adaptive):
     """Whole 3-token continuations, 5-token vocabulary, temperature + top-k on both models:
-    empirical frequencies of the 125 sequences vs the target's exact processed probabilities."""
+    empirical frequencies of the 125 sequences vs the target's exact processed probabilities.
+    Also with the adaptive k (heuristic schedule + confidence stop: rows draft 1 .. 3 tokens)."""
     v, new, rows = 5, 3, 6000
     # scale 4: sharper than near-uniform random models, so p and q differ a lot
     target, tparams = tiny(16, 1, 3, vocab=v, heads=2, scale=4.0)
@@ -145,8 +150,10 @@ def test_sampled_sequences_follow_target_distribution():
     cfg = GenerationConfig(max_new_tokens=new, temperature=0.8, top_k=4, eos_token_id=())
     prompt = [1, 2, 0, 4]
     out = speculative_generate(target, tparams, draft, dparams, [prompt] * rows, cfg,
-                               jax.random.key(1), num_draft_tokens=2)
+                               jax.random.key(1), **({"num_draft_tokens": 2} | adaptive))
     assert (out.lengths == new).all() and 0.1 < out.acceptance_rate < 0.9
+    if adaptive:  # the confidence stop cut some rows' drafts short
+        assert out.proposed.min() < out.proposed.max(), out.proposed
 
     def exact(model, params):
         seqs = np.array(list(itertools.product(range(v), repeat=new)))
@@ -182,3 +189,79 @@ def test_bad_inputs(models):
                              GREEDY.replace(max_new_tokens=28), num_draft_tokens=4)
     with pytest.raises(InputError, match="prompt 1 is empty"):
         speculative_generate(target, tparams, draft, dparams, [[1], []], GREEDY)
+
+
+def _moved(out):
+    steps = np.diff(out.draft_k)
+    return bool((steps > 0).any()), bool((steps < 0).any())
+
+
+def test_adaptive_greedy_matches_plain(models):
+    """Heuristic k (and the confidence stop) change how much is drafted, never the output."""
+    target, tparams, _, _, noisy = models
+    ref = generate(target, tparams, PROMPTS, GREEDY)
+    out = speculative_generate(target, tparams, target, noisy, PROMPTS, GREEDY,
+                               num_draft_tokens=4, draft_schedule="heuristic")
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_allclose(out.scores, ref.scores, atol=1e-4)
+    assert len(out.draft_k) == out.rounds and out.draft_k.max() <= 4 and out.draft_k.min() >= 1
+    assert 1 <= out.mean_draft_tokens < 4
+    assert out.draft_calls == out.draft_k.sum()  # no confidence stop: k calls a round
+    # batch 1, long enough for k to go down (a rejection) and back up (all accepted)
+    cfg = GenerationConfig(max_new_tokens=40, eos_token_id=())
+    moved = [False, False]
+    for prompt in PROMPTS[:2]:
+        ref = generate(target, tparams, [prompt], cfg)
+        for extra in ({}, {"draft_confidence": 0.05}):
+            out = speculative_generate(target, tparams, target, noisy, [prompt], cfg,
+                                       num_draft_tokens=4, draft_schedule="heuristic", **extra)
+            np.testing.assert_array_equal(out.tokens, ref.tokens)
+            up, down = _moved(out)
+            moved = [moved[0] or up, moved[1] or down]
+            if extra:
+                assert out.draft_calls <= out.draft_k.sum()
+    assert moved == [True, True]
+    # the confidence stop alone (constant schedule): fewer drafts than k a round
+    out = speculative_generate(target, tparams, target, noisy, PROMPTS, GREEDY,
+                               num_draft_tokens=4, draft_confidence=0.05)
+    np.testing.assert_array_equal(out.tokens, generate(target, tparams, PROMPTS, GREEDY).tokens)
+    assert (out.draft_k == 4).all() and out.draft_calls < 4 * out.rounds
+
+
+def test_adaptive_one_compiled_program(models):
+    target, tparams, _, _, noisy = models
+    from jax._src import dispatch, monitoring
+
+    cfg = GenerationConfig(max_new_tokens=40, eos_token_id=())
+    kw = dict(num_draft_tokens=4, draft_schedule="heuristic", draft_confidence=0.05)
+    before = TRACE_COUNT["speculative"]
+    first = speculative_generate(target, tparams, target, noisy, [PROMPTS[0]], cfg, **kw)
+    assert TRACE_COUNT["speculative"] - before <= 1  # 0 when an earlier test traced it
+    traces = TRACE_COUNT["speculative"]
+    counting = {"on": True, "compiles": 0}
+
+    def listener(event, duration, **kw):
+        if counting["on"] and event == dispatch.BACKEND_COMPILE_EVENT:
+            counting["compiles"] += 1
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        second = speculative_generate(target, tparams, target, noisy, [PROMPTS[1]], cfg, **kw)
+    finally:
+        counting["on"] = False
+    assert TRACE_COUNT["speculative"] == traces and counting["compiles"] == 0
+    assert first.rounds > 3 and second.rounds > 3
+    assert any(_moved(first)) and any(_moved(second))  # k moved inside the one program
+    assert first.draft_k.tolist() != second.draft_k.tolist()
+
+
+def test_adaptive_bad_config(models):
+    target, tparams, draft, dparams, _ = models
+    with pytest.raises(ConfigError, match="unknown draft_schedule 'heuristc'.*heuristic"):
+        speculative_generate(target, tparams, draft, dparams, PROMPTS, GREEDY,
+                             draft_schedule="heuristc")
+    for bad in (0.0, 1.0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ConfigError, match="draft_confidence must be None or a probability"):
+            speculative_generate(target, tparams, draft, dparams, PROMPTS, GREEDY,
+                                 draft_confidence=bad)
