@@ -28,6 +28,17 @@ sampling vs plain sampling; transformers `do_sample=True`); `tokens_match` is th
 Greedy continuations of these small, briefly trained models fall into repetitions ("0000...",
 "----..."), which a draft predicts easily; sampling gives a less flattering acceptance rate.
 
+`draft_schedule="heuristic"` makes k adaptive on both sides with the same rule (k + 2 after a
+round whose drafts were all accepted, else k - 1, floor 1, starting at `num_draft_tokens`):
+mmjax `speculative_generate(draft_schedule="heuristic")`, which caps k at `num_draft_tokens`
+(its verify pass has that static size), and transformers `num_assistant_tokens_schedule=
+"heuristic_transient"` (the rule of "heuristic", reset at each call so that the repeats start
+alike; transformers does not cap k). `draft_confidence` (a probability) stops a round's drafting
+after a token the draft was less sure of: mmjax `draft_confidence`, transformers
+`assistant_confidence_threshold` (which transformers also re-tunes between rounds when sklearn
+is installed). Each case reports mmjax's `mean_draft_tokens` (the schedule's k averaged over
+rounds) and `draft_calls`.
+
 `random_models=True` replaces the trained models by tiny random ones (no training, no text:
 a quick smoke run of the code path; its speeds mean nothing).
 """
@@ -61,6 +72,8 @@ def run(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
+    draft_schedule: str = "constant",
+    draft_confidence: float | None = None,
 ) -> dict[str, Any]:
     import jax
     import torch
@@ -72,6 +85,13 @@ def run(
     from mmjax.generate import GenerationConfig, generate, speculative_generate
 
     k = int(num_draft_tokens)
+    if draft_schedule not in ("constant", "heuristic"):
+        from mmjax.errors import ConfigError
+
+        raise ConfigError(f"draft_schedule must be 'constant' or 'heuristic', got "
+                          f"{draft_schedule!r}")
+    draft_confidence = None if draft_confidence in (None, "None", "none") \
+        else float(draft_confidence)
     models: dict[str, Any] = {}
     hf_dirs: dict[str, str] = {}
     if random_models:
@@ -116,8 +136,10 @@ def run(
     hf_d = transformers.LlamaForCausalLM.from_pretrained(
         hf_dirs["draft"], torch_dtype=torch.float32, attn_implementation="eager").eval()
     hf_d.generation_config.num_assistant_tokens = k
-    hf_d.generation_config.num_assistant_tokens_schedule = "constant"
-    hf_d.generation_config.assistant_confidence_threshold = 0.0  # always propose k
+    hf_d.generation_config.num_assistant_tokens_schedule = (
+        "heuristic_transient" if draft_schedule == "heuristic" else "constant")
+    # 0.0: always propose k
+    hf_d.generation_config.assistant_confidence_threshold = draft_confidence or 0.0
     for name, m in (("target", hf_t), ("draft", hf_d)):
         models[name]["num_params"] = sum(p.numel() for p in m.parameters())
         models[name]["dim"] = m.config.hidden_size
@@ -139,7 +161,8 @@ def run(
 
         def spec():
             return speculative_generate(target, tparams, draft, dparams, (tokens, mask), gen, key,
-                                        num_draft_tokens=k)
+                                        num_draft_tokens=k, draft_schedule=draft_schedule,
+                                        draft_confidence=draft_confidence)
 
         t0 = time.perf_counter()
         ref = plain()
@@ -152,7 +175,9 @@ def run(
         n_tok = batch * new_tokens
         case = {
             "batch": batch, "new_tokens": new_tokens, "prompt_len": prompt_len,
-            "num_draft_tokens": k,
+            "num_draft_tokens": k, "draft_schedule": draft_schedule,
+            "draft_confidence": draft_confidence, "mean_draft_tokens": out.mean_draft_tokens,
+            "draft_calls": out.draft_calls,
             "mmjax_tokens_per_s": n_tok / t_spec, "mmjax_plain_tokens_per_s": n_tok / t_plain,
             "speedup_over_plain": t_plain / t_spec, "mmjax_s": t_spec, "mmjax_plain_s": t_plain,
             "mmjax_first_call_s": spec_first, "mmjax_plain_first_call_s": plain_first,
@@ -192,13 +217,18 @@ def run(
     return {
         "name": "speculative",
         "reference": f"transformers {transformers.__version__} LlamaForCausalLM.generate("
-                     f"assistant_model=draft, {k} constant assistant tokens) at batch 1 "
+                     f"assistant_model=draft, {k} assistant tokens, schedule "
+                     f"{hf_d.generation_config.num_assistant_tokens_schedule}, confidence "
+                     f"threshold {draft_confidence or 0.0}) at batch 1 "
                      f"(torch {torch.__version__}, {torch.get_num_threads()} threads, eager "
                      "attention)",
         "ratio": min(c["ratio"] for c in b1) if b1 else None,
         "speedup_over_plain": b1[0]["speedup_over_plain"] if b1 else None,
         "acceptance_rate": b1[0]["acceptance_rate"] if b1 else cases[0]["acceptance_rate"],
         "tokens_match": None if sampling else all(c["tokens_match"] for c in cases),
+        "draft_schedule": draft_schedule,
+        "draft_confidence": draft_confidence,
+        "mean_draft_tokens": b1[0]["mean_draft_tokens"] if b1 else None,
         "decoding": f"sampling (temperature {temperature}, top_k {top_k})" if sampling
         else "greedy",
         "models": models,

@@ -5,6 +5,10 @@
                                GenerationConfig(max_new_tokens=64), num_draft_tokens=4)
     out.tokens, out.lengths, out.scores   # as `generate` returns them
     out.acceptance_rate                   # accepted / proposed draft tokens
+    # adaptive k: at most 8 a round, moved by transformers' heuristic, drafting cut when unsure
+    out = speculative_generate(..., num_draft_tokens=8, draft_schedule="heuristic",
+                               draft_confidence=0.4)
+    out.draft_k, out.mean_draft_tokens, out.draft_calls
 
 Each round the draft decodes k tokens one at a time over its own KV cache; the target then runs
 ONE forward pass over `[last token, d_1 .. d_k]` (k + 1 tokens) over its KV cache, which gives
@@ -36,8 +40,27 @@ The draft's cache must also end up holding exactly the kept tokens. It has proce
 first draft call feeds it in front of the new last token (a 2-token call, the first slot masked
 when nothing is pending), so every round costs k draft calls and one target call.
 
+Adaptive k. `num_draft_tokens` is then k_max: the first round's k and its cap. The target pass
+always has k_max + 1 tokens (one static shape); the k of a round is a traced scalar in the loop
+carry, and the draft runs in a `lax.while_loop` of m <= k calls, so skipped draft calls cost
+nothing. Draft positions past a row's m are never accepted (the verify rule treats them as not
+proposed: greedy stops matching there, sampling draws the bonus token from p_{m+1} after m
+accepted drafts, an exact sample as before) and their target slots are rolled back like rejected
+ones; the draft's window is [pending, cur, d_1 .. d_{m-1}] and d_m is pending when all m were
+kept. `draft_schedule="heuristic"` is the rule of transformers' `num_assistant_tokens_schedule=
+"heuristic"` (`transformers/generation/candidate_generator.py`, 5.23: `num_assistant_tokens += 2`
+when the number of matches equals the number of candidates, else `max(1, n - 1)`), here capped
+at k_max. `draft_confidence` (in (0, 1)) is transformers' `assistant_confidence_threshold` rule
+(`ConfidenceCriteria`: stop after a drafted token whose probability is below the threshold; here
+the processed q(d), the max probability in greedy) without transformers' re-tuning of the
+threshold between rounds. In a batch, k is shared: the draft calls are batched, so a round costs
+as many calls as its longest row drafts whatever each row's k, and one k keeps the loop simple;
+k goes up only when every live row kept all its drafts. The confidence stop is per row (a row
+that stopped proposes no more; the calls go on while some live row is still sure).
+
 Everything (prefills and the `lax.while_loop` of rounds) is one jitted program per (target,
-draft, config, k, slack) and prompt shape; `TRACE_COUNT["speculative"]` counts its traces.
+draft, config, k, slack, schedule, threshold) and prompt shape, however k moves at run time;
+`TRACE_COUNT["speculative"]` counts its traces.
 Not supported: beam search, `no_repeat_ngram_size`, prefix embeddings / prefill inputs.
 """
 
