@@ -8,7 +8,10 @@ different lengths with the end-of-text id last), with the same AdamW (lr, betas,
 decay on every parameter, as `torch.optim.AdamW(model.parameters())` does).
 
   * mmjax: `CLIP` + `mmjax.ops.losses.clip_loss`, `optax.adamw`, one `jax.jit` step with the
-    params and optimizer state donated; the only host sync is reading the loss at the end.
+    params and optimizer state donated; the only host sync is reading the loss at the end. It
+    is compiled with the XLA options `mmjax train` gives a float32 step (`mmjax.xla_options`;
+    `xla_options=False` drops them); the same step without them is timed in turn with the
+    others (`xla_options_ab`), which gives their A/B speed-up (`xla_options_speedup`).
   * reference: `CLIPModel(..., return_loss=True)` in train mode with its default attention
     (SDPA), `loss.backward()`, `torch.optim.AdamW.step()`, `zero_grad(set_to_none=True)`, with
     torch's default thread count.
@@ -46,30 +49,42 @@ LR, B1, B2, EPS, WD = 1e-4, 0.9, 0.999, 1e-8, 0.01
 
 def run(batch: int = 32, steps: int = 5, repeats: int = 3, warmup: int = 2,
         model: dict[str, Any] | None = None, seed: int = 0,
-        reference_threads_sweep: bool = True) -> dict[str, Any]:
+        reference_threads_sweep: bool = True, xla_options: bool = True,
+        xla_options_ab: bool = True) -> dict[str, Any]:
     import torch
     import transformers
 
     spec = {**DEFAULT_MODEL, **(model or {})}
     hf_model = _hf_model(spec, seed)
     batches = _batches(spec, batch, seed)
-    ours_step, ours_first, ours_loss0, n_params = _mmjax_trainer(hf_model, batches)
+    from mmjax.xla_options import step_compiler_options
+
+    options = step_compiler_options("float32") if xla_options else None
+    ours_step, ours_first, ours_loss0, n_params = _mmjax_trainer(hf_model, batches, options)
+    # the same step compiled without mmjax's XLA options (their A/B), converted before torch trains
+    plain_step = _mmjax_trainer(hf_model, batches, None)[0] if options and xla_options_ab else None
     ref_step, ref_loss0 = _torch_trainer(hf_model, batches)  # trains hf_model in place (after conversion)
     last_ours = last_ref = None
     for _ in range(warmup):
         last_ours, last_ref = ours_step(), ref_step()
-    ours_times, ref_times = [], []
-    for _ in range(repeats):  # alternate, so both sides see the same background load
+        if plain_step:
+            plain_step()
+    ours_times, ref_times, plain_times = [], [], []
+    for _ in range(repeats):  # alternate, so all sides see the same background load
         t, last_ours = _timed(ours_step, steps)
         ours_times.append(t)
         t, last_ref = _timed(ref_step, steps)
         ref_times.append(t)
+        if plain_step:
+            plain_times.append(_timed(plain_step, steps)[0])
     t_ours, t_ref = statistics.median(ours_times), statistics.median(ref_times)
     case = {
         "batch": batch, "dtype": "float32",
         "mmjax_images_per_s": batch / t_ours, "reference_images_per_s": batch / t_ref,
         "ratio": t_ref / t_ours, "mmjax_step_s": t_ours, "reference_step_s": t_ref,
-        "mmjax_first_step_s": ours_first,
+        "mmjax_first_step_s": ours_first, "mmjax_compiler_options": options,
+        **({"mmjax_without_options_images_per_s": batch / statistics.median(plain_times),
+            "xla_options_speedup": statistics.median(plain_times) / t_ours} if plain_times else {}),
         "first_loss_mmjax": ours_loss0, "first_loss_reference": ref_loss0,
         "first_loss_abs_diff": abs(ours_loss0 - ref_loss0),
         "steps_taken": 1 + warmup + repeats * steps,
@@ -145,7 +160,7 @@ def _batches(spec: dict[str, Any], batch: int, seed: int, count: int = 4) -> lis
     return out
 
 
-def _mmjax_trainer(hf_model, batches):
+def _mmjax_trainer(hf_model, batches, compiler_options=None):
     import jax
     import jax.numpy as jnp
     import optax
@@ -168,7 +183,7 @@ def _mmjax_trainer(hf_model, batches):
         updates, state = tx.update(grads, state, p)
         return optax.apply_updates(p, updates), state, loss
 
-    step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
+    step_jit = jax.jit(step_fn, donate_argnums=(0, 1), compiler_options=compiler_options)
     device_batches = [(jnp.asarray(b["pixels_nchw"].transpose(0, 2, 3, 1)), jnp.asarray(b["tokens"], jnp.int32),
                        jnp.asarray(b["mask"])) for b in batches]
     box = {"params": params, "state": opt_state, "i": 0}

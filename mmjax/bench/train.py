@@ -14,6 +14,11 @@ resident set size (VmHWM, reset first via /proc/self/clear_refs) from just befor
 (CPU has no allocator statistics common to both); for mmjax the compiled step's own buffer
 sizes from XLA's memory analysis are reported too.
 
+mmjax's step is compiled with the XLA options `mmjax train` gives a float32 step
+(`mmjax.xla_options`; `xla_options=False` drops them); the same step compiled without them is
+timed in turn with the other two (`xla_options_ab`), which gives their A/B speed-up in the same
+run (`xla_options_speedup`).
+
 MFU uses the 6ND rule (6 x non-embedding params x tokens, plus attention's 12 x layers x dim x
 seq per token) against the measured float32 matmul throughput of this machine (a 2048^3
 `jnp.dot`), which is stated in the result as `peak_flops`.
@@ -40,6 +45,7 @@ LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.95, 1e-8, 0.1
 def run(
     batch: int = 16, seq_len: int = 128, steps: int = 5, repeats: int = 3, warmup: int = 2,
     model: dict[str, Any] | None = None, seed: int = 0, memory: bool = True,
+    xla_options: bool = True, xla_options_ab: bool = True,
 ) -> dict[str, Any]:
     import torch
     import transformers
@@ -49,13 +55,23 @@ def run(
     batches = [rng.integers(0, spec["vocab_size"], size=(batch, seq_len + 1), dtype=np.int64)
                for _ in range(4)]
 
-    ours_step, ours_first, analysis, n_params, n_embed = _mmjax_trainer(spec, batches, seed)
+    from mmjax.xla_options import step_compiler_options
+
+    options = step_compiler_options("float32") if xla_options else None
+    ours_step, ours_first, analysis, n_params, n_embed = _mmjax_trainer(spec, batches, seed, options)
     ref_step = _torch_trainer(spec, batches, seed)
+    # the same step compiled without mmjax's XLA options: their A/B, timed in turn with the rest
+    plain_step = (_mmjax_trainer(spec, batches, seed, None)[0]
+                  if options and xla_options_ab else None)
+    sides = [ours_step, ref_step] + ([plain_step] if plain_step else [])
     for _ in range(warmup):
-        ours_step()
-        ref_step()
-    t_ours = statistics.median(_timed(ours_step, steps) for _ in range(repeats))
-    t_ref = statistics.median(_timed(ref_step, steps) for _ in range(repeats))
+        for side in sides:
+            side()
+    times = [[] for _ in sides]
+    for _ in range(repeats):  # alternate, so every side sees the same background load
+        for t, side in zip(times, sides):
+            t.append(_timed(side, steps))
+    t_ours, t_ref = statistics.median(times[0]), statistics.median(times[1])
     tokens = batch * seq_len
     peak = measure_matmul_peak()
     flops_per_token = 6 * (n_params - n_embed) + 12 * spec["num_layers"] * spec["dim"] * seq_len
@@ -68,7 +84,12 @@ def run(
         "mmjax_mfu": ours_tps * flops_per_token / peak,
         "reference_mfu": ref_tps * flops_per_token / peak,
         "mmjax_xla_buffers_mb": analysis,
+        "mmjax_compiler_options": options,
     }
+    if plain_step:
+        t_plain = statistics.median(times[2])
+        case["mmjax_without_options_tokens_per_s"] = tokens / t_plain
+        case["xla_options_speedup"] = t_plain / t_ours
     if memory:
         case["mmjax_peak_rss_growth_mb"] = _child_peak_rss("mmjax", spec, batch, seq_len, seed)
         case["reference_peak_rss_growth_mb"] = _child_peak_rss("torch", spec, batch, seq_len, seed)
@@ -102,7 +123,7 @@ def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def _mmjax_trainer(spec, batches, seed):
+def _mmjax_trainer(spec, batches, seed, compiler_options=None):
     import jax
     import jax.numpy as jnp
 
@@ -121,7 +142,7 @@ def _mmjax_trainer(spec, batches, seed):
     init_fn = lm_init_fn(model, seq_len)
     tx, schedule = make_optimizer(opt, 1000, abstract_boxed_params(init_fn))
     state, _ = create_train_state(init_fn, tx, seed=seed)
-    step_fn = make_train_step(lm_loss_fn(model), tx, schedule)
+    step_fn = make_train_step(lm_loss_fn(model), tx, schedule, compiler_options=compiler_options)
     host = []
     for b in batches:
         bsz = b.shape[0]
@@ -202,7 +223,8 @@ batches = [rng.integers(0, spec["vocab_size"], size=(batch, seq_len + 1), dtype=
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
 before = status("VmRSS")
-step = T._mmjax_trainer(spec, batches, seed)[0] if side == "mmjax" else T._torch_trainer(spec, batches, seed)
+from mmjax.xla_options import step_compiler_options
+step = (T._mmjax_trainer(spec, batches, seed, step_compiler_options("float32"))[0] if side == "mmjax" else T._torch_trainer(spec, batches, seed))
 for _ in range(4):
     step()
 print(json.dumps({"growth_mb": status("VmHWM") - before}))

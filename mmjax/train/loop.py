@@ -62,6 +62,7 @@ from mmjax.train.state import (
 from mmjax.train.step import make_train_step, shard_batch
 from mmjax.train.task import build_task
 from mmjax.train.workdir_lock import WorkdirLock, WorkdirLockedError
+from mmjax.xla_options import step_compiler_options
 
 # The workdir layout constants live in mmjax.checkpoint (imported above), which reads workdirs
 # for `mmjax export`; MODEL_FILE, TOKENIZER_FILE and CHECKPOINT_DIR are re-exported from here.
@@ -277,7 +278,9 @@ def _train(
                                state_loss_fn=task.state_loss if init_task_state else None,
                                trainable=trainable_mask,
                                state_params_fn=getattr(task, "params_from_state", None)
-                               if init_task_state else None)
+                               if init_task_state else None,
+                               compiler_options=step_compiler_options(
+                                   getattr(cfg.model, "dtype", None)))
 
     train_step = build_train_step(tx, schedule)
     writer = MetricsWriter(workdir, enabled=is_main)

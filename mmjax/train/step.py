@@ -51,6 +51,7 @@ def make_train_step(
     grad_accum_steps: int = 1, mesh: Mesh | None = None, shardings: TrainState | None = None,
     rules=DEFAULT_RULES, state_loss_fn: StateLossFn | None = None, trainable: Any = None,
     state_params_fn: Callable[[Any, Any], Any] | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted, the state's buffers donated;
     `step.lower(state, batch)` lowers it ahead of time (ShapeDtypeStructs are enough).
@@ -66,6 +67,8 @@ def make_train_step(
     only those leaves are differentiated, the others (a frozen base) get no gradient buffers;
     their gradient is a zero the optimizer's freezing ignores, and grad_norm counts only the
     trainable ones.
+    `compiler_options`: XLA options for this program only (`jax.jit(compiler_options=...)`);
+    `mmjax train` passes `mmjax.xla_options.step_compiler_options(model dtype)`.
     """
     if state_loss_fn is not None and grad_accum_steps != 1:
         raise ConfigError(f"optimizer.grad_accum_steps={grad_accum_steps}: a task with its own "
@@ -182,9 +185,9 @@ def make_train_step(
         return new, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
+        return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options)
     repl = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step, donate_argnums=(0,),
+    jitted = jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options,
                      in_shardings=(shardings, batch_sharding(mesh, rules)),
                      out_shardings=(shardings, repl))
 
@@ -203,10 +206,12 @@ def make_train_step(
 
 def make_eval_step(
     loss_fn: LossFn, *, mesh: Mesh | None = None, rules=None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
     """`eval_step(params, batch) -> loss_fn(params, batch, None)`, jitted (on the mesh; rules
     None = the rules current at each call, see `mmjax.parallel.mesh.resolve_rules`)."""
-    jitted = jax.jit(lambda params, batch: loss_fn(params, batch, None))
+    jitted = jax.jit(lambda params, batch: loss_fn(params, batch, None),
+                     compiler_options=compiler_options)
     if mesh is None:
         return jitted
 
