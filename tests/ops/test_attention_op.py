@@ -143,3 +143,23 @@ def test_cudnn_without_gpu_is_a_clear_error():
     q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
     with pytest.raises(AttentionInputError, match="cudnn"):
         attention(q, q, q, implementation="cudnn")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (4, 1)])
+def test_one_query_decoding_step_matches_the_dot_path(heads, kv_heads):
+    """A batched single-query step (reductions over the cache layout) equals the same query
+    scored by the batched-dot path (the first row of a two-query call), masks of every shape."""
+    from mmjax.ops.attention import attention_reference
+
+    r = np.random.default_rng(0)
+    q = jnp.asarray(r.normal(size=(3, 1, heads, 16)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(3, 20, kv_heads, 16)), jnp.float32)
+    v = jnp.asarray(r.normal(size=(3, 20, kv_heads, 16)), jnp.float32)
+    masks = [None, jnp.asarray(r.random((3, 1, 1, 20)) > 0.3),
+             jnp.asarray(r.random((3, heads, 1, 20)) > 0.3), jnp.zeros((3, 1, 1, 20), bool)]
+    for mask in masks:
+        two = None if mask is None else jnp.concatenate([mask, mask], 2)
+        one_query = attention_reference(q, k, v, mask)
+        dots = attention_reference(jnp.concatenate([q, q], 1), k, v, two)[:, :1]
+        np.testing.assert_allclose(np.asarray(one_query), np.asarray(dots), atol=1e-6)
+    assert not np.any(np.asarray(attention_reference(q, k, v, masks[-1])))  # no key: zeros
