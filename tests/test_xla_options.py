@@ -69,3 +69,56 @@ def test_options_change_the_program_not_the_result():
     np.testing.assert_allclose(runs["mmjax"][1], runs["plain"][1], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(runs["mmjax"][2]), jax.tree.leaves(runs["plain"][2])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _batch(rows, seq=32, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, 256, size=(rows, seq + 1))
+    return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+            "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+            "segment_ids": jnp.ones((rows, seq), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq)),
+            "loss_mask": jnp.asarray(np.random.default_rng(seed + 1).random((rows, seq)) > 0.2,
+                                     jnp.float32)}
+
+
+def test_parallel_chains_give_the_whole_batch_step():
+    """Loss on 4 slices side by side == loss on the whole batch (no dropout: same numbers),
+    with a loss mask that gives the slices different token counts."""
+    batch = _batch(8)
+    results = []
+    for n in (1, 4):
+        step, state = _chained_step(n), _step_and_state(None)[1]
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state.params))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
+    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _chained_step(n):
+    config = LlamaConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         mlp_dim=128, max_len=64, dtype="float32", param_dtype="float32")
+    model = Llama(config)
+    opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, grad_clip=1.0)
+    tx, schedule = make_optimizer(opt, 10, abstract_boxed_params(lm_init_fn(model, 32)))
+    return make_train_step(lm_loss_fn(model), tx, schedule, parallel_chains=n)
+
+
+def test_parallel_chains_choice_and_errors(monkeypatch):
+    from mmjax.errors import ConfigError
+    from mmjax.train.step import parallel_chains_for
+
+    monkeypatch.delenv("MMJAX_PARALLEL_CHAINS", raising=False)
+    assert parallel_chains_for(16, backend="cpu", sums_over_examples=True) == 4
+    assert parallel_chains_for(6, backend="cpu", sums_over_examples=True) == 2
+    assert parallel_chains_for(3, backend="cpu", sums_over_examples=True) == 1
+    assert parallel_chains_for(16, backend="cpu", sums_over_examples=False) == 1  # contrastive
+    assert parallel_chains_for(16, backend="tpu", sums_over_examples=True) == 1
+    monkeypatch.setenv("MMJAX_PARALLEL_CHAINS", "1")
+    assert parallel_chains_for(16, backend="cpu", sums_over_examples=True) == 1
+    with pytest.raises(ConfigError, match="parallel_chains"):
+        _chained_step(0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        _chained_step(4)(_step_and_state(None)[1], _batch(6))

@@ -106,6 +106,13 @@ class LanguageModelingTask(Task):
     data_config_class = TextDataConfig
     sample_config_class = SampleConfig
 
+    @property
+    def loss_sums_over_examples(self) -> bool:
+        """Token cross-entropy sums over the rows; MoE / MoD auxiliary losses are batch-level
+        terms (load balance, count-weighted), so those models step on the whole batch."""
+        c = self.model_config
+        return not getattr(c, "num_experts", 0) and not getattr(c, "mod_capacity", None)
+
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         super().validate_config(cfg)

@@ -59,7 +59,7 @@ from mmjax.train.state import (
     reinit_task_state,
     state_shardings,
 )
-from mmjax.train.step import make_train_step, shard_batch
+from mmjax.train.step import make_train_step, parallel_chains_for, shard_batch
 from mmjax.train.task import build_task
 from mmjax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 from mmjax.xla_options import step_compiler_options
@@ -280,7 +280,11 @@ def _train(
                                state_params_fn=getattr(task, "params_from_state", None)
                                if init_task_state else None,
                                compiler_options=step_compiler_options(
-                                   getattr(cfg.model, "dtype", None)))
+                                   getattr(cfg.model, "dtype", None)),
+                               parallel_chains=parallel_chains_for(
+                                   getattr(cfg.data, "batch_size", 0)
+                                   // cfg.optimizer.grad_accum_steps, mesh=mesh,
+                                   sums_over_examples=getattr(task, "loss_sums_over_examples", False)))
 
     train_step = build_train_step(tx, schedule)
     writer = MetricsWriter(workdir, enabled=is_main)

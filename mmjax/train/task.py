@@ -71,6 +71,10 @@ class Task:
     # the task's config classes; ExperimentConfig fills data / sample with default instances
     data_config_class: type | None = None
     sample_config_class: type | None = None
+    # True when the loss is a sum over the batch's examples (no batch-level terms such as
+    # contrastive negatives): the train step may then take it on slices of the batch side by
+    # side (`mmjax.train.step.parallel_chains_for`)
+    loss_sums_over_examples: bool = False
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
