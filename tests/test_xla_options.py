@@ -35,7 +35,7 @@ def test_env_switch_and_user_flags_win(monkeypatch):
     assert step_compiler_options("float32", backend="cpu") is None  # the user's setting stays
 
 
-def _step_and_state(options):
+def _step_and_state(options, chains=1):
     config = LlamaConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          mlp_dim=128, max_len=64, dtype="float32", param_dtype="float32")
     model = Llama(config)
@@ -43,7 +43,8 @@ def _step_and_state(options):
     init_fn = lm_init_fn(model, 32)
     tx, schedule = make_optimizer(opt, 10, abstract_boxed_params(init_fn))
     state, _ = create_train_state(init_fn, tx, seed=0)
-    return make_train_step(lm_loss_fn(model), tx, schedule, compiler_options=options), state
+    return make_train_step(lm_loss_fn(model), tx, schedule, compiler_options=options,
+                           parallel_chains=chains), state
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU options")
@@ -87,7 +88,7 @@ def test_parallel_chains_give_the_whole_batch_step():
     batch = _batch(8)
     results = []
     for n in (1, 4):
-        step, state = _chained_step(n), _step_and_state(None)[1]
+        step, state = _step_and_state(None, chains=n)
         for _ in range(2):
             state, metrics = step(state, batch)
         results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state.params))
@@ -95,15 +96,6 @@ def test_parallel_chains_give_the_whole_batch_step():
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
     for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-
-
-def _chained_step(n):
-    config = LlamaConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         mlp_dim=128, max_len=64, dtype="float32", param_dtype="float32")
-    model = Llama(config)
-    opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, grad_clip=1.0)
-    tx, schedule = make_optimizer(opt, 10, abstract_boxed_params(lm_init_fn(model, 32)))
-    return make_train_step(lm_loss_fn(model), tx, schedule, parallel_chains=n)
 
 
 def test_parallel_chains_choice_and_errors(monkeypatch):
@@ -119,6 +111,7 @@ def test_parallel_chains_choice_and_errors(monkeypatch):
     monkeypatch.setenv("MMJAX_PARALLEL_CHAINS", "1")
     assert parallel_chains_for(16, backend="cpu", sums_over_examples=True) == 1
     with pytest.raises(ConfigError, match="parallel_chains"):
-        _chained_step(0)
+        _step_and_state(None, chains=0)
     with pytest.raises(ValueError, match="divisible by 4"):
-        _chained_step(4)(_step_and_state(None)[1], _batch(6))
+        step, state = _step_and_state(None, chains=4)
+        step(state, _batch(6))

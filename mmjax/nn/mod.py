@@ -57,7 +57,7 @@ import optax
 from mmjax.errors import ConfigError, InputError
 from mmjax.nn.linear import DenseGeneral
 from mmjax.nn.moe import LOSS_COLLECTION
-from mmjax.nn.transformer import BlockSpec, _block_class
+from mmjax.nn.transformer import BlockSpec, block_class
 
 ROUTING_MODES = ("topk", "predictor")
 
@@ -116,7 +116,7 @@ class MoDBlock(nn.Module):
                                    param_dtype=jnp.dtype(s.param_dtype),
                                    kernel_init=nn.initializers.normal(s.initializer_range),
                                    name="router")
-        self.block = _block_class(self.remat)(s, name="block")
+        self.block = block_class(self.remat)(s, name="block")
 
     def __call__(self, x, mask, segment_ids, positions, cache_kv, cache_index, causal,
                  deterministic, valid, routed_cache=None, routing="topk"):
@@ -190,7 +190,7 @@ def make_mod_layers(spec: BlockSpec, num_layers: int, *, capacity: float, every:
         if is_routed(i, every):
             out.append(MoDBlock(spec, capacity, aux_weight, remat, name=f"{name}_{i}"))
         else:
-            out.append(_block_class(remat)(spec, name=f"{name}_{i}"))
+            out.append(block_class(remat)(spec, name=f"{name}_{i}"))
     return out
 
 

@@ -224,13 +224,14 @@ class _ScanBody(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, mask, segment_ids, positions, cross_input, cross_mask,
                  cache_index, keep_hidden, causal, deterministic):
-        x, kv = _block_class(self.remat, prevent_cse=False)(self.spec, name="block")(
+        x, kv = block_class(self.remat, prevent_cse=False)(self.spec, name="block")(
             x, mask, segment_ids, positions, cross_input, cross_mask, layer_cache, cache_index,
             causal, deterministic)
         return x, (x if keep_hidden else None, kv)
 
 
-def _block_class(remat: Any, prevent_cse: bool = True):
+def block_class(remat: Any, prevent_cse: bool = True):
+    """`Block`, or `Block` under `nn.remat` with the named policy (also used by `mmjax.nn.mod`)."""
     use, policy = remat_policy(remat)
     if not use:
         return Block
@@ -247,7 +248,7 @@ def make_layers(spec: BlockSpec, num_layers: int, *, scan: bool = False, remat: 
         raise ConfigError(f"a transformer stack needs num_layers >= 1, got {num_layers}")
     remat_policy(remat)  # validate the name
     if not scan:
-        cls = _block_class(remat)
+        cls = block_class(remat)
         return [cls(spec, name=f"{name}_{i}") for i in range(num_layers)]
     scanned = nn.scan(
         _ScanBody,

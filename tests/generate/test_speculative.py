@@ -8,6 +8,7 @@ adaptive k (`draft_schedule="heuristic"`, `draft_confidence`): k moves at run ti
 program, both ways.
 """
 
+import contextlib
 import itertools
 
 import jax
@@ -90,13 +91,11 @@ def test_greedy_batch1_matches_plain_and_rows_independent(models):
     assert 0 < accepted < proposed  # some rounds rejected, some accepted
 
 
-def test_one_compiled_program(models):
-    target, tparams, draft, dparams, _ = models
+@contextlib.contextmanager
+def backend_compiles():
+    """Counts XLA backend compilations while the block runs: {"compiles": n}."""
     from jax._src import dispatch, monitoring
 
-    cfg = GREEDY  # the program of test_greedy_batch_left_padded_matches_plain
-    speculative_generate(target, tparams, draft, dparams, PROMPTS, cfg, num_draft_tokens=3)
-    traces = TRACE_COUNT["speculative"]
     counting = {"on": True, "compiles": 0}
 
     def listener(event, duration, **kw):
@@ -105,11 +104,20 @@ def test_one_compiled_program(models):
 
     monitoring.register_event_duration_secs_listener(listener)
     try:
+        yield counting
+    finally:
+        counting["on"] = False
+
+
+def test_one_compiled_program(models):
+    target, tparams, draft, dparams, _ = models
+    cfg = GREEDY  # the program of test_greedy_batch_left_padded_matches_plain
+    speculative_generate(target, tparams, draft, dparams, PROMPTS, cfg, num_draft_tokens=3)
+    traces = TRACE_COUNT["speculative"]
+    with backend_compiles() as counting:
         other = [[2, 3, 4], [5, 6, 7, 8, 9], [10]]  # other lengths, same 16-token bucket
         out = speculative_generate(target, tparams, draft, dparams, other, cfg,
                                    num_draft_tokens=3)
-    finally:
-        counting["on"] = False
     assert out.rounds > 3  # many rounds ran inside the one program
     assert TRACE_COUNT["speculative"] == traces
     assert counting["compiles"] == 0
@@ -231,25 +239,14 @@ def test_adaptive_greedy_matches_plain(models):
 
 def test_adaptive_one_compiled_program(models):
     target, tparams, _, _, noisy = models
-    from jax._src import dispatch, monitoring
-
     cfg = GenerationConfig(max_new_tokens=40, eos_token_id=())
     kw = dict(num_draft_tokens=4, draft_schedule="heuristic", draft_confidence=0.05)
     before = TRACE_COUNT["speculative"]
     first = speculative_generate(target, tparams, target, noisy, [PROMPTS[0]], cfg, **kw)
     assert TRACE_COUNT["speculative"] - before <= 1  # 0 when an earlier test traced it
     traces = TRACE_COUNT["speculative"]
-    counting = {"on": True, "compiles": 0}
-
-    def listener(event, duration, **kw):
-        if counting["on"] and event == dispatch.BACKEND_COMPILE_EVENT:
-            counting["compiles"] += 1
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as counting:
         second = speculative_generate(target, tparams, target, noisy, [PROMPTS[1]], cfg, **kw)
-    finally:
-        counting["on"] = False
     assert TRACE_COUNT["speculative"] == traces and counting["compiles"] == 0
     assert first.rounds > 3 and second.rounds > 3
     assert any(_moved(first)) and any(_moved(second))  # k moved inside the one program
