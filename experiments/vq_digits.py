@@ -32,6 +32,11 @@ the table and the picture):
     EMA and restart_after=0                29.32 dB            0.969           36.6                 455 s (loaded)
     --set "data.beta_on='codebook'"        29.93 dB            1.000           57.1                 375 s (loaded)
       (= taming-transformers' legacy=True weighting, beta on the codebook term)
+    VQGAN adversarial, weight 0.8          26.74 dB            1.000           57.7                 499 s (loaded)
+    the same, weight 0.1                   30.48 dB            1.000           60.5                 416 s (loaded)
+      (--set model.discriminator_layers=2 --set model.discriminator_width=32
+       --set data.adversarial_weight=0.8 (or 0.1) --set data.disc_start=500; the 0.1 run's
+       discriminator never told real from fake)
 
 One seed each; "loaded": other jobs shared the 2 cores (load 4-6). For scale: 4x4 average pooling + bilinear upsampling
 (16 real numbers, no learning) gives 15.9 dB on the same images.

@@ -1,5 +1,5 @@
-"""VQ-VAE / VQGAN-style image tokenizer (van den Oord et al. 2017; Esser et al. 2021 without the
-perceptual and adversarial losses): a conv encoder downsamples by `downsample`, each latent
+"""VQ-VAE / VQGAN-style image tokenizer (van den Oord et al. 2017; Esser et al. 2021, with its
+optional PatchGAN discriminator): a conv encoder downsamples by `downsample`, each latent
 vector is replaced by its nearest code of a learnt codebook (straight-through gradient), a conv
 decoder reconstructs the image. Images <-> a grid of token ids, what LVM-style models read.
 
@@ -8,11 +8,14 @@ decoder reconstructs the image. Images <-> a grid of token ids, what LVM-style m
     params = model.init(rng, images)["params"]                       # images [B, H, W, C]
     out = model.apply({"params": params}, images)                    # named intermediates:
     out["reconstruction"]   # [B, H, W, C]
+    out["decoder_hidden"]   # [B, H, W, hidden_dim]: the decoder's last layer's input
     out["z"], out["quantized"]  # [B, h, w, D] encoder output, its quantisation (straight-through)
     out["ids"]              # [B, h, w] int32 token ids, h = H / downsample
     out["codebook_loss"], out["commitment_loss"], out["perplexity"], out["usage"]
     ids = model.apply({"params": params}, images, method=VQModel.encode)        # [B, h, w]
     images = model.apply({"params": params}, ids, method=VQModel.decode_ids)    # [B, H, W, C]
+    logits = model.apply({"params": params}, images, method=VQModel.discriminate)  # [B, h', w', 1]
+                                                     # (only with discriminator_layers > 0)
 
 The objective (reconstruction + codebook + beta * commitment, the taming `legacy` weighting
 note, EMA codebook updates, dead-code restart) lives in `mmjax.ops.vq_losses`; the training
@@ -26,9 +29,18 @@ task in `mmjax.tasks.vq`.
 * **Decoder**: conv 3x3 from `codebook_dim` to `hidden_dim`, the residual blocks, ReLU, then
   log2(downsample) stride-2 4x4 transposed convs (ReLU between), conv 3x3 to `channels`.
 
+* **Discriminator** (`discriminator_layers` = n > 0; VQGAN's adversarial loss, training only):
+  `PatchDiscriminator`, taming's `NLayerDiscriminator` -- n stride-2 4x4 convs, a stride-1 4x4
+  conv, LeakyReLU 0.2, a batch-statistics norm after every conv but the first and last, a last
+  conv to one channel of patch logits. `__call__` creates its params at init and never runs it
+  otherwise; `encode` / `decode_ids` never read it. Losses: `mmjax.ops.vq_losses` (hinge /
+  vanilla, adaptive weight), training: `mmjax.tasks.vq`.
+
 Params carry logical axis names: conv kernels (None, None, "embed", "mlp"), biases ("mlp",),
-the codebook ("vocab", "embed"). Param tree: encoder/{conv_in, down_i, res_i/{conv1, conv2},
-conv_out}, quantizer/codebook, decoder/{conv_in, res_i/..., up_i, conv_out}.
+the codebook ("vocab", "embed"), the discriminator's norm scales / biases ("norm",). Param tree:
+encoder/{conv_in, down_i, res_i/{conv1, conv2}, conv_out}, quantizer/codebook,
+decoder/{conv_in, res_i/..., up_i, conv_out}, and with a discriminator
+discriminator/{conv_0, conv_i, norm_i, conv_out}.
 """
 
 from __future__ import annotations
@@ -69,6 +81,10 @@ class VQConfig(configs.Config):
     num_res_blocks: int = 1
     codebook_size: int = 64
     codebook_dim: int = 16
+    # PatchGAN discriminator for VQGAN's adversarial loss (training only; 0 = none, the default).
+    # Its params live under params["discriminator"]; encode / decode_ids never read them.
+    discriminator_layers: int = 0  # stride-2 convs (taming's n_layers, 3 there)
+    discriminator_width: int = 64  # channels of the first conv (taming's ndf), x2 per layer up to x8
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -95,6 +111,18 @@ class VQConfig(configs.Config):
                 raise ConfigError(f"VQConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_res_blocks < 0:
             raise ConfigError(f"VQConfig.num_res_blocks must be >= 0, got {self.num_res_blocks}")
+        n = self.discriminator_layers
+        if not isinstance(n, int) or n < 0:
+            raise ConfigError(f"VQConfig.discriminator_layers must be an int >= 0 (0 = no discriminator), got {n!r}")
+        if n:
+            if self.discriminator_width <= 0:
+                raise ConfigError(f"VQConfig.discriminator_width must be positive, got {self.discriminator_width}")
+            side = min(hw) // 2 ** n - 2
+            if side < 1:
+                best = max((k for k in range(1, n) if min(hw) // 2 ** k - 2 >= 1), default=0)
+                raise ConfigError(f"VQConfig.discriminator_layers={n}: {hw[0]}x{hw[1]} images leave no patch "
+                                  f"logits (size / 2^layers - 2 = {side}); use discriminator_layers <= {best}"
+                                  + (" (the images are too small for a discriminator)" if not best else ""))
         self.check_dtypes("dtype", "param_dtype")
 
     @property
@@ -111,6 +139,13 @@ class VQConfig(configs.Config):
     @property
     def num_downsamples(self) -> int:
         return self.downsample.bit_length() - 1
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """The discriminator's logit grid (h, w): each side / 2^layers - 2."""
+        h, w = self.image_hw
+        n = self.discriminator_layers
+        return h // 2 ** n - 2, w // 2 ** n - 2
 
 
 def _kernel_init():
@@ -151,7 +186,17 @@ class Encoder(nn.Module):
         return _conv(c.codebook_dim, 1, 1, c, "conv_out")(nn.relu(x))
 
 
+def decoder_output_layer(config: VQConfig) -> nn.Conv:
+    """The decoder's last layer (conv 3x3 to `channels`, params decoder/conv_out): the layer at
+    which VQGAN's adaptive weight compares gradient norms. Applied alone as
+    `decoder_output_layer(c).apply({"params": params["decoder"]["conv_out"]}, out["decoder_hidden"])`
+    it gives `out["reconstruction"]`."""
+    return _conv(config.channels, 3, 1, config, "conv_out")
+
+
 class Decoder(nn.Module):
+    """(reconstruction [B, H, W, C], hidden [B, H, W, hidden_dim]: the last layer's input)."""
+
     config: VQConfig
 
     @nn.compact
@@ -166,7 +211,59 @@ class Decoder(nn.Module):
             x = nn.ConvTranspose(c.hidden_dim, (4, 4), strides=(2, 2), padding="SAME", dtype=dt, param_dtype=pdt,
                                  kernel_init=_kernel_init(), bias_init=_bias_init(), name=f"up_{i}")(x)
             x = nn.relu(x)
-        return _conv(c.channels, 3, 1, c, "conv_out")(x)
+        return decoder_output_layer(c)(x), x
+
+
+class BatchStatNorm(nn.Module):
+    """Per-channel normalisation by the statistics of the batch it is given (mean and variance over
+    batch and space), then a learnt scale and bias: taming's BatchNorm2d as it acts in training.
+    No running averages: the discriminator is only used in training."""
+
+    config: VQConfig
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        pdt = jnp.dtype(c.param_dtype)
+        ch = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(
+            lambda rng, shape, dtype: 1.0 + 0.02 * jax.random.normal(rng, shape, dtype), ("norm",)), (ch,), pdt)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (ch,), pdt)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as VQGAN's `NLayerDiscriminator` (taming
+    `modules/discriminator/model.py`): conv 4x4 stride 2 (`width`), LeakyReLU 0.2; then
+    `layers - 1` convs 4x4 stride 2 to width * min(2^i, 8), each with a norm and LeakyReLU 0.2;
+    a conv 4x4 stride 1 to width * min(2^layers, 8), norm, LeakyReLU; a conv 4x4 stride 1 to one
+    channel: patch logits [B, H / 2^layers - 2, W / 2^layers - 2, 1]. Padding 1, N(0, 0.02)
+    kernels, no conv bias before a norm, as taming. Params: conv_0, conv_i + norm_i, conv_out."""
+
+    config: VQConfig
+
+    @nn.compact
+    def __call__(self, images):
+        c = self.config
+        n, ndf = c.discriminator_layers, c.discriminator_width
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+
+        def conv(features, stride, bias, name):
+            return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=bias,
+                           dtype=dt, param_dtype=pdt, name=name, bias_init=_bias_init(),
+                           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                    (None, None, "embed", "mlp")))
+
+        x = nn.leaky_relu(conv(ndf, 2, True, "conv_0")(images.astype(dt)), 0.2)
+        for i in range(1, n + 1):
+            x = conv(ndf * min(2 ** i, 8), 2 if i < n else 1, False, f"conv_{i}")(x)
+            x = nn.leaky_relu(BatchStatNorm(c, name=f"norm_{i}")(x), 0.2)
+        return conv(1, 1, True, "conv_out")(x)
 
 
 class Quantizer(nn.Module):
@@ -196,6 +293,8 @@ class VQModel(nn.Module):
         self.encoder = Encoder(self.config)
         self.quantizer = Quantizer(self.config)
         self.decoder = Decoder(self.config)
+        if self.config.discriminator_layers:
+            self.discriminator = PatchDiscriminator(self.config)
 
     def _check_images(self, images) -> None:
         c = self.config
@@ -217,9 +316,19 @@ class VQModel(nn.Module):
         terms = vq_losses.vq_terms(z, z_q)
         quantized = vq_losses.straight_through(z, z_q)
         counts = vq_losses.code_counts(ids, self.config.codebook_size)
-        return {"reconstruction": self.decoder(quantized), "z": z, "quantized": quantized, "ids": ids,
-                "codebook_loss": terms["codebook_loss"], "commitment_loss": terms["commitment_loss"],
+        reconstruction, hidden = self.decoder(quantized)
+        if self.config.discriminator_layers and self.is_initializing():
+            self.discriminator(reconstruction)  # create its params (training reads them via `discriminate`)
+        return {"reconstruction": reconstruction, "decoder_hidden": hidden, "z": z, "quantized": quantized,
+                "ids": ids, "codebook_loss": terms["codebook_loss"], "commitment_loss": terms["commitment_loss"],
                 "perplexity": vq_losses.codebook_perplexity(counts), "usage": vq_losses.codebook_usage(counts)}
+
+    def discriminate(self, images: jax.Array) -> jax.Array:
+        """PatchGAN logits [B, h', w', 1] of images [B, H, W, C] (`discriminator_layers` > 0)."""
+        if not self.config.discriminator_layers:
+            raise InputError("VQModel.discriminate: the model has no discriminator (VQConfig.discriminator_layers=0)")
+        self._check_images(images)
+        return self.discriminator(images)
 
     def encode(self, images: jax.Array) -> jax.Array:
         """Token ids [B, h, w] (int32)."""
@@ -228,7 +337,7 @@ class VQModel(nn.Module):
 
     def decode(self, quantized: jax.Array) -> jax.Array:
         """Images from (quantized) latents [B, h, w, codebook_dim]."""
-        return self.decoder(quantized)
+        return self.decoder(quantized)[0]
 
     def decode_ids(self, ids: jax.Array) -> jax.Array:
         """Images [B, H, W, C] from token ids [B, h, w]. Concrete ids outside [0, codebook_size)
@@ -243,7 +352,7 @@ class VQModel(nn.Module):
             if lo < 0 or hi >= k:
                 raise InputError(f"VQModel.decode_ids: token id {lo if lo < 0 else hi} is outside the codebook "
                                  f"[0, {k}) (codebook_size={k})")
-        return self.decoder(self.quantizer.lookup(ids))
+        return self.decoder(self.quantizer.lookup(ids))[0]
 
 
 def example_inputs(config: VQConfig) -> tuple:

@@ -1,5 +1,6 @@
 """Vector quantisation: nearest codes, the VQ-VAE objective, EMA codebook updates, dead-code
-restart and codebook statistics, apart from the model (`mmjax.models.vq`).
+restart, codebook statistics, and VQGAN's adversarial and perceptual terms, apart from the model
+(`mmjax.models.vq`).
 
 * `nearest_codes(z, codebook) -> ids`: argmin_k ||z - e_k||^2 over the last axis of `z`
   (computed as ||z||^2 - 2 z.e_k + ||e_k||^2; ties go to the lowest id, as numpy's argmin).
@@ -49,6 +50,28 @@ unused-step counter restarts at 0.
 **Statistics**: `code_counts`, `codebook_usage` (fraction of the K codes used at least once),
 `codebook_perplexity` (exp of the entropy of the code-use frequencies: K for uniform use, 1
 for one code).
+
+**Adversarial terms** (VQGAN, Esser et al. 2021; read from taming-transformers'
+`taming/modules/losses/vqperceptual.py`), on PatchGAN logits of any shape:
+
+* `discriminator_loss(real, fake, "hinge" | "vanilla")`: hinge
+  0.5 (mean relu(1 - real) + mean relu(1 + fake)) (VQGAN's), vanilla
+  0.5 (mean softplus(-real) + mean softplus(fake)).
+* `generator_loss(fake) = -mean(fake)` (taming uses it with both discriminator losses).
+* `adaptive_weight(rec_grads, gan_grads, disc_weight)`: disc_weight *
+  sg(clip(||rec_grads|| / (||gan_grads|| + 1e-4), 0, 1e4)), the gradients of the reconstruction
+  and generator losses at the decoder's last layer (taming `calculate_adaptive_weight`).
+* `adopt_weight(step, start)`: 0 before `start`, 1 from it on (taming's `disc_start`).
+* `vqgan_total(vq, gen, disc, weight, factor) = vq + factor * (weight * gen + disc)`: one
+  objective for one optimizer; with `gen` computed from sg(discriminator params) and `disc`
+  from sg(reconstructions), each player's gradient holds only its own terms (`mmjax.tasks.vq`).
+
+**Perceptual distance** (`perceptual_distance(feats_x, feats_y, weights=None)`, LPIPS-style,
+Zhang et al. 2018): per layer of a frozen feature network, features unit-normalised over
+channels, squared difference summed over channels (or weighted per channel, LPIPS's learnt
+`lin` layers), averaged over space, summed over layers -> [B]. It takes the features, not the
+network: LPIPS proper is this over ImageNet VGG16 features with weights fitted to human
+judgments, which cannot be downloaded here, so no task wires it yet (docs/ssl_vision.md).
 """
 
 from __future__ import annotations
@@ -228,3 +251,90 @@ def restart_ema_stats(stats: dict[str, Any], codebook: jax.Array, dead: jax.Arra
     """EMA statistics of restarted codes reset so the EMA reproduces them (N 1, m = the code)."""
     return {"cluster_size": jnp.where(dead, 1.0, stats["cluster_size"]),
             "embed_sum": jnp.where(dead[:, None], codebook.astype(jnp.float32), stats["embed_sum"])}
+
+
+# --- adversarial (VQGAN) -----------------------------------------------------------------------
+DISC_LOSSES = ("hinge", "vanilla")
+
+
+def check_disc_loss(kind: str) -> None:
+    if kind not in DISC_LOSSES:
+        raise ConfigError(f"discriminator loss {kind!r}: known 'hinge' (VQGAN's) or 'vanilla' (softplus, "
+                          f"the original GAN's)")
+
+
+def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array, kind: str = "hinge") -> jax.Array:
+    """The discriminator's loss on patch logits (any shapes; means over every element), as
+    taming's `hinge_d_loss` / `vanilla_d_loss`:
+    hinge 0.5 (mean relu(1 - real) + mean relu(1 + fake)),
+    vanilla 0.5 (mean softplus(-real) + mean softplus(fake))."""
+    check_disc_loss(kind)
+    real, fake = logits_real.astype(jnp.float32), logits_fake.astype(jnp.float32)
+    if kind == "hinge":
+        return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)))
+    return 0.5 * (jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake)))
+
+
+def generator_loss(logits_fake: jax.Array) -> jax.Array:
+    """-mean(logits of the reconstructions): VQGAN's generator term (for both discriminator losses)."""
+    return -jnp.mean(logits_fake.astype(jnp.float32))
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt of the sum of squares of every leaf (float32)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def adaptive_weight(rec_grads: Any, gan_grads: Any, disc_weight: float = 1.0, eps: float = 1e-4,
+                    max_weight: float = 1e4) -> jax.Array:
+    """VQGAN's weight of the generator term (taming `calculate_adaptive_weight`):
+    disc_weight * sg(clip(||grad L_rec|| / (||grad L_gan|| + eps), 0, max_weight)), the two
+    gradients taken with respect to the decoder's last layer (`rec_grads`, `gan_grads`: arrays
+    or trees of the same params)."""
+    ratio = global_norm(rec_grads) / (global_norm(gan_grads) + eps)
+    return disc_weight * jax.lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight))
+
+
+def adopt_weight(step: jax.Array, start: int) -> jax.Array:
+    """1.0 from step `start` on, 0.0 before (taming's `adopt_weight`: the adversarial terms are off
+    for the first `start` steps)."""
+    return (jnp.asarray(step) >= start).astype(jnp.float32)
+
+
+def vqgan_total(vq_total: jax.Array, gen_loss: jax.Array, disc_loss: jax.Array, weight: jax.Array,
+                factor: jax.Array) -> jax.Array:
+    """The one-step objective L_vq + factor * (weight * L_gen + L_disc). With L_gen computed from
+    sg(discriminator params) and L_disc from sg(reconstructions), the gradient with respect to the
+    generator holds only L_vq + factor * weight * L_gen and the one with respect to the
+    discriminator only factor * L_disc: one optimizer trains both, as taming's two."""
+    return vq_total + factor * (weight * gen_loss + disc_loss)
+
+
+# --- perceptual (LPIPS-style) ------------------------------------------------------------------
+def normalize_channels(f: jax.Array, eps: float = 1e-10) -> jax.Array:
+    """Features [..., C] divided by their L2 norm over channels (LPIPS's `normalize_tensor`)."""
+    f = f.astype(jnp.float32)
+    return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
+
+
+def perceptual_distance(feats_x: Any, feats_y: Any, weights: Any = None) -> jax.Array:
+    """[B] LPIPS-style distance between two images' features from a frozen network: for each
+    layer l (feats_* are sequences of [B, H_l, W_l, C_l] arrays, layer by layer),
+    the channel-unit-normalised features' squared difference, summed over channels (or weighted
+    per channel by `weights[l]` [C_l], LPIPS's learnt `lin` layers), averaged over space,
+    summed over layers. Without learnt weights this is LPIPS's `lin=False` baseline."""
+    feats_x, feats_y = list(feats_x), list(feats_y)
+    if len(feats_x) != len(feats_y) or not feats_x:
+        raise InputError(f"perceptual_distance: {len(feats_x)} and {len(feats_y)} feature layers (need the "
+                         f"same number, >= 1)")
+    if weights is not None and len(list(weights)) != len(feats_x):
+        raise InputError(f"perceptual_distance: {len(list(weights))} weight vectors for {len(feats_x)} layers")
+    total = 0.0
+    for i, (a, b) in enumerate(zip(feats_x, feats_y)):
+        if a.shape != b.shape or a.ndim != 4:
+            raise InputError(f"perceptual_distance: layer {i} features {tuple(a.shape)} and {tuple(b.shape)} "
+                             f"(need equal [B, H, W, C])")
+        d = (normalize_channels(a) - normalize_channels(b)) ** 2
+        d = jnp.sum(d, -1) if weights is None else jnp.einsum("bhwc,c->bhw", d, jnp.asarray(list(weights)[i]))
+        total = total + jnp.mean(d, axis=(1, 2))
+    return total

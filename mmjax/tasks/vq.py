@@ -21,6 +21,26 @@ Dead-code restart (`data.restart_after` = N > 0): a code not chosen in N consecu
 steps is re-initialised from a random encoder output of the current batch (its EMA statistics
 reset to it). Under "loss" only the restarted rows are written (their Adam moments are kept).
 
+Adversarial loss (VQGAN, Esser et al. 2021; off by default): `data.adversarial_weight` > 0 with
+a PatchGAN discriminator in the model (`model.discriminator_layers` > 0, its params under
+params["discriminator"]). Generator and discriminator train in ONE step with the ONE optimizer:
+
+    total = L_vq(G) + f * (w * L_gen(G, sg[D]) + L_disc(sg[G(x)], D))
+    L_gen = -mean D(x_hat);  L_disc = hinge (or vanilla) on D(x), D(sg[x_hat])
+    w = adversarial_weight * sg(clip(||dL_rec/dW|| / (||dL_gen/dW|| + 1e-4), 0, 1e4)),
+        W = the decoder's last conv kernel (VQGAN's adaptive weight)
+    f = 1 from step data.disc_start on, 0 before (both adversarial terms off until then)
+
+The stop-gradients route each term to one player: the generator's gradient holds L_vq and
+f w L_gen only, the discriminator's f L_disc only (tested). The step counter for `disc_start` is
+task state (checkpointed and restored like the EMA statistics; it restarts at 0 where the loop
+rebuilds the task state, i.e. after loading pretrained params). What is shared, unlike taming's
+two optimizers: the learning rate schedule, Adam's betas and the global-norm gradient clip
+(`optimizer.grad_clip` scales both players' gradients by one factor). `val_loss` stays the
+VQ objective (no adversarial terms). Checkpoints hold the discriminator's params with the
+tokenizer's (the model config names its size, so `mmjax.train.load_for_inference` rebuilds the
+same tree); `encode` / `decode_ids` never run it.
+
 Evaluation (`evaluate`) on the held-out split: `reconstruction_psnr` (dB, mean over images of
 10 log10(1 / MSE) on the [0, 1] pixel scale, reconstructions clipped to [0, 1]),
 `codebook_usage` (fraction of the codes used by the held-out images' tokens),
@@ -49,6 +69,7 @@ from mmjax.train.task import Task
 
 DATASETS = ("digits",)
 CODEBOOK_UPDATES = ("loss", "ema")
+DISC_LOSSES = ("hinge", "vanilla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +86,11 @@ class VQDataConfig:
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
     restart_after: int = 0  # steps a code may go unused before it is restarted; 0 = never
+    # VQGAN adversarial loss: the adaptive weight's multiplier (taming's disc_weight, 0.8 in its
+    # configs); 0 = off. Needs model.discriminator_layers > 0 (the PatchGAN's size is the model's).
+    adversarial_weight: float = 0.0
+    disc_start: int = 0  # the adversarial terms are zero before this step (taming's disc_start)
+    disc_loss: str = "hinge"  # or "vanilla" (softplus)
     picture_images: int = 10  # originals / reconstructions in the final reconstructions.png
     seed: int = 0
 
@@ -85,6 +111,15 @@ class VQDataConfig:
             raise ConfigError(f"data.ema_eps must be > 0, got {self.ema_eps}")
         if self.beta < 0:
             raise ConfigError(f"data.beta must be >= 0, got {self.beta}")
+        if not self.adversarial_weight >= 0.0:
+            raise ConfigError(f"data.adversarial_weight must be >= 0 (0 = no adversarial loss), "
+                              f"got {self.adversarial_weight}")
+        if not isinstance(self.disc_start, int) or self.disc_start < 0:
+            raise ConfigError(f"data.disc_start must be an int >= 0 (the step the adversarial loss starts), "
+                              f"got {self.disc_start!r}")
+        if self.disc_loss not in DISC_LOSSES:
+            raise ConfigError(f"data.disc_loss must be 'hinge' (VQGAN's) or 'vanilla' (softplus), "
+                              f"got {self.disc_loss!r}")
         if self.restart_after < 0:
             raise ConfigError(f"data.restart_after must be >= 0 (0 = no dead-code restart), got {self.restart_after}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -128,6 +163,21 @@ class VQTask(Task):
         if (d.codebook_update == "ema" or d.restart_after) and cfg.optimizer.grad_accum_steps != 1:
             raise ConfigError("task 'vq' with data.codebook_update='ema' or data.restart_after > 0 updates the "
                               "codebook once per step: optimizer.grad_accum_steps must be 1")
+        layers = getattr(m, "discriminator_layers", 0)
+        if d.adversarial_weight > 0:
+            if not layers:
+                raise ConfigError(f"data.adversarial_weight={d.adversarial_weight} needs a discriminator: set "
+                                  f"model.discriminator_layers (1 or 2 for 16x16 images; VQGAN uses 3 at 256x256)")
+            if cfg.optimizer.grad_accum_steps != 1:
+                raise ConfigError("task 'vq' with data.adversarial_weight > 0 counts steps for data.disc_start "
+                                  "in its task state: optimizer.grad_accum_steps must be 1")
+            if d.disc_start >= cfg.steps:
+                raise ConfigError(f"data.disc_start={d.disc_start} >= steps={cfg.steps}: the adversarial loss "
+                                  f"would never switch on")
+        elif layers:
+            raise ConfigError(f"model.discriminator_layers={layers} with data.adversarial_weight=0: nothing would "
+                              f"train the discriminator; set data.adversarial_weight > 0 (VQGAN: 0.8) or "
+                              f"model.discriminator_layers=0")
 
     def __init__(self, cfg: Any, workdir: str, log: Callable[[str], None] = print):
         super().__init__(cfg, workdir, log)
@@ -137,6 +187,7 @@ class VQTask(Task):
         self.model = self.build_model(cfg.model)
         self.units_per_step = d.batch_size
         self.ema = d.codebook_update == "ema"
+        self.adversarial = d.adversarial_weight > 0
         self._eval_fn = jax.jit(self._eval_outputs)
 
     def describe(self) -> str:
@@ -145,6 +196,8 @@ class VQTask(Task):
         return (f"VQ tokenizer: {c.image_hw[0]}x{c.image_hw[1]} -> {h}x{w} tokens of {c.codebook_size} codes "
                 f"(dim {c.codebook_dim}), codebook by {d.codebook_update}"
                 + (f", dead codes restarted after {d.restart_after} steps" if d.restart_after else "")
+                + (f", PatchGAN ({c.discriminator_layers} layers, width {c.discriminator_width}, {d.disc_loss}) "
+                   f"weight {d.adversarial_weight} from step {d.disc_start}" if self.adversarial else "")
                 + f"; {len(self.train_images)} training images, batch {d.batch_size}")
 
     # --- model and objective ----------------------------------------------------------------
@@ -168,20 +221,59 @@ class VQTask(Task):
         total, aux, _ = self._objective(params, batch["images"], not self.ema)
         return total, jnp.float32(1.0), aux
 
+    def adversarial_terms(self, params, x, out, factor) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(f * (w * L_gen + L_disc), metrics) for images x [B, H, W, C] on the model's scale and the
+        model's outputs `out` on them; `factor` f (0 or 1: `disc_start`). See the module docstring:
+        L_gen reads sg(discriminator params), L_disc sg(reconstructions)."""
+        from mmjax.models.vq import VQModel, decoder_output_layer
+        from mmjax.ops import vq_losses as V
+
+        d = self.cfg.data
+        sg = jax.lax.stop_gradient
+
+        def disc(p, images):
+            return self.model.apply({"params": p}, images, method=VQModel.discriminate)
+
+        recon = out["reconstruction"]
+        frozen_d = {**params, "discriminator": sg(params["discriminator"])}
+        gen = V.generator_loss(disc(frozen_d, recon))  # gradient to the generator only
+        logits_real, logits_fake = disc(params, x), disc(params, sg(recon))  # to the discriminator only
+        disc_loss = V.discriminator_loss(logits_real, logits_fake, d.disc_loss)
+        # VQGAN's adaptive weight: both terms' gradients at the decoder's last conv kernel, from its
+        # (stopped) input: exactly the full gradients there, the layer being the last one
+        last, hidden, frozen = decoder_output_layer(self.model_config), sg(out["decoder_hidden"]), sg(params)
+        conv = frozen["decoder"]["conv_out"]
+
+        def recon_from(kernel):
+            return last.apply({"params": {**conv, "kernel": kernel}}, hidden)
+
+        g_rec = jax.grad(lambda k: V.reconstruction_loss(x, recon_from(k), d.reconstruction))(conv["kernel"])
+        g_gen = jax.grad(lambda k: V.generator_loss(disc(frozen, recon_from(k))))(conv["kernel"])
+        weight = V.adaptive_weight(g_rec, g_gen, d.adversarial_weight)
+        total = V.vqgan_total(jnp.float32(0.0), gen, disc_loss, weight, factor)
+        return total, {"gen_loss": gen, "disc_loss": disc_loss, "adaptive_weight": weight, "disc_factor": factor,
+                       "logits_real": jnp.mean(logits_real.astype(jnp.float32)),
+                       "logits_fake": jnp.mean(logits_fake.astype(jnp.float32))}
+
     def init_task_state(self, params) -> Any:
-        """None without EMA and restart; else the codebook rows to write after the step
-        (`codebook`, `replace` mask), the unused-step counters and the EMA statistics."""
+        """None without EMA, restart and adversarial loss; else the codebook rows to write after the
+        step (`codebook`, `replace` mask), the unused-step counters, the EMA statistics, and the
+        step counter `step` for `disc_start`."""
         from mmjax.ops.vq_losses import ema_init
 
         d = self.cfg.data
-        if not self.ema and not d.restart_after:
+        if not self.ema and not d.restart_after and not self.adversarial:
             return None
-        codebook = params["quantizer"]["codebook"]
-        k = codebook.shape[0]
-        state = {"codebook": jnp.asarray(codebook, jnp.float32), "replace": jnp.zeros((k,), bool),
-                 "unused": jnp.zeros((k,), jnp.int32)}
-        if self.ema:
-            state["ema"] = ema_init(codebook)
+        state = {}
+        if self.ema or d.restart_after:
+            codebook = params["quantizer"]["codebook"]
+            k = codebook.shape[0]
+            state = {"codebook": jnp.asarray(codebook, jnp.float32), "replace": jnp.zeros((k,), bool),
+                     "unused": jnp.zeros((k,), jnp.int32)}
+            if self.ema:
+                state["ema"] = ema_init(codebook)
+        if self.adversarial:
+            state["step"] = jnp.zeros((), jnp.int32)
         return state
 
     def state_loss(self, params, task_state, batch, rng):
@@ -189,11 +281,19 @@ class VQTask(Task):
 
         d = self.cfg.data
         total, aux, out = self._objective(params, batch["images"], not self.ema)
+        new = dict(task_state)
+        if self.adversarial:
+            factor = V.adopt_weight(task_state["step"], d.disc_start)
+            adv, adv_aux = self.adversarial_terms(params, batch["images"] * 2.0 - 1.0, out, factor)
+            total = total + adv
+            aux.update(adv_aux)
+            new["step"] = task_state["step"] + 1
+        if "codebook" not in task_state:  # adversarial only: no codebook writes
+            return total, jnp.float32(1.0), aux, new
         z, ids = jax.lax.stop_gradient(out["z"]), out["ids"]
         k = self.model_config.codebook_size
         counts = V.code_counts(ids, k)
         codebook = jax.lax.stop_gradient(params["quantizer"]["codebook"]).astype(jnp.float32)
-        new = dict(task_state)
         if self.ema:
             new["ema"], codebook = V.ema_codebook_update(task_state["ema"], z, ids, d.ema_decay, d.ema_eps)
         unused = V.update_unused(task_state["unused"], counts)
@@ -211,7 +311,9 @@ class VQTask(Task):
 
     def params_from_state(self, params, task_state):
         """The codebook rows the step does not learn by gradient (all of them under EMA, the
-        restarted ones otherwise) written from the task state."""
+        restarted ones otherwise) written from the task state; nothing without EMA and restart."""
+        if "replace" not in task_state:
+            return params
         q = params["quantizer"]
         cb = q["codebook"]
         new_cb = jnp.where(task_state["replace"][:, None], task_state["codebook"].astype(cb.dtype), cb)

@@ -105,3 +105,65 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="unknown VQ variant"):
         VQConfig.from_variant("huge")
     assert VQConfig(image_size=(16, 32), downsample=8).grid == (2, 4)
+
+
+def test_patch_discriminator_is_taming_nlayer_shaped_and_leaves_the_tokenizer_alone(setup):
+    """taming's NLayerDiscriminator widths (ndf x min(2^i, 8), no conv bias before a norm), patch
+    logits [B, H / 2^n - 2, W / 2^n - 2, 1], logical axis names; the tokenizer's own params,
+    outputs, encode and decode_ids are those of the model without a discriminator."""
+    model, _, params, images = setup
+    big = VQConfig(image_size=32, channels=1, downsample=2, hidden_dim=8, res_dim=4, codebook_size=8,
+                   codebook_dim=4, discriminator_layers=3, discriminator_width=8)
+    boxed = jax.eval_shape(lambda r: VQModel(big).init(r, jnp.zeros((2, 32, 32, 1)))["params"],
+                           jax.random.PRNGKey(0))
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.unbox(boxed)["discriminator"])
+    assert shapes == {"conv_0": {"kernel": (4, 4, 1, 8), "bias": (8,)}, "conv_1": {"kernel": (4, 4, 8, 16)},
+                      "norm_1": {"scale": (16,), "bias": (16,)}, "conv_2": {"kernel": (4, 4, 16, 32)},
+                      "norm_2": {"scale": (32,), "bias": (32,)}, "conv_3": {"kernel": (4, 4, 32, 64)},
+                      "norm_3": {"scale": (64,), "bias": (64,)}, "conv_out": {"kernel": (4, 4, 64, 1), "bias": (1,)}}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+        assert isinstance(leaf, nn.Partitioned), path
+        assert all(n is None or n in LOGICAL_PARAM_AXES for n in leaf.names), (path, leaf.names)
+    assert big.patch_grid == (2, 2)
+
+    gan = VQModel(CFG.replace(discriminator_layers=1, discriminator_width=4))
+    gp = nn.unbox(jax.jit(gan.init)(jax.random.PRNGKey(1), images)["params"])
+    assert set(gp) == {"encoder", "quantizer", "decoder", "discriminator"}
+    gp = {**params, "discriminator": gp["discriminator"]}
+
+    @jax.jit
+    def both(p, gp, x):
+        ids = gan.apply({"params": gp}, x, method=VQModel.encode)
+        return (model.apply({"params": p}, x), gan.apply({"params": gp}, x), ids,
+                model.apply({"params": p}, ids, method=VQModel.decode_ids),
+                gan.apply({"params": gp}, ids, method=VQModel.decode_ids),
+                gan.apply({"params": gp}, x, method=VQModel.discriminate))
+
+    a, b, ids, dec_a, dec_b, logits = both(params, gp, images)
+    assert logits.shape == (3, 2, 2, 1) and np.isfinite(np.asarray(logits)).all()
+    for key in ("reconstruction", "ids", "codebook_loss"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_array_equal(ids, a["ids"])
+    np.testing.assert_array_equal(dec_a, dec_b)
+    with pytest.raises(InputError, match="no discriminator"):
+        model.apply({"params": params}, images, method=VQModel.discriminate)
+
+
+def test_decoder_output_layer_alone_gives_the_reconstruction(setup):
+    """The adaptive weight differentiates the decoder's last conv applied to `decoder_hidden`."""
+    from mmjax.models.vq import decoder_output_layer
+
+    model, _, params, images = setup
+    out = model.apply({"params": params}, images)
+    assert out["decoder_hidden"].shape == (3, 8, 8, CFG.hidden_dim)
+    again = decoder_output_layer(CFG).apply({"params": params["decoder"]["conv_out"]}, out["decoder_hidden"])
+    np.testing.assert_allclose(again, out["reconstruction"], atol=1e-6)
+
+
+def test_discriminator_config_errors():
+    with pytest.raises(ConfigError, match=r"discriminator_layers=3: 16x16 images leave no patch logits.*<= 2"):
+        VQConfig(image_size=16, discriminator_layers=3)
+    with pytest.raises(ConfigError, match="discriminator_layers must be an int >= 0"):
+        VQConfig(discriminator_layers=-1)
+    with pytest.raises(ConfigError, match="discriminator_width must be positive"):
+        VQConfig(discriminator_layers=1, discriminator_width=0)
