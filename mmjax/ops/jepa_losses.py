@@ -9,6 +9,11 @@
   as ALBEF/BLIP's momentum encoder, `mmjax.ops.blip_losses.momentum_update`, reused).
 * `cosine_weight_decay(step, total_steps)`: the reference's weight-decay schedule, 0.04 -> 0.4 on
   a cosine.
+* `variance_covariance_loss(z)`: VICReg's variance and covariance terms (Bardes et al. 2022) over
+  a batch of embeddings [B, D], the anti-collapse terms C-JEPA (Mo & Tong 2024) adds to I-JEPA:
+  variance = mean over dims of relu(gamma - sqrt(var + eps)) (unbiased var over the batch),
+  covariance = sum of the squared off-diagonal covariances / D. Not I-JEPA's own objective: an
+  option of the task (`data.variance_weight`, `data.covariance_weight`, 0 = the paper's).
 """
 
 from __future__ import annotations
@@ -60,3 +65,18 @@ def cosine_weight_decay(step: int | jax.Array, total_steps: int, start: float = 
         raise ConfigError(f"cosine_weight_decay: total_steps must be positive, got {total_steps}")
     t = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
     return start + (end - start) * 0.5 * (1.0 - jnp.cos(math.pi * t))
+
+
+def variance_covariance_loss(z: jax.Array, gamma: float = 1.0, eps: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+    """(variance, covariance) terms of VICReg over a batch `z` [B, D] (B >= 2); see the module
+    docstring."""
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise InputError(f"variance_covariance_loss needs embeddings [batch >= 2, dim], got shape {tuple(z.shape)}")
+    z = z.astype(jnp.float32)
+    n, d = z.shape
+    zc = z - z.mean(0)
+    cov = zc.T @ zc / (n - 1)
+    std = jnp.sqrt(jnp.diagonal(cov) + eps)
+    variance = jnp.mean(jax.nn.relu(gamma - std))
+    off = cov - jnp.diag(jnp.diagonal(cov))
+    return variance, jnp.sum(off ** 2) / d

@@ -11,7 +11,8 @@ from mmjax.data.multiblock import MultiBlockConfig, sample_multiblock
 from mmjax.errors import ConfigError, InputError
 from mmjax.models.ijepa import IJepa, IJepaConfig
 from mmjax.models.vit import ViTConfig
-from mmjax.ops.jepa_losses import cosine_weight_decay, ema_momentum, ema_update, ijepa_loss
+from mmjax.ops.jepa_losses import (cosine_weight_decay, ema_momentum, ema_update, ijepa_loss,
+                                   variance_covariance_loss)
 
 CFG = IJepaConfig.from_variant("tiny")  # 32 px / patch 4: an 8 x 8 grid
 
@@ -133,3 +134,28 @@ def test_padded_index_lists_change_nothing_at_the_valid_tokens(setup):
     p, t = jnp.ones((1, 1, 3, 2)), jnp.zeros((1, 1, 3, 2))
     mask = jnp.asarray([[[True, False, False]]])
     assert float(ijepa_loss(p.at[..., 1:, :].set(9.0), t, "l2", mask=mask)) == pytest.approx(1.0)
+
+
+def test_variance_covariance_terms_against_numpy():
+    """C-JEPA's anti-collapse terms: VICReg's formulas by hand; a collapsed batch costs gamma,
+    decorrelated unit-variance embeddings cost ~0, and the variance term's gradient pushes a
+    collapsing dimension apart."""
+    z = np.random.default_rng(0).normal(size=(32, 6)) * np.array([0.1, 0.5, 1.0, 2.0, 0.2, 1.5])
+    z[:, 1] += 0.8 * z[:, 3]  # one correlated pair
+    var, cov = variance_covariance_loss(jnp.asarray(z, jnp.float32))
+    c = np.cov(z, rowvar=False)  # unbiased, as VICReg
+    want_var = np.mean(np.maximum(0.0, 1.0 - np.sqrt(np.diag(c) + 1e-4)))
+    want_cov = (np.sum(c ** 2) - np.sum(np.diag(c) ** 2)) / 6
+    np.testing.assert_allclose([float(var), float(cov)], [want_var, want_cov], rtol=1e-4)
+    same = jnp.ones((8, 4))
+    v0, c0 = variance_covariance_loss(same)
+    assert float(v0) == pytest.approx(1.0 - 1e-2, abs=1e-4) and float(c0) == 0.0
+    x = np.random.default_rng(1).normal(size=(64, 4))
+    white = np.linalg.qr(x - x.mean(0))[0] * np.sqrt(63)  # zero-mean, orthogonal, unit (unbiased) variance
+    v1, c1 = variance_covariance_loss(jnp.asarray(white, jnp.float32))
+    assert float(v1) < 1e-5 and float(c1) < 1e-8
+    g = jax.grad(lambda x: variance_covariance_loss(x)[0])(jnp.asarray(z, jnp.float32))
+    spread = np.sum(np.asarray(g)[:, 0] * (z[:, 0] - z[:, 0].mean()))
+    assert spread < 0  # descending the gradient widens the small-variance dimension
+    with pytest.raises(InputError, match="batch >= 2"):
+        variance_covariance_loss(jnp.ones((1, 4)))
