@@ -143,6 +143,9 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # None: constant weight_decay. A value: cosine from weight_decay at step 0 to this at the last
+    # step (I-JEPA's 0.04 -> 0.4, `mmjax.ops.jepa_losses.cosine_weight_decay`)
+    weight_decay_end: float | None = None
     grad_clip: float | None = 1.0  # global-norm clip; None = off
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide by it)
     # Regexes over '/'-joined param paths. Matching params get no weight decay: norm scales,
@@ -158,6 +161,9 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
+            raise ConfigError(f"optimizer.weight_decay / weight_decay_end must be >= 0, got {self.weight_decay} / "
+                              f"{self.weight_decay_end}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from mmjax.errors import ConfigError
@@ -69,6 +70,20 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     )
 
 
+def weight_decay_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Cosine from cfg.weight_decay at step 0 to cfg.weight_decay_end at total_steps (constant
+    when weight_decay_end is None)."""
+    start = cfg.weight_decay
+    end = start if cfg.weight_decay_end is None else cfg.weight_decay_end
+    span = max(total_steps, 1)
+
+    def schedule(count):
+        t = jnp.clip(jnp.asarray(count, jnp.float32) / span, 0.0, 1.0)
+        return start + (end - start) * 0.5 * (1.0 - jnp.cos(jnp.pi * t))
+
+    return schedule
+
+
 def make_optimizer(
     cfg: OptimizerConfig, total_steps: int, params: Any, trainable: Sequence[str] | None = None,
 ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
@@ -83,12 +98,14 @@ def make_optimizer(
     inner = []
     if cfg.grad_clip is not None:
         inner.append(optax.clip_by_global_norm(cfg.grad_clip))
-    inner.append(
-        optax.adamw(
-            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-            mask=lambda p: decay_mask(p, cfg.no_decay),
-        )
-    )
+    mask = lambda p: decay_mask(p, cfg.no_decay)  # noqa: E731
+    if cfg.weight_decay_end is None:
+        inner.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 mask=mask))
+    else:  # the decay coefficient follows its own schedule (kept in the optimizer state)
+        inner.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=weight_decay_schedule(cfg, total_steps), mask=mask))
     tx = optax.chain(*inner)
     frozen = frozen_mask(cfg, params, trainable)
     if frozen is not None:

@@ -44,6 +44,30 @@ def test_weight_decay_shrinks_only_masked_params():
     np.testing.assert_array_equal(new["embed"]["embedding"], params["embed"]["embedding"])
 
 
+def test_weight_decay_follows_its_cosine_schedule():
+    """optimizer.weight_decay_end: the coefficient goes 0.04 -> 0.4 on I-JEPA's cosine
+    (`mmjax.ops.jepa_losses.cosine_weight_decay`, the reference's formula) step by step, still
+    only on the masked params."""
+    from mmjax.ops.jepa_losses import cosine_weight_decay
+
+    params = _params()
+    cfg = OptimizerConfig(learning_rate=0.1, warmup_steps=0, end_lr_ratio=1.0, weight_decay=0.04,
+                          weight_decay_end=0.4, grad_clip=None)
+    tx, _ = make_optimizer(cfg, 4, params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    state, p = tx.init(params), params
+    want = np.asarray(params["layers_0"]["attn"]["query"]["kernel"])
+    for step in range(5):
+        updates, state = tx.update(zeros, state, p)
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+        want = want * (1 - 0.1 * float(cosine_weight_decay(step, 4)))
+        np.testing.assert_allclose(p["layers_0"]["attn"]["query"]["kernel"], want, rtol=1e-5)
+    assert float(cosine_weight_decay(4, 4)) == pytest.approx(0.4)
+    np.testing.assert_array_equal(p["final_norm"]["scale"], params["final_norm"]["scale"])
+    with pytest.raises(ConfigError, match="weight_decay_end"):
+        OptimizerConfig(weight_decay_end=-0.1)
+
+
 def test_frozen_params_stay_bit_identical():
     params = _params()
     cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, freeze=(r"^layers_0/", r"^embed/"))
