@@ -370,6 +370,28 @@ def load_workdir(workdir: str, fold: bool = True) -> tuple[Any, Any, Any]:
     return module, config, params
 
 
+
+def load_workdir_task_state(workdir: str) -> Any:
+    """The task state (`Task.init_task_state`: I-JEPA's EMA target encoder, BLIP's momentum
+    models, ...) of a training workdir's newest checkpoint whose params and train state both
+    verify, as numpy arrays; None when the task keeps none. InputError when nothing is readable."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.abspath(os.path.join(workdir, WORKDIR_CHECKPOINT_DIR))
+    steps = checkpoint_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    bad = []
+    for step in steps:
+        step_dir = os.path.join(ckpt_dir, str(step))
+        reason = check_step_files(step_dir, items=("params", "train"))
+        if reason is None:
+            try:
+                train = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "train"))
+                return train.get("task_state") if hasattr(train, "get") else None
+            except Exception as e:  # noqa: BLE001 - any storage/format failure
+                reason = f"its train state cannot be read ({one_line(e)})"
+        bad.append(f"step {step}: {reason}")
+    raise InputError(f"no readable checkpoint in {ckpt_dir}" + (": " + "; ".join(bad) if bad else ""))
+
 # --- step verification -------------------------------------------------------------------------
 
 def _sha256(path: str) -> str:

@@ -65,8 +65,8 @@ def cmd_export(args) -> int:
         export_adapter_dir(args.ckpt_dir, args.hf_out_dir)
         print(f"wrote peft LoRA adapter to {args.hf_out_dir}")
         return 0
-    export_dir(args.ckpt_dir, args.hf_out_dir)
-    print(f"wrote Hugging Face checkpoint to {args.hf_out_dir}")
+    part = export_dir(args.ckpt_dir, args.hf_out_dir, part=args.part)
+    print(f"wrote Hugging Face checkpoint to {args.hf_out_dir}" + (f" ({part} model)" if part else ""))
     return 0
 
 
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true",
                    help="a LoRA training workdir: write its adapter as a peft directory "
                         "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
+    p.add_argument("--part", default=None,
+                   help="a workdir holding several models: which one (I-JEPA: 'target', the EMA encoder "
+                        "the paper evaluates, the default; or 'context')")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="run an experiment config (resumes from the workdir)")

@@ -136,11 +136,13 @@ def convert_dir(hf_dir: str, out_dir: str, download: bool = False) -> None:
     save_model_dir(out_dir, converter.family, config, params, metadata=metadata)
 
 
-def export_dir(ckpt_dir: str, hf_out_dir: str) -> None:
+def export_dir(ckpt_dir: str, hf_out_dir: str, part: str | None = None) -> str | None:
     """mmjax model directory (from `convert_dir`) or training workdir -> Hugging Face directory.
 
     The HF model_type recorded at conversion is kept (e.g. a Mistral stays Mistral); a training
-    workdir's sentencepiece `tokenizer.model` is copied along.
+    workdir's sentencepiece `tokenizer.model` is copied along. A workdir of a family with
+    several exportable models (`Family.export_parts`: I-JEPA's "target" and "context" encoders)
+    writes `part`, by default the family's first; returns the part written (None: the model).
     """
     from mmjax import checkpoint
     from mmjax.convert import to_hf
@@ -158,14 +160,36 @@ def export_dir(ckpt_dir: str, hf_out_dir: str) -> None:
         family = checkpoint.read_workdir_info(ckpt_dir)["family"]
         model_type = None
         tokenizer_file = os.path.join(ckpt_dir, checkpoint.WORKDIR_TOKENIZER_FILE)
+        family, config, params, part = _export_part(ckpt_dir, family, config, params, part)
     elif not os.path.isdir(ckpt_dir):
         raise InputError(f"checkpoint directory {ckpt_dir!r} does not exist")
     else:
         raise InputError(f"{ckpt_dir!r} is neither an mmjax model directory (model.json) nor a "
                          "training workdir (mmjax_model.json)")
+    if part is not None and not checkpoint.is_workdir(ckpt_dir):
+        raise InputError(f"--part {part!r}: only a training workdir holds several models; {ckpt_dir!r} is a "
+                         "model directory")
     to_hf(config, params, hf_out_dir, family=family, model_type=model_type)
     if tokenizer_file and os.path.isfile(tokenizer_file):
         shutil.copyfile(tokenizer_file, os.path.join(hf_out_dir, "tokenizer.model"))
+    return part
+
+
+def _export_part(workdir: str, family: str, config: Any, params: Any, part: str | None):
+    """(family, config, params, part) of the model a workdir exports (see `export_dir`)."""
+    from mmjax import checkpoint
+    from mmjax.models import families
+
+    split = families()[family].export_parts
+    if split is None:
+        if part is not None:
+            raise InputError(f"--part {part!r}: a {family!r} workdir holds one model; leave --part out")
+        return family, config, params, None
+    parts = split(config, params, checkpoint.load_workdir_task_state(workdir))
+    part = next(iter(parts)) if part is None else part
+    if part not in parts:
+        raise InputError(f"--part {part!r}: a {family!r} workdir exports {', '.join(map(repr, parts))}")
+    return (*parts[part], part)
 
 
 def export_adapter_dir(workdir: str, out_dir: str) -> dict[str, Any]:

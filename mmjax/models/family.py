@@ -26,6 +26,10 @@ class Family:
     summary: one line for `mmjax` listings and docs.
     tasks: the training tasks (`mmjax.train.task.TASKS` names) that can train this family; a
       task refuses a model whose family does not list it.
+    export_parts: for a family whose workdir holds several exportable models (I-JEPA: the
+      EMA target encoder in the task state, the context encoder in the params):
+      (config, params, task_state or None) -> {part name: (family, config, params)}, the
+      default part first; `mmjax export WORKDIR OUT --part NAME` writes one of them.
     """
 
     name: str
@@ -34,6 +38,7 @@ class Family:
     example_inputs: Callable[[Any], tuple]
     summary: str = ""
     tasks: tuple[str, ...] = ()
+    export_parts: Callable[[Any, Any, Any], dict[str, tuple[str, Any, Any]]] | None = None
 
     def build(self, config: Any) -> tuple[Any, Any]:
         """(module, config) from a config instance or its dict form."""

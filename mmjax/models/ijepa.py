@@ -208,6 +208,26 @@ def example_inputs(config: IJepaConfig) -> tuple:
             jnp.full((1, 1, 1), n - 1, jnp.int32))
 
 
+def encoder_with_position_table(encoder: ViTConfig, params: Any) -> tuple[ViTConfig, Any]:
+    """The same encoder with its fixed sin-cos positions stored as a learned table (what
+    transformers' `IJepaModel` holds, `position_embeddings`): equal outputs, exportable."""
+    if encoder.posemb != "sincos2d":
+        return encoder, params
+    table = sincos2d_positions(*encoder.grid, encoder.dim).astype(np.float32)
+    return encoder.replace(posemb="learned"), {**params, "pos_embedding": {"embedding": table}}
+
+
+def export_parts(config: IJepaConfig, params: Any, task_state: Any) -> dict[str, tuple[str, Any, Any]]:
+    """A workdir's two encoders as "vit" models in I-JEPA's layout (exported as `IJepaModel`):
+    "target" (the EMA encoder of the task state; what the paper evaluates and releases) and
+    "context" (the online encoder in the params)."""
+    parts = {}
+    if task_state is not None and "target" in task_state:
+        parts["target"] = ("vit", *encoder_with_position_table(config.encoder, task_state["target"]))
+    parts["context"] = ("vit", *encoder_with_position_table(config.encoder, params["encoder"]))
+    return parts
+
+
 FAMILIES = (Family("ijepa", IJepaConfig, IJepa, example_inputs,
                    "I-JEPA: context encoder (ViT), predictor, EMA target encoder (mmjax.ops.jepa_losses)",
-                   tasks=("ijepa",)),)
+                   tasks=("ijepa",), export_parts=export_parts),)
