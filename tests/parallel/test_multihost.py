@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.models.llama import Llama, LlamaConfig
+from mmjax.models.llama import Llama
 from mmjax.tasks.lm import lm_init_fn, lm_loss_fn
 from mmjax.train.step import make_eval_step, shard_batch
 from mmjax.train.task import Task

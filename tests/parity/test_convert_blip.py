@@ -26,7 +26,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from mmjax import cli  # noqa: E402
 from mmjax.convert import blip as blip_convert  # noqa: E402
-from mmjax.convert import from_hf, to_hf  # noqa: E402
+from mmjax.convert import to_hf  # noqa: E402
 from mmjax.convert.compare import compare, convert_dir, export_dir  # noqa: E402
 from mmjax.errors import UnsupportedModelError  # noqa: E402
 from mmjax.generate import GenerationConfig, generate  # noqa: E402

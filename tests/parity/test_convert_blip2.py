@@ -25,7 +25,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from mmjax import cli  # noqa: E402
 from mmjax.convert import from_hf, to_hf  # noqa: E402
 from mmjax.convert.blip2 import prompt_inputs  # noqa: E402
-from mmjax.convert.compare import compare, export_dir  # noqa: E402
+from mmjax.convert.compare import compare  # noqa: E402
 from mmjax.errors import InputError, UnsupportedModelError  # noqa: E402
 from mmjax.generate import GenerationConfig, generate  # noqa: E402
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from mmjax.errors import ConfigError
-from mmjax.train import run
 
 from support import ROOT  # noqa: E402
 BLIP_CAPFILT = os.path.join(ROOT, "experiments", "blip_capfilt.py")
