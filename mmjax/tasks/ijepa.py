@@ -14,17 +14,25 @@ targets (`mmjax.ops.jepa_losses`). The EMA momentum rises linearly 0.996 -> 1.0 
 step starts from (as BLIP's momentum encoder here), one step behind the reference, which
 updates after the optimizer step.
 
+Anti-collapse option (`data.variance_weight`, `data.covariance_weight`; 0 / 0 = the paper's
+objective): C-JEPA's VICReg variance and covariance terms (`variance_covariance_loss`) on the
+context encoder's per-image mean token over the batch. At the sizes a CPU trains, plain I-JEPA
+lets the features of different images collapse together (effective rank and per-dimension std
+fall while the loss goes to ~0); the terms keep them apart (docs/ijepa.md has both runs).
+
 Evaluation (`evaluate`): the online (context) encoder's average-pooled features of the full
 image -> a linear probe (`mmjax.eval.linear_probe`, L-BFGS logistic regression) fitted on
-`probe_per_class` labelled training images per class, accuracy on every test image
-(`linear_probe_accuracy`); the same probe on the same network at its random init
-(`random_init_probe_accuracy`, computed once) and on raw pixels (`pixel_probe_accuracy`, once);
-collapse statistics of the features (mean per-dimension std, effective rank = exp of the
-entropy of the normalised singular values); `val_loss` = the I-JEPA loss on test images with
-fixed masks, the online encoder standing in for the target one (the loop evaluates params
-only; with momentum -> 1 the two converge). Not done (say so): the reference's weight-decay
-schedule 0.04 -> 0.4 (`mmjax.ops.jepa_losses.cosine_weight_decay` exists; the optimizer takes a
-constant `weight_decay`), several context blocks per image.
+`probe_per_class` labelled training images per class, accuracy on every test image, averaged over
+`probe_draws` independent draws of those labelled images (`linear_probe_accuracy`, its spread
+over the draws as `linear_probe_accuracy_std`); the same probes of the EMA target encoder
+(`target_linear_probe_accuracy`: what the paper evaluates), of the same network at its random
+init (`random_init_probe_accuracy`, computed once) and of raw pixels (`pixel_probe_accuracy`,
+once); collapse statistics of the features (mean per-dimension std, effective rank = exp of the
+entropy of the normalised singular values); `val_loss` = the training objective on test images
+with fixed masks, the online encoder standing in for the target one (the loop evaluates params
+only; with momentum -> 1 the two converge). The reference's weight-decay schedule 0.04 -> 0.4 is
+`optimizer.weight_decay_end` (cosine from `optimizer.weight_decay`). Not done (say so): several
+context blocks per image.
 
 Data (`IJepaDataConfig`): "cluttered_digits" (`mmjax.data.digit_canvas`): real digit scans at
 random places and sizes among fragments of other digits on a 32x32 canvas, where a pixel probe
@@ -63,8 +71,15 @@ class IJepaDataConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_keep: int = 4
     loss: str = "smooth_l1"  # or "l2"
+    # C-JEPA's anti-collapse terms (VICReg variance / covariance, `mmjax.ops.jepa_losses`) on the
+    # context encoder's per-image mean token over the batch; 0 / 0 = I-JEPA as published
+    variance_weight: float = 0.0
+    covariance_weight: float = 0.0
     ema: tuple[float, float] = (0.996, 1.0)
     probe_per_class: int = 20  # labelled training images per class for the linear probes
+    # independent draws of those labelled images: every probe accuracy is the mean over the
+    # draws (`*_std` beside it): one draw of 200 labels swings a probe by ~2 points
+    probe_draws: int = 5
     probe_l2: float = 1e-3
     seed: int = 0
 
@@ -76,10 +91,13 @@ class IJepaDataConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.loss not in ("smooth_l1", "l2"):
             raise ConfigError(f"data.loss must be 'smooth_l1' or 'l2', got {self.loss!r}")
+        if self.variance_weight < 0 or self.covariance_weight < 0:
+            raise ConfigError(f"data.variance_weight / data.covariance_weight must be >= 0, got "
+                              f"{self.variance_weight} / {self.covariance_weight}")
         lo, hi = self.ema
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"data.ema must be (start, end) with 0 <= start <= end <= 1, got {self.ema}")
-        for name in ("batch_size", "eval_batch_size", "probe_per_class", "copies"):
+        for name in ("batch_size", "eval_batch_size", "probe_per_class", "probe_draws", "copies"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
 
@@ -113,7 +131,10 @@ class IJepaTask(Task):
                                       target_scale=d.target_scale, target_aspect=d.target_aspect,
                                       context_scale=d.context_scale, min_keep=d.min_keep)
         self.units_per_step = d.batch_size
-        self.probe_rows = labelled_subset(self.data.train.labels, d.probe_per_class, seed=d.seed)
+        # draw k is seeded seed + k: draw 0 is the single draw of earlier versions
+        self.probe_draws = [labelled_subset(self.data.train.labels, d.probe_per_class, seed=d.seed + k)
+                            for k in range(d.probe_draws)]
+        self.probe_rows = np.unique(np.concatenate(self.probe_draws))  # every labelled image of any draw
         self._features = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=type(self.model).features))
         self._eval_batch = self._masked_batch(self.data.test.images[: d.batch_size], np.random.default_rng(d.seed + 7))
         self._baselines: dict[str, float] | None = None
@@ -147,9 +168,19 @@ class IJepaTask(Task):
                                batch["context_valid"], target_ok)
         targets = self.model.apply({"params": {**params, "encoder": target_params}}, batch["images"],
                                    target_idx, method=IJepa.targets)
-        loss = ijepa_loss(out["predictions"], targets, self.cfg.data.loss, mask=target_ok)
-        return loss, {"context_patches": jnp.mean(jnp.sum(batch["context_valid"], -1).astype(jnp.float32)),
-                      "target_patches": jnp.mean(jnp.sum(target_ok, -1).astype(jnp.float32))}
+        d = self.cfg.data
+        loss = ijepa_loss(out["predictions"], targets, d.loss, mask=target_ok)
+        aux = {"context_patches": jnp.mean(jnp.sum(batch["context_valid"], -1).astype(jnp.float32)),
+               "target_patches": jnp.mean(jnp.sum(target_ok, -1).astype(jnp.float32))}
+        if d.variance_weight or d.covariance_weight:
+            from mmjax.ops.jepa_losses import variance_covariance_loss
+
+            w = batch["context_valid"].astype(jnp.float32)[..., None]  # per-image mean of the valid context tokens
+            pooled = jnp.sum(out["context"].astype(jnp.float32) * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
+            var, cov = variance_covariance_loss(pooled)
+            aux.update(jepa_loss=loss, variance_loss=var, covariance_loss=cov)
+            loss = loss + d.variance_weight * var + d.covariance_weight * cov
+        return loss, aux
 
     def loss(self, params, batch, rng):
         loss, aux = self._objective(params, params["encoder"], batch)
@@ -195,11 +226,21 @@ class IJepaTask(Task):
 
         return in_fixed_batches(lambda x: self._features(params, x), images, self.cfg.data.eval_batch_size)
 
-    def _probe(self, train_x: np.ndarray, test_x: np.ndarray) -> float:
+    def _probe(self, train_x: np.ndarray, test_x: np.ndarray) -> tuple[float, float]:
+        """(mean, std) over the label draws of the test accuracy; `train_x` holds the features of
+        `self.probe_rows` (every draw's labelled images), in that order."""
         from mmjax.eval.linear_probe import linear_probe_accuracy
 
-        return linear_probe_accuracy(train_x, self.data.train.labels[self.probe_rows], test_x,
-                                     self.data.test.labels, l2=self.cfg.data.probe_l2)
+        accs = []
+        for rows in self.probe_draws:
+            at = np.searchsorted(self.probe_rows, rows)
+            accs.append(linear_probe_accuracy(train_x[at], self.data.train.labels[rows], test_x,
+                                              self.data.test.labels, l2=self.cfg.data.probe_l2))
+        return float(np.mean(accs)), float(np.std(accs))
+
+    def _probe_metrics(self, name: str, train_x: np.ndarray, test_x: np.ndarray) -> dict[str, float]:
+        mean, std = self._probe(train_x, test_x)
+        return {name: mean, f"{name}_std": std}
 
     def baselines(self) -> dict[str, float]:
         """Probe accuracies of the network at its random init and of raw pixels (computed once)."""
@@ -210,8 +251,8 @@ class IJepaTask(Task):
                 jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
             tr, te = self.data.train.images[self.probe_rows], self.data.test.images
             self._baselines = {
-                "random_init_probe_accuracy": self._probe(self.features(init, tr), self.features(init, te)),
-                "pixel_probe_accuracy": self._probe(tr.reshape(len(tr), -1), te.reshape(len(te), -1))}
+                **self._probe_metrics("random_init_probe_accuracy", self.features(init, tr), self.features(init, te)),
+                **self._probe_metrics("pixel_probe_accuracy", tr.reshape(len(tr), -1), te.reshape(len(te), -1))}
         return self._baselines
 
     evaluates_task_state = True  # the loop passes the EMA target encoder to `evaluate`
@@ -222,12 +263,12 @@ class IJepaTask(Task):
         evaluates and `mmjax export` writes as the released encoder), beside the baselines."""
         tr = self.features(params, self.data.train.images[self.probe_rows])
         te = self.features(params, self.data.test.images)
-        out = {"linear_probe_accuracy": self._probe(tr, te), **self.baselines()}
+        out = {**self._probe_metrics("linear_probe_accuracy", tr, te), **self.baselines()}
         if task_state is not None:
             target = {**params, "encoder": task_state["target"]}
-            out["target_linear_probe_accuracy"] = self._probe(
-                self.features(target, self.data.train.images[self.probe_rows]),
-                self.features(target, self.data.test.images))
+            out.update(self._probe_metrics("target_linear_probe_accuracy",
+                                           self.features(target, self.data.train.images[self.probe_rows]),
+                                           self.features(target, self.data.test.images)))
         centred = te - te.mean(0)
         s = np.linalg.svd(centred, compute_uv=False)
         p = s / max(s.sum(), 1e-12)
