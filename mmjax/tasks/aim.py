@@ -23,6 +23,8 @@ per class and of every test canvas ->
   `random_init_linear_probe_accuracy`) and on raw pixels (`pixel_attentive_probe_accuracy` over
   the raw patches as tokens, `pixel_probe_accuracy` the linear probe on the flattened canvas),
   computed once; `val_loss`: the AIM loss on test canvases with fixed prefix lengths.
+Every probe accuracy is the mean over `probe_draws` independent draws of the labelled canvases
+(their spread as `*_std`), as in the I-JEPA task.
 
 The final evaluation writes `predictions.png` in the workdir: test canvases, what the model
 predicts for each non-prefix patch (un-normalised with the true patch's mean and std, as MAE's
@@ -63,6 +65,7 @@ class AIMDataConfig:
     min_prefix: int = 1  # prefix length K ~ uniform [min_prefix, max_prefix] per image
     max_prefix: int | None = None  # None: num_patches - 1
     probe_per_class: int = 20  # labelled training canvases per class for the probes
+    probe_draws: int = 5  # independent draws of them; each probe accuracy is the mean (`*_std` beside it)
     probe_l2: float = 1e-3  # linear probe
     attentive_probe_steps: int = 300
     attentive_probe_lr: float = 1e-3
@@ -81,7 +84,8 @@ class AIMDataConfig:
             raise ConfigError(f"data.min_prefix must be >= 0 (0 = a causal trunk), got {self.min_prefix}")
         if self.max_prefix is not None and self.max_prefix < self.min_prefix:
             raise ConfigError(f"data.max_prefix={self.max_prefix} is below data.min_prefix={self.min_prefix}")
-        for name in ("batch_size", "eval_batch_size", "probe_per_class", "copies", "attentive_probe_steps"):
+        for name in ("batch_size", "eval_batch_size", "probe_per_class", "probe_draws", "copies",
+                     "attentive_probe_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
 
@@ -177,7 +181,10 @@ class AIMTask(Task):
         self.num_patches = cfg.model.trunk.num_patches
         self.prefix = d.prefix_range(self.num_patches)
         self.units_per_step = d.batch_size
-        self.probe_rows = labelled_subset(self.data.train.labels, d.probe_per_class, seed=d.seed)
+        # draw k is seeded seed + k (draw 0 = the single draw of earlier versions); probe_rows = their union
+        self.probe_draws = [labelled_subset(self.data.train.labels, d.probe_per_class, seed=d.seed + k)
+                            for k in range(d.probe_draws)]
+        self.probe_rows = np.unique(np.concatenate(self.probe_draws))
         self._features = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=type(self.model).features))
         n_eval = min(len(self.data.test), d.eval_batch_size)
         self._eval_batch = {"images": self.data.test.images[:n_eval],
@@ -235,46 +242,58 @@ class AIMTask(Task):
 
         return in_fixed_batches(lambda x: self._features(params, x), images, self.cfg.data.eval_batch_size)
 
-    def _probes(self, train_tokens: np.ndarray, test_tokens: np.ndarray) -> tuple[float, float]:
-        """(attentive, linear) probe accuracies of token features [n, N, D]."""
+    def _probes(self, train_tokens: np.ndarray, test_tokens: np.ndarray, attentive: bool = True,
+                pooled: bool = True) -> dict[str, tuple[float, float]]:
+        """{"attentive": (mean, std), "linear": (mean, std)} over the label draws of the probe
+        accuracies of token features [n, N, D] (`train_tokens`: the rows `self.probe_rows`);
+        `pooled=False`: the linear probe reads the flattened tokens (raw pixels)."""
         from mmjax.eval.linear_probe import linear_probe_accuracy
 
         d = self.cfg.data
-        y_tr, y_te = self.data.train.labels[self.probe_rows], self.data.test.labels
-        predict = fit_attentive_probe(train_tokens, y_tr, 10, steps=d.attentive_probe_steps,
-                                      lr=d.attentive_probe_lr, weight_decay=d.attentive_probe_weight_decay,
-                                      seed=d.seed)
-        attentive = float(np.mean(predict(test_tokens) == y_te))
-        linear = linear_probe_accuracy(train_tokens.mean(1), y_tr, test_tokens.mean(1), y_te, l2=d.probe_l2)
-        return attentive, linear
+        y_te = self.data.test.labels
+        accs: dict[str, list[float]] = {"attentive": [], "linear": []}
+        flat = (lambda t: t.mean(1)) if pooled else (lambda t: t.reshape(len(t), -1))
+        for rows in self.probe_draws:
+            x, y = train_tokens[np.searchsorted(self.probe_rows, rows)], self.data.train.labels[rows]
+            if attentive:
+                predict = fit_attentive_probe(x, y, 10, steps=d.attentive_probe_steps, lr=d.attentive_probe_lr,
+                                              weight_decay=d.attentive_probe_weight_decay, seed=d.seed)
+                accs["attentive"].append(float(np.mean(predict(test_tokens) == y_te)))
+            accs["linear"].append(linear_probe_accuracy(flat(x), y, flat(test_tokens), y_te, l2=d.probe_l2))
+        return {k: (float(np.mean(v)), float(np.std(v))) for k, v in accs.items() if v}
+
+    @staticmethod
+    def _named(probes: dict[str, tuple[float, float]], names: dict[str, str]) -> dict[str, float]:
+        out = {}
+        for kind, name in names.items():
+            out[name], out[f"{name}_std"] = probes[kind]
+        return out
 
     def baselines(self) -> dict[str, float]:
         """Probe accuracies of the network at its random init and of raw pixels (computed once)."""
         if self._baselines is None:
             import flax.linen as nn
 
-            from mmjax.eval.linear_probe import linear_probe_accuracy
             from mmjax.ops.aim_losses import patchify
 
             init = jax.tree_util.tree_map(np.asarray, nn.unbox(
                 jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
             tr, te = self.data.train.images[self.probe_rows], self.data.test.images
-            att, lin = self._probes(self.tokens(init, tr), self.tokens(init, te))
             patch_hw = self.model_config.trunk.patch_hw
-            pix_att, _ = self._probes(np.asarray(patchify(tr, patch_hw)), np.asarray(patchify(te, patch_hw)))
-            pix_lin = linear_probe_accuracy(tr.reshape(len(tr), -1), self.data.train.labels[self.probe_rows],
-                                            te.reshape(len(te), -1), self.data.test.labels,
-                                            l2=self.cfg.data.probe_l2)
-            self._baselines = {"random_init_attentive_probe_accuracy": att,
-                               "random_init_linear_probe_accuracy": lin,
-                               "pixel_attentive_probe_accuracy": pix_att, "pixel_probe_accuracy": pix_lin}
+            self._baselines = {
+                **self._named(self._probes(self.tokens(init, tr), self.tokens(init, te)),
+                              {"attentive": "random_init_attentive_probe_accuracy",
+                               "linear": "random_init_linear_probe_accuracy"}),
+                **self._named(self._probes(np.asarray(patchify(tr, patch_hw)), np.asarray(patchify(te, patch_hw))),
+                              {"attentive": "pixel_attentive_probe_accuracy"}),
+                **self._named(self._probes(tr, te, attentive=False, pooled=False), {"linear": "pixel_probe_accuracy"})}
         return self._baselines
 
     def evaluate(self, params, mesh, *, final: bool = False) -> dict[str, float]:
         tr = self.tokens(params, self.data.train.images[self.probe_rows])
         te = self.tokens(params, self.data.test.images)
-        att, lin = self._probes(tr, te)
-        out = {"attentive_probe_accuracy": att, "linear_probe_accuracy": lin, **self.baselines()}
+        out = {**self._named(self._probes(tr, te), {"attentive": "attentive_probe_accuracy",
+                                                    "linear": "linear_probe_accuracy"}), **self.baselines()}
         batch = jax.tree_util.tree_map(jnp.asarray, self._eval_batch)
         out["val_loss"] = float(self._val_loss(params, batch))
         if final and jax.process_index() == 0:

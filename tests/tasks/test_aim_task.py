@@ -19,7 +19,7 @@ TINY = ["data.canvas=16", "data.digit_size=(6, 12)", "model.trunk.image_size=16"
         "model.trunk.mlp_dim=64", "model.trunk.num_layers=1", "model.head_width=32", "model.head_mlp_dim=64",
         "model.head_blocks=1", "data.copies=1", "data.batch_size=32", "optimizer.warmup_steps=1",
         "optimizer.learning_rate=3e-3", "log_every=1", "eval_every=0", "checkpoint_every=0",
-        "data.probe_per_class=5", "data.attentive_probe_steps=10", "data.picture_images=2"]
+        "data.probe_per_class=5", "data.probe_draws=2", "data.attentive_probe_steps=10", "data.picture_images=2"]
 
 
 def test_aim_task_trains_and_reports_probes(tmp_path):
@@ -28,6 +28,8 @@ def test_aim_task_trains_and_reports_probes(tmp_path):
     for key in ("attentive_probe_accuracy", "linear_probe_accuracy", "random_init_attentive_probe_accuracy",
                 "random_init_linear_probe_accuracy", "pixel_attentive_probe_accuracy", "pixel_probe_accuracy"):
         assert 0.0 <= m[key] <= 1.0, key
+        assert 0.0 <= m[f"{key}_std"] <= 0.5, key  # the mean over data.probe_draws=2 label draws, and its spread
+    assert max(m[k] for k in m if k.endswith("probe_accuracy_std")) > 0.0  # two draws, not one twice
     assert m["random_init_linear_probe_accuracy"] == m["start_linear_probe_accuracy"]  # step 0 is the init
     assert m["val_loss"] < m["start_val_loss"]
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
