@@ -242,13 +242,17 @@ class IJepaTask(Task):
         mean, std = self._probe(train_x, test_x)
         return {name: mean, f"{name}_std": std}
 
+    def _init_params(self):
+        """The params at the run's random init (the random-init baseline's network)."""
+        import flax.linen as nn
+
+        return jax.tree_util.tree_map(np.asarray, nn.unbox(
+            jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
+
     def baselines(self) -> dict[str, float]:
         """Probe accuracies of the network at its random init and of raw pixels (computed once)."""
         if self._baselines is None:
-            import flax.linen as nn
-
-            init = jax.tree_util.tree_map(np.asarray, nn.unbox(
-                jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
+            init = self._init_params()
             tr, te = self.data.train.images[self.probe_rows], self.data.test.images
             self._baselines = {
                 **self._probe_metrics("random_init_probe_accuracy", self.features(init, tr), self.features(init, te)),
@@ -276,4 +280,46 @@ class IJepaTask(Task):
         out["effective_rank"] = float(np.exp(-np.sum(p * np.log(np.maximum(p, 1e-12)))))
         batch = jax.tree_util.tree_map(jnp.asarray, self._eval_batch)
         out["val_loss"] = float(self._val_loss(params, batch))
+        if final and jax.process_index() == 0:
+            import os
+
+            name = "trained (EMA target)" if task_state is not None else "trained (online)"
+            encoder = task_state["target"] if task_state is not None else params["encoder"]
+            feats = {name: self.features({**params, "encoder": encoder}, self.data.test.images),
+                     "random init": self.features(self._init_params(), self.data.test.images),
+                     "pixels": self.data.test.images.reshape(len(self.data.test), -1)}
+            acc = [out.get("target_linear_probe_accuracy", out["linear_probe_accuracy"]),
+                   out["random_init_probe_accuracy"], out["pixel_probe_accuracy"]]
+            save_feature_pca(feats, self.data.test.labels, os.path.join(self.workdir, "features.png"),
+                             [f"linear probe {a:.3f}" for a in acc])
         return out
+
+
+def save_feature_pca(features: dict[str, np.ndarray], labels: np.ndarray, path: str,
+                     notes: list[str] | None = None) -> str:
+    """One panel per feature set: the test images on their features' top two principal
+    components, coloured by digit (PNG)."""
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.6 * len(features) + 0.8, 3.9), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (name, f) in enumerate(features.items()):
+        ax = fig.add_subplot(1, len(features), i + 1)
+        centred = np.asarray(f, np.float64) - np.mean(f, 0)
+        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=7, vmin=-0.5, vmax=9.5)
+        share = float((sv[:2] ** 2).sum() / max((sv ** 2).sum(), 1e-12))
+        note = f"\n{notes[i]}" if notes else ""
+        ax.set_title(f"{name}\ntop-2 PCs: {share:.0%} of the variance{note}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(top=0.78, bottom=0.04, left=0.02, right=0.9, wspace=0.08)
+    fig.colorbar(sc, cax=fig.add_axes([0.92, 0.08, 0.012, 0.66]), label="digit", ticks=range(10))
+    fig.suptitle(f"{len(labels)} held-out canvases, mean-pooled features", fontsize=9, y=0.99)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -34,6 +34,7 @@ def test_ijepa_task_trains_and_reports_probes(tmp_path):
     assert m["start_target_linear_probe_accuracy"] == m["start_linear_probe_accuracy"]
     assert 0.0 <= m["target_linear_probe_accuracy"] <= 1.0
     assert m["val_loss"] < m["start_val_loss"] and m["effective_rank"] > 1.0
+    assert os.path.getsize(os.path.join(wd, "features.png")) > 10_000  # the final evaluation's PCA picture
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     train = [r for r in rows if "ema_momentum" in r]
     assert len(train) == 8 and np.mean([r["train_loss"] for r in train[-3:]]) < np.mean([r["train_loss"] for r in train[:3]])
