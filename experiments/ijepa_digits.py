@@ -4,7 +4,7 @@ evaluated by linear probes with few labels against the same network at random in
 Command:
 
     mmjax train experiments/ijepa_digits.py --json | tail -1
-    # {"target_linear_probe_accuracy": ..., "random_init_probe_accuracy": ..., "pixel_probe_accuracy": ...}
+    # {"linear_probe_accuracy": ..., "random_init_probe_accuracy": ..., "pixel_probe_accuracy": ...}
     mmjax export workdirs/ijepa_digits hf_out    # the EMA target encoder as transformers' IJepaModel
 
 Data (`mmjax.data.digit_canvas`, offline): scikit-learn's 1,797 real 8x8 digit scans, stratified
@@ -25,7 +25,7 @@ as published: its features collapse at this size, docs/ijepa.md).
 
 Measured 2026-12-02 (2-core AMD EPYC CI machine, 2-3 runs side by side, 1.1-1.4 s/step, 1,000
 steps in ~9-14 min), mean +- std over 5 label draws: the EMA target encoder's probe
-(target_linear_probe_accuracy) 0.250 +- 0.013 at step 1000 against 0.172 +- 0.015 at random init
+(linear_probe_accuracy) 0.250 +- 0.013 at step 1000 against 0.172 +- 0.015 at random init
 and 0.171 +- 0.013 for pixels (seed 0; 0.274 at step 500); seed 1: 0.246 +- 0.026 vs 0.188 +-
 0.019 (0.296 at step 500). The goal (>= 5 points over random init, and beating pixels) is met by
 the target encoder; the online encoder ends at its random init's level (0.17). I-JEPA without the
@@ -55,6 +55,6 @@ def get_config() -> ExperimentConfig:
         log_every=50,
         eval_every=250,
         checkpoint_every=250,
-        keep_best_metric="target_linear_probe_accuracy",
+        keep_best_metric="linear_probe_accuracy",
         keep_best_mode="max",
     )

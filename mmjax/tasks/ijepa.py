@@ -20,14 +20,14 @@ context encoder's per-image mean token over the batch. At the sizes a CPU trains
 lets the features of different images collapse together (effective rank and per-dimension std
 fall while the loss goes to ~0); the terms keep them apart (docs/ijepa.md has both runs).
 
-Evaluation (`evaluate`): the online (context) encoder's average-pooled features of the full
-image -> a linear probe (`mmjax.eval.linear_probe`, L-BFGS logistic regression) fitted on
+Evaluation (`evaluate`): the EMA target encoder's average-pooled features of the full image
+(what the paper evaluates) -> a linear probe (`mmjax.eval.linear_probe`, L-BFGS logistic regression) fitted on
 `probe_per_class` labelled training images per class, accuracy on every test image, averaged over
 `probe_draws` independent draws of those labelled images (`linear_probe_accuracy`, its spread
-over the draws as `linear_probe_accuracy_std`); the same probes of the EMA target encoder
-(`target_linear_probe_accuracy`: what the paper evaluates), of the same network at its random
+over the draws as `linear_probe_accuracy_std`); the same probes of the online context encoder
+(`online_linear_probe_accuracy`), of the same network at its random
 init (`random_init_probe_accuracy`, computed once) and of raw pixels (`pixel_probe_accuracy`,
-once); collapse statistics of the features (mean per-dimension std, effective rank = exp of the
+once); collapse statistics of the online encoder's features (mean per-dimension std, effective rank = exp of the
 entropy of the normalised singular values); `val_loss` = the training objective on test images
 with fixed masks, the online encoder standing in for the target one (the loop evaluates params
 only; with momentum -> 1 the two converge). The reference's weight-decay schedule 0.04 -> 0.4 is
@@ -138,6 +138,7 @@ class IJepaTask(Task):
         self._features = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=type(self.model).features))
         self._eval_batch = self._masked_batch(self.data.test.images[: d.batch_size], np.random.default_rng(d.seed + 7))
         self._baselines: dict[str, float] | None = None
+        self._init_test_features: np.ndarray | None = None  # set by baselines()
         self._val_loss = jax.jit(lambda p, b: self._objective(p, p["encoder"], b)[0])
 
     def describe(self) -> str:
@@ -242,37 +243,37 @@ class IJepaTask(Task):
         mean, std = self._probe(train_x, test_x)
         return {name: mean, f"{name}_std": std}
 
-    def _init_params(self):
-        """The params at the run's random init (the random-init baseline's network)."""
-        import flax.linen as nn
-
-        return jax.tree_util.tree_map(np.asarray, nn.unbox(
-            jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
+    def _train_test_features(self, params) -> tuple[np.ndarray, np.ndarray]:
+        """Features of the labelled training images (`self.probe_rows`) and of every test image."""
+        return self.features(params, self.data.train.images[self.probe_rows]), self.features(params, self.data.test.images)
 
     def baselines(self) -> dict[str, float]:
         """Probe accuracies of the network at its random init and of raw pixels (computed once)."""
         if self._baselines is None:
-            init = self._init_params()
-            tr, te = self.data.train.images[self.probe_rows], self.data.test.images
+            import flax.linen as nn
+
+            init = jax.tree_util.tree_map(np.asarray, nn.unbox(
+                jax.jit(self.init_params)(jax.random.split(jax.random.PRNGKey(self.cfg.seed))[0])))
+            tr, te = self._train_test_features(init)
+            self._init_test_features = te  # kept for the final picture
+            pixels = self.data.train.images[self.probe_rows], self.data.test.images
             self._baselines = {
-                **self._probe_metrics("random_init_probe_accuracy", self.features(init, tr), self.features(init, te)),
-                **self._probe_metrics("pixel_probe_accuracy", tr.reshape(len(tr), -1), te.reshape(len(te), -1))}
+                **self._probe_metrics("random_init_probe_accuracy", tr, te),
+                **self._probe_metrics("pixel_probe_accuracy", *(x.reshape(len(x), -1) for x in pixels))}
         return self._baselines
 
     evaluates_task_state = True  # the loop passes the EMA target encoder to `evaluate`
 
     def evaluate(self, params, mesh, *, final: bool = False, task_state: Any = None) -> dict[str, float]:
-        """Probes of the online context encoder (`linear_probe_accuracy`) and, given the task
-        state, of the EMA target encoder (`target_linear_probe_accuracy`: what the paper
-        evaluates and `mmjax export` writes as the released encoder), beside the baselines."""
-        tr = self.features(params, self.data.train.images[self.probe_rows])
-        te = self.features(params, self.data.test.images)
-        out = {**self._probe_metrics("linear_probe_accuracy", tr, te), **self.baselines()}
-        if task_state is not None:
-            target = {**params, "encoder": task_state["target"]}
-            out.update(self._probe_metrics("target_linear_probe_accuracy",
-                                           self.features(target, self.data.train.images[self.probe_rows]),
-                                           self.features(target, self.data.test.images)))
+        """`linear_probe_accuracy`: the probe of the EMA target encoder (given the task state;
+        what the issue and the paper evaluate and `mmjax export` writes by default);
+        `online_linear_probe_accuracy`: the online context encoder's; the baselines; collapse
+        statistics of the online encoder's features."""
+        online = self._train_test_features(params)
+        target = online if task_state is None else self._train_test_features({**params, "encoder": task_state["target"]})
+        out = {**self._probe_metrics("linear_probe_accuracy", *target),
+               **self._probe_metrics("online_linear_probe_accuracy", *online), **self.baselines()}
+        te = online[1]
         centred = te - te.mean(0)
         s = np.linalg.svd(centred, compute_uv=False)
         p = s / max(s.sum(), 1e-12)
@@ -284,12 +285,9 @@ class IJepaTask(Task):
             import os
 
             name = "trained (EMA target)" if task_state is not None else "trained (online)"
-            encoder = task_state["target"] if task_state is not None else params["encoder"]
-            feats = {name: self.features({**params, "encoder": encoder}, self.data.test.images),
-                     "random init": self.features(self._init_params(), self.data.test.images),
+            feats = {name: target[1], "random init": self._init_test_features,
                      "pixels": self.data.test.images.reshape(len(self.data.test), -1)}
-            acc = [out.get("target_linear_probe_accuracy", out["linear_probe_accuracy"]),
-                   out["random_init_probe_accuracy"], out["pixel_probe_accuracy"]]
+            acc = [out["linear_probe_accuracy"], out["random_init_probe_accuracy"], out["pixel_probe_accuracy"]]
             save_feature_pca(feats, self.data.test.labels, os.path.join(self.workdir, "features.png"),
                              [f"linear probe {a:.3f}" for a in acc])
         return out

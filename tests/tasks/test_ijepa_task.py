@@ -30,9 +30,10 @@ def test_ijepa_task_trains_and_reports_probes(tmp_path):
         # labelled canvases give different probes: a zero std would mean one draw five times)
         assert 0.0 < m[f"{key}_std"] < 0.5, key
     assert m["random_init_probe_accuracy"] == m["start_linear_probe_accuracy"]  # step 0 is the init
-    # the EMA target encoder is probed too: a copy of the online one at step 0, its own after
-    assert m["start_target_linear_probe_accuracy"] == m["start_linear_probe_accuracy"]
-    assert 0.0 <= m["target_linear_probe_accuracy"] <= 1.0
+    # linear_probe_accuracy is the EMA target encoder's; the online one is probed too: at step 0
+    # the target is a copy of it, after that its own
+    assert m["start_online_linear_probe_accuracy"] == m["start_linear_probe_accuracy"]
+    assert 0.0 <= m["online_linear_probe_accuracy"] <= 1.0
     assert m["val_loss"] < m["start_val_loss"] and m["effective_rank"] > 1.0
     assert os.path.getsize(os.path.join(wd, "features.png")) > 10_000  # the final evaluation's PCA picture
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
@@ -83,7 +84,7 @@ def test_ijepa_anti_collapse_terms_join_the_loss(tmp_path):
             overrides=[*TINY, "data.variance_weight=0.5", "data.covariance_weight=0.25", "eval_at_start=False"])
     rows = [json.loads(line) for line in open(os.path.join(str(tmp_path / "wd"), "metrics.jsonl"))]
     train = [r for r in rows if "jepa_loss" in r]
-    assert len(train) == 3 and m["target_linear_probe_accuracy"] >= 0.0
+    assert len(train) == 3 and m["online_linear_probe_accuracy"] >= 0.0
     for r in train:
         assert r["variance_loss"] > 0.0 and r["covariance_loss"] > 0.0
         assert r["train_loss"] == pytest.approx(r["jepa_loss"] + 0.5 * r["variance_loss"] + 0.25 * r["covariance_loss"],
